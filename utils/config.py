@@ -1,0 +1,258 @@
+"""Typed, validated configuration: YAML file + command-line overrides -> ``Config``.
+
+Why a schema of dataclasses rather than a free dict: every key a user can set is
+listed once, with its type, default, allowed range and a one-line reason, so a
+typo or a bad value is caught before training starts and the README's config
+reference is generated from the same source (``python -m utils.config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.errors import UserError
+
+LIKELIHOODS = ("bernoulli", "gaussian", "mse", "sigma", "optimal_sigma", "per_pixel_sigma")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A config field with its documentation and the values it accepts."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("mnist", "data set", choices=("mnist", "fashion_mnist"))
+    root: str = opt("data", "folder holding the data set (torchvision layout, e.g. <root>/MNIST/raw)")
+    download: bool = opt(True, "download the data set when it is missing (needs internet)")
+    img_size: int = opt(28, "images are resized once, at load time, to this size", min=8, max=512)
+
+
+@dataclass
+class ModelConfig:
+    net: str = opt("mlp", "encoder/decoder network", choices=("mlp", "conv"))
+    z_dim: int = opt(16, "size of the latent code z", min=1, max=4096)
+    likelihood: str = opt("bernoulli", "decoder likelihood p(x|z)", choices=LIKELIHOODS)
+    sigma: float = opt(1.0, "fixed decoder std for likelihood=gaussian", min=0.0, min_exclusive=True)
+    hidden: int = opt(400, "mlp: hidden units (the classic 784-400-z)", min=1)
+    base_width: int = opt(32, "conv: channels of the first conv layer", min=1)
+    channel_mults: list[int] = opt([1, 2, 4], "conv: width multipliers, one per 4x4 stride-2 layer")
+
+
+@dataclass
+class LossConfig:
+    beta: float = opt(1.0, "weight of KL(q(z|x) || N(0, I)); beta != 1 is a beta-VAE", min=0.0)
+    kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
+    mmd_weight: float = opt(0.0, "weight of MMD(q(z) || N(0, I)) (InfoVAE / MMD-VAE); 0: off", min=0.0)
+    mmd_kernel: str = opt("imq", "MMD kernel: inverse multiquadric or RBF", choices=("imq", "rbf"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(5000, "optimizer steps in total", min=1)
+    batch_size: int = opt(128, "global batch size, split evenly across processes", min=1)
+    lr: float = opt(1e-3, "Adam learning rate", min=0.0, min_exclusive=True)
+    weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", min=0.0)
+    seed: int = opt(0, "seed for initialisation, noise and data order", min=0)
+    mixed_precision: str = opt("launcher", "no, fp16, bf16, or launcher: take accelerate's setting",
+                               choices=("launcher", "no", "fp16", "bf16"))
+    log_every: int = opt(50, "steps between progress-bar / metrics.jsonl updates", min=1)
+    sample_every: int = opt(1000, "steps between sample and reconstruction grids (0: only at the end)", min=0)
+    eval_every: int = opt(1000, "steps between test-split ELBO evaluations (0: only at the end)", min=0)
+    eval_samples: int = opt(0, "test images used by the periodic evaluation (0: all)", min=0)
+    save_every: int = opt(1000, "steps between resumable checkpoints (0: only at the end)", min=0)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}[section]
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s in ("data", "model", "loss", "train") for k in _section_fields(s)]
+
+
+def _unknown(key: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else "run 'python -m utils.config' to list valid keys"
+    return UserError(f"unknown config key '{key}': {hint}")
+
+
+def _accepts(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m["choices"]:
+        return "one of " + ", ".join(m["choices"])
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        f.type, "a list of integers")
+    if m["min"] is not None:
+        kind += f" {'>' if m['min_exclusive'] else '>='} {m['min']:g}"
+    if m["max"] is not None:
+        kind += f" and <= {m['max']:g}"
+    return kind
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check one value against its field; return it in the field's type."""
+    bad = UserError(f"{key}: got {value!r}, expected {_accepts(f)}")
+    t = f.type
+    if t is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif t is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad
+        value = float(value)
+    elif t is str:
+        if not isinstance(value, str):
+            raise bad
+    else:  # list[int]
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise UserError(f"{key}: got {value!r}, expected a non-empty list of positive integers")
+        return list(value)
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        raise bad
+    if m["min"] is not None and (value < m["min"] or (m["min_exclusive"] and value == m["min"])):
+        raise bad
+    if m["max"] is not None and value > m["max"]:
+        raise bad
+    return value
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a nested dict (from YAML and overrides) into a ``Config``."""
+    if not isinstance(tree, dict):
+        raise UserError("config must be a mapping of sections (data, model, loss, train)")
+    cfg = Config()
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a mapping of keys, got {values!r}")
+        fields = _section_fields(section)
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            if key not in fields:
+                raise _unknown(full)
+            setattr(getattr(cfg, section), key, _coerce(full, fields[key], value))
+    return cfg
+
+
+def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
+    """``['loss.beta=4', '--train.lr', '3e-4']`` -> ``[('loss.beta', 4), ('train.lr', 3e-4)]``.
+
+    Values are parsed as YAML, so numbers, booleans and lists need no quoting rules.
+    """
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            tok = tok[2:]
+            if "=" not in tok:
+                if i + 1 >= len(tokens):
+                    raise UserError(f"override --{tok} has no value: write --{tok} VALUE or {tok}=VALUE")
+                tok = f"{tok}={tokens[i + 1]}"
+                i += 1
+        if "=" not in tok or "." not in tok.split("=", 1)[0]:
+            raise UserError(f"cannot read argument '{tokens[i]}': overrides look like loss.beta=4 or --loss.beta 4")
+        key, raw = tok.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found: pass an existing YAML file, e.g. -c configs/mnist.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: malformed YAML{where} ({problem}): fix the file") from None
+    return tree or {}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply overrides, validate."""
+    tree = read_yaml(path) if path is not None else {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (data, model, loss, train)")
+    for key, value in parse_overrides(overrides or []):
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in _section_fields(section):
+            raise _unknown(key)
+        node = tree.setdefault(section, {})
+        if node is None:
+            node = tree[section] = {}
+        node[name] = value
+    return build_config(tree)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the schema."""
+    rows = ["| key | default | accepts | what it is for |", "| --- | --- | --- | --- |"]
+    for key in all_keys():
+        section, name = key.split(".")
+        f = _section_fields(section)[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append(f"| `{key}` | `{default}` | {_accepts(f)} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown() + "\n")
