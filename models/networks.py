@@ -1,0 +1,116 @@
+"""Encoder/decoder networks, registered by their YAML name (``model.net``).
+
+An encoder maps images (B, C, H, W) to the 2·z parameters of q(z|x): (mu, logvar).
+A decoder maps z (B, z) to raw per-pixel parameters (B, C·n_params, H, W); what
+they mean (logits, means, log-variances) is the likelihood's business.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+
+
+class MLPEncoder(nn.Module):
+    """The classic 784-400-z encoder (Kingma & Welling 2014), for any image shape."""
+
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, hidden: int = 400):
+        super().__init__()
+        d = math.prod(img_shape)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=1)  # (B, z) each
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, hidden: int = 400):
+        super().__init__()
+        c, h, w = img_shape
+        self.out_shape = (c * n_params, h, w)
+        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.out_shape)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(-1, *self.out_shape)
+
+
+def _down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+
+def _up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+
+def _conv_geometry(img_size: int, n_layers: int) -> tuple[int, int]:
+    """(padding to add, bottom feature-map size): 28 px is padded to 32 so every layer halves exactly."""
+    if 2**n_layers > img_size:
+        raise UserError(f"model.channel_mults has {n_layers} stride-2 layers, too many for {img_size} px images: "
+                        f"use at most {int(math.log2(img_size))}")
+    pad = (-img_size) % (2**n_layers)
+    bottom = (img_size + pad) // 2**n_layers
+    return pad, bottom
+
+
+class ConvEncoder(nn.Module):
+    """4x4 stride-2 convolutions + batch norm + LeakyReLU, halving the image at each layer."""
+
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, base_width: int, channel_mults: list[int]):
+        super().__init__()
+        c, size, _ = img_shape
+        widths = [base_width * m for m in channel_mults]
+        self.pad, bottom = _conv_geometry(size, len(widths))
+        self.convs = nn.Sequential(*[_down(a, b) for a, b in zip([c] + widths[:-1], widths)])
+        self.fc = nn.Linear(widths[-1] * bottom * bottom, 2 * z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pad:
+            p = self.pad // 2
+            x = F.pad(x, (p, self.pad - p, p, self.pad - p))
+        h = self.convs(x).flatten(1)  # (B, widths[-1]·bottom²)
+        mu, logvar = self.fc(h).chunk(2, dim=1)
+        return mu, logvar
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of ``ConvEncoder`` with transposed convolutions; crops the padding back off."""
+
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, base_width: int,
+                 channel_mults: list[int]):
+        super().__init__()
+        c, size, _ = img_shape
+        widths = [base_width * m for m in channel_mults]
+        self.pad, self.bottom = _conv_geometry(size, len(widths))
+        self.size = size
+        self.fc = nn.Linear(z_dim, widths[-1] * self.bottom * self.bottom)
+        rev = widths[::-1]
+        ups = [_up(a, b) for a, b in zip(rev[:-1], rev[1:])]
+        self.convs = nn.Sequential(*ups, nn.ConvTranspose2d(widths[0], c * n_params, 4, 2, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], -1, self.bottom, self.bottom)
+        out = self.convs(h)  # (B, C·n_params, size + pad, size + pad)
+        if self.pad:
+            p = self.pad // 2
+            out = out[:, :, p:p + self.size, p:p + self.size]
+        return out
+
+
+def build_networks(net: str, img_shape: tuple[int, int, int], z_dim: int, n_params: int,
+                   hidden: int, base_width: int, channel_mults: list[int]) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) for ``model.net``; the registry keys are the YAML names."""
+    if net not in NETWORKS:
+        raise UserError(f"unknown model.net '{net}': choose one of {', '.join(NETWORKS)}")
+    if net == "mlp":
+        return MLPEncoder(img_shape, z_dim, hidden), MLPDecoder(img_shape, z_dim, n_params, hidden)
+    return (ConvEncoder(img_shape, z_dim, base_width, channel_mults),
+            ConvDecoder(img_shape, z_dim, n_params, base_width, channel_mults))
+
+
+NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
