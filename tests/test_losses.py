@@ -1,0 +1,156 @@
+"""Loss terms against values derived by hand on fixed small batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.likelihoods import (
+    AveragedMSE,
+    Bernoulli,
+    FixedGaussian,
+    LearnedSigma,
+    OptimalSigma,
+    PerPixelSigma,
+    softclip_log_sigma,
+)
+from models.regularisers import kl_normal, mmd
+from models.vae import VAE
+from utils.config import load_config
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 6, 5, generator=g)           # data in [0, 1]
+    out = torch.randn(4, 1, 6, 5, generator=g) * 2.0  # raw decoder outputs (logits / pre-sigmoid means)
+    return x, out
+
+
+def test_kl_matches_monte_carlo():
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g) * 0.5
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(200_000, 3, 4, generator=g)  # samples from q(z|x), (S, B, z)
+    log_q = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    mc = (log_q - log_p).double()
+    stderr = mc.std(0) / math.sqrt(mc.shape[0])
+    assert torch.all((kl_normal(mu, logvar).double() - mc.mean(0)).abs() < 4 * stderr)
+    assert torch.allclose(kl_normal(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
+
+
+def test_gaussian_nll_at_sigma_one(batch):
+    x, out = batch
+    d = x[0].numel()
+    sse = (x - torch.sigmoid(out)).pow(2).flatten(1).sum(1)
+    terms = FixedGaussian(1.0)(x, out)
+    assert torch.allclose(terms.nll, 0.5 * sse + 0.5 * d * LOG_2PI)
+    assert torch.equal(terms.rec, terms.nll)
+
+
+def test_gaussian_nll_at_other_sigma(batch):
+    x, out = batch
+    d, s = x[0].numel(), 0.3
+    sse = (x - torch.sigmoid(out)).pow(2).flatten(1).sum(1)
+    assert torch.allclose(FixedGaussian(s)(x, out).nll, 0.5 * sse / s**2 + d * math.log(s) + 0.5 * d * LOG_2PI)
+
+
+def test_bernoulli_is_summed_bce(batch):
+    x, out = batch
+    p = torch.sigmoid(out)
+    by_hand = -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
+    assert torch.allclose(Bernoulli()(x, out).nll, by_hand, atol=1e-4)
+
+
+def test_optimal_sigma_is_batch_rmse(batch):
+    x, out = batch
+    rmse = (x - torch.sigmoid(out)).pow(2).mean().sqrt().item()
+    terms = OptimalSigma()(x, out)
+    # σ = RMSE through the smooth floor: log σ = -6 + log(1 + exp(log RMSE + 6)), a 0.6% shift at RMSE 0.4
+    ls = -6 + math.log1p(math.exp(math.log(rmse) + 6))
+    assert terms.log_sigma.item() == pytest.approx(ls, rel=1e-5)
+    assert terms.log_sigma.exp().item() == pytest.approx(rmse, rel=1e-2)
+    d = x[0].numel()
+    sse = (x - torch.sigmoid(out)).pow(2).flatten(1).sum(1)
+    assert torch.allclose(terms.nll, 0.5 * sse * math.exp(-2 * ls) + d * ls + 0.5 * d * LOG_2PI)
+
+
+def test_mse_baseline_is_mean_squared_error(batch):
+    x, out = batch
+    terms = AveragedMSE()(x, out)
+    assert torch.allclose(terms.rec.mean(), F.mse_loss(torch.sigmoid(out), x))
+    # its reported NLL is the Gaussian with the implied σ² = D/2
+    d = x[0].numel()
+    assert torch.allclose(terms.log_sigma.exp(), torch.tensor(math.sqrt(d / 2)))
+
+
+def test_learned_sigma_uses_its_parameter(batch):
+    x, out = batch
+    lik = LearnedSigma()
+    with torch.no_grad():
+        lik.log_sigma.fill_(math.log(0.5))
+    d = x[0].numel()
+    sse = (x - torch.sigmoid(out)).pow(2).flatten(1).sum(1)
+    # softclip changes log 0.5 by softplus(log 0.5 + 6) - (log 0.5 + 6) ~ 1.3e-3: take it from the formula
+    ls = -6 + math.log1p(math.exp(math.log(0.5) + 6))
+    expected = 0.5 * sse * math.exp(-2 * ls) + d * ls + 0.5 * d * LOG_2PI
+    assert torch.allclose(lik(x, out).nll, expected)
+    lik(x, out).nll.sum().backward()
+    assert lik.log_sigma.grad is not None and lik.log_sigma.grad.abs() > 0
+
+
+def test_per_pixel_sigma_reads_second_half(batch):
+    x, out = batch
+    log_sigma = torch.full_like(out, -1.0)
+    terms = PerPixelSigma()(x, torch.cat([out, log_sigma], 1))
+    ls = softclip_log_sigma(torch.tensor(-1.0))
+    expected = (0.5 * (x - torch.sigmoid(out)).pow(2) * torch.exp(-2 * ls) + ls + 0.5 * LOG_2PI).flatten(1).sum(1)
+    assert torch.allclose(terms.nll, expected)
+
+
+def test_softclip_floor():
+    assert abs(softclip_log_sigma(torch.tensor(-100.0)).item() + 6.0) < 1e-6
+    assert abs(softclip_log_sigma(torch.tensor(3.0)).item() - 3.0) < 1e-3
+    assert softclip_log_sigma(torch.tensor(-6.0)).item() == pytest.approx(-6 + math.log(2))
+
+
+def test_mmd_by_hand_and_by_behaviour():
+    z, p = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [2.0]])
+    e = math.exp
+    by_hand = e(-0.5) + e(-2.0) - 2 * (1 + e(-2.0) + 2 * e(-0.5)) / 4  # rbf, k = exp(-d²/2) in 1-D
+    assert mmd(z, p, "rbf").item() == pytest.approx(by_hand, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
+    for kind in ("imq", "rbf"):
+        same, shifted = mmd(a, b, kind).item(), mmd(a + 1.0, b, kind).item()
+        assert abs(same) < 0.02 and shifted > 10 * max(abs(same), 1e-3)
+
+
+def test_vae_objective_composition(batch):
+    cfg = load_config(None, ["model.z_dim=3", "model.likelihood=gaussian", "loss.beta=4", "loss.kl_warmup_steps=10",
+                             "loss.mmd_weight=7", "model.hidden=16"])
+    model = VAE(cfg, (1, 6, 5))
+    x, _ = batch
+    torch.manual_seed(0)
+    t = model(x, step=5)
+    assert model.kl_weight(5) == pytest.approx(2.0) and model.kl_weight(50) == pytest.approx(4.0)
+    assert t["loss"].item() == pytest.approx((t["rec"] + 2.0 * t["kl"] + 7 * t["mmd"]).item(), rel=1e-5)
+    assert t["elbo"].item() == pytest.approx(-(t["nll"] + t["kl"]).item(), rel=1e-5)
+
+
+def test_loss_terms_are_fp32_under_bf16_autocast(batch):
+    cfg = load_config(None, ["model.net=conv", "model.likelihood=sigma", "model.z_dim=4", "model.base_width=4",
+                             "model.channel_mults=[1, 2]"])
+    model = VAE(cfg, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t = model(x, step=0)
+    assert all(v.dtype == torch.float32 for v in t.values())
+    t["loss"].backward()
+    assert model.likelihood.log_sigma.grad is not None

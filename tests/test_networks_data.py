@@ -1,0 +1,55 @@
+"""Network shapes for the supported image sizes, and the index-based data order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.networks import build_networks
+from utils.config import DataConfig
+from utils.data import BatchOrder, load_data, shard
+from utils.errors import UserError
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("n_params", [1, 2])
+def test_network_shapes(net, size, channels, n_params):
+    mults = [1, 2, 4] if size < 64 else [1, 2, 4, 8]
+    enc, dec = build_networks(net, (channels, size, size), 5, n_params, 32, 8, mults)
+    mu, logvar = enc(torch.rand(2, channels, size, size))
+    assert mu.shape == logvar.shape == (2, 5)
+    assert dec(mu).shape == (2, channels * n_params, size, size)
+
+
+def test_conv_geometry_error_names_the_fix():
+    with pytest.raises(UserError, match="model.channel_mults has 6 stride-2 layers.*at most 5"):
+        build_networks("conv", (1, 32, 32), 4, 1, 8, 8, [1] * 6)
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    order = BatchOrder(10, 3, seed=7)  # 3 batches per epoch, one image dropped
+    epoch0 = torch.cat([order.indices(s) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 9
+    assert not torch.equal(torch.cat([order.indices(s) for s in range(3, 6)]), epoch0)
+    assert torch.equal(BatchOrder(10, 3, seed=7).indices(4), order.indices(4))  # a pure function of the step
+    assert not torch.equal(BatchOrder(10, 3, seed=8).indices(0), order.indices(0))
+    g = torch.arange(7)
+    assert torch.equal(torch.cat([shard(g, r, 2) for r in range(2)]), g)
+
+
+def test_mnist_loads_once_as_uint8(real_data):
+    train, test, summary = load_data(DataConfig(name="mnist", root=str(real_data), download=False))
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert len(test) == 10000 and test.labels[:5].tolist() == [7, 2, 1, 0, 4]  # the published test labels
+    x = train.batch(torch.tensor([0, 1]))
+    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    assert "train=60000 test=10000 shape=1x28x28" in summary
+    resized, _, _ = load_data(DataConfig(name="fashion_mnist", root=str(real_data), download=False, img_size=32))
+    assert resized.shape == (1, 32, 32)
+
+
+def test_missing_data_names_where_to_put_it(tmp_path):
+    with pytest.raises(UserError, match="MNIST not found in .*MNIST/raw.*data.download=true"):
+        load_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
