@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, run_script
 
 import train_vae
+from conftest import REPO, run_script
 from utils.config import load_config, reference_markdown
 from utils.errors import run_cli
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import DATA, REPO, run_script, train
 from safetensors.torch import load_file
 
+from conftest import DATA, REPO, run_script, train
 from utils.run import read_metrics
 
 FAMILIES = {

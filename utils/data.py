@@ -79,6 +79,14 @@ def load_data(cfg: DataConfig) -> tuple[ImageSet, ImageSet, str]:
     return train, test, summary
 
 
+def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of a data set's images after loading, known without reading the data."""
+    channels = {"mnist": 1, "fashion_mnist": 1}
+    if cfg.name not in channels:
+        raise UserError(f"unknown data.name '{cfg.name}': choose one of {', '.join(channels)}")
+    return channels[cfg.name], cfg.img_size, cfg.img_size
+
+
 class BatchOrder:
     """Global batch indices for any step: shuffled epochs, last partial batch dropped."""
 

@@ -1,0 +1,222 @@
+"""Look inside a trained VAE: sample, interpolate, traverse, reconstruct, visualize_latent.
+
+    python sample.py --mode traverse                      # the newest run under runs/
+    python sample.py --exp_dir runs/X --mode sample --n_samples 100
+    python sample.py -c configs/mnist.yaml --weights runs/X/model.safetensors --mode reconstruct
+
+Outputs go to <run>/<mode>/ (or --save_dir). The same --seed gives the same bytes.
+Runs on the GPU when there is one, under `accelerate launch` as well as plain python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid, save_image
+
+from utils.config import Config
+from utils.data import ImageSet, load_data
+from utils.errors import UserError, run_cli
+from utils.latents import interpolate, pca_2d, posterior_stats, traversal_codes
+from utils.loading import load_run
+from utils.run import save_pairs
+
+MODES = ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent")
+PAD = 2  # pixels between tiles, as in the training grids
+
+
+@torch.no_grad()
+def decode(model, z: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images in [0, 1] for codes (N, z), decoded in batches."""
+    return torch.cat([model.decode(chunk) for chunk in z.split(batch_size)]).float().cpu()
+
+
+def test_set(cfg: Config) -> ImageSet:
+    _, test, _ = load_data(cfg.data)
+    return test
+
+
+def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randperm(total, generator=g)[:n]
+
+
+def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
+    z = torch.randn(args.n_samples, model.z_dim, generator=g).to(args.device)
+    x = decode(model, z, args.batch_size)
+    path = out / "samples.png"
+    save_image(x, path, nrow=math.ceil(math.sqrt(len(x))), padding=PAD, pad_value=1.0)
+    paths = [path]
+    if args.individual:
+        for i, img in enumerate(x):
+            paths.append(out / f"sample_{i:04d}.png")
+            save_image(img, paths[-1])
+    return paths
+
+
+def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
+    p = args.n_pairs
+    prior = torch.randn(2, p, model.z_dim, generator=g).to(args.device)
+    test = test_set(cfg)
+    idx = pick(2 * p, len(test), g)
+    mu, _ = model.encode(test.batch(idx).to(args.device))
+    paths = []
+    for name, (z0, z1) in (("prior", (prior[0], prior[1])), ("test", (mu[:p], mu[p:]))):
+        codes = interpolate(z0, z1, args.n_interpolate, args.interp)  # (P, steps, z)
+        x = decode(model, codes.flatten(0, 1), args.batch_size)
+        paths.append(out / f"interpolate_{name}_{args.interp}.png")
+        save_image(x, paths[-1], nrow=args.n_interpolate, padding=PAD, pad_value=1.0)
+    return paths
+
+
+def _label_rows(grid: torch.Tensor, labels: list[str], tile: int) -> Image.Image:
+    """The grid (3, H, W) as an image with a text margin on the left, one label per row of tiles."""
+    arr = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    margin = 90
+    canvas = Image.new("RGB", (arr.shape[1] + margin, arr.shape[0]), "white")
+    canvas.paste(Image.fromarray(arr), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels):
+        draw.text((4, PAD + r * (tile + PAD) + tile // 2 - 6), text, fill="black")
+    return canvas
+
+
+def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
+    test = test_set(cfg)
+    _, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
+    order = torch.argsort(kl, descending=True).tolist()  # most informative dimension first
+    if args.traverse_dim == "all":
+        dims = order
+    else:
+        dims = [int(args.traverse_dim)]
+    if args.from_ == "prior":
+        base = torch.randn(model.z_dim, generator=g).to(args.device)
+    else:
+        mu, _ = model.encode(test.batch(pick(1, len(test), g)).to(args.device))
+        base = mu[0]
+    values = torch.linspace(-args.traverse_range, args.traverse_range, args.n_traverse, device=args.device)
+    codes = traversal_codes(base, dims, values)  # (rows, cols, z)
+    x = decode(model, codes.flatten(0, 1), args.batch_size)
+    grid = make_grid(x, nrow=args.n_traverse, padding=PAD, pad_value=1.0)
+    path = out / "traverse.png"
+    _label_rows(grid, [f"z{d}  KL {kl[d]:.2f}" for d in dims], x.shape[-1]).save(path)
+    # animation: frame j shows every traversed dimension at values[j], there and back
+    frames = []
+    for j in list(range(args.n_traverse)) + list(range(args.n_traverse - 2, 0, -1)):
+        tile = make_grid(x.view(len(dims), args.n_traverse, *x.shape[1:])[:, j], nrow=min(len(dims), 8),
+                         padding=PAD, pad_value=1.0)
+        frames.append(Image.fromarray(tile.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    gif = out / "traverse.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    return [path, gif]
+
+
+def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
+    test = test_set(cfg)
+    x = test.batch(pick(args.n_samples, len(test), g)).to(args.device)
+    recon = decode(model, model.encode(x)[0], args.batch_size)
+    path = out / "reconstructions.png"
+    save_pairs(x.cpu(), recon, path, per_row=min(8, len(x)))
+    return [path]
+
+
+def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = test_set(cfg)
+    if test.labels is None:
+        raise UserError(f"visualize_latent colours points by class, and {cfg.data.name} has no labels: "
+                        f"use --mode traverse or sample instead")
+    means, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
+    labels = test.labels[: len(means)].cpu()
+    if model.z_dim == 2:
+        pts, title, axes = means.cpu(), "latent space: posterior means of test images", ("z0", "z1")
+    else:
+        pts, ratio = pca_2d(means.cpu())
+        title = f"PCA projection of {model.z_dim}-D posterior means ({100 * ratio.sum():.0f}% of variance)"
+        axes = (f"PC1 ({100 * ratio[0]:.0f}%)", f"PC2 ({100 * ratio[1]:.0f}%)")
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    for c in labels.unique().tolist():
+        sel = labels == c
+        ax.scatter(pts[sel, 0].numpy(), pts[sel, 1].numpy(), s=3, alpha=0.6, label=str(c), color=plt.cm.tab10(c % 10))
+    ax.set(title=title, xlabel=axes[0], ylabel=axes[1])
+    ax.legend(title="class", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    scatter = out / "latent_scatter.png"
+    fig.savefig(scatter)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    active = kl > 0.01
+    ax.bar(range(model.z_dim), kl.cpu().numpy(), color=["tab:blue" if a else "tab:gray" for a in active.tolist()])
+    ax.set(title=f"KL per latent dimension ({int(active.sum())} of {model.z_dim} above 0.01 nats)",
+           xlabel="latent dimension", ylabel="mean KL (nats)")
+    fig.tight_layout()
+    bars = out / "kl_per_dim.png"
+    fig.savefig(bars)
+    plt.close(fig)
+    return [scatter, bars]
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")
+    p.add_argument("-e", "--exp_dir", help="run directory (default: the newest run under runs/)")
+    p.add_argument("-c", "--config", help="config YAML, with --weights, instead of a run directory")
+    p.add_argument("--weights", help="model.safetensors to load with -c")
+    p.add_argument("--save_dir", help="output folder (default <run>/<mode>/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_samples", type=int, default=64, help="images for sample and reconstruct")
+    p.add_argument("--individual", action="store_true", help="sample: also one PNG per image")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--n_pairs", type=int, default=6, help="interpolate: rows of each kind")
+    p.add_argument("--n_interpolate", type=int, default=10, help="interpolate: codes per row, endpoints included")
+    p.add_argument("--interp", default="linear", choices=("linear", "slerp"))
+    p.add_argument("--n_traverse", type=int, default=11, help="traverse: values per dimension")
+    p.add_argument("--traverse_range", type=float, default=3.0, help="traverse: values from -range to +range")
+    p.add_argument("--traverse_dim", default="all", help="traverse: a dimension index, or all (default)")
+    p.add_argument("--from", dest="from_", default="posterior", choices=("posterior", "prior"),
+                   help="traverse: base code from a test image's posterior mean or a prior draw")
+    p.add_argument("--kl_samples", type=int, default=10000, help="test images used to rank dimensions by KL")
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        raise UserError(f"unknown argument {rest[0]}: see python sample.py --help")
+    if args.mode not in MODES:
+        raise UserError(f"unknown --mode '{args.mode}': choose one of {', '.join(MODES)}")
+    for name in ("n_samples", "batch_size", "n_pairs", "n_traverse", "kl_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.n_interpolate < 2:
+        raise UserError(f"--n_interpolate must be at least 2 (both endpoints), got {args.n_interpolate}")
+    if args.traverse_range <= 0:
+        raise UserError(f"--traverse_range must be positive, got {args.traverse_range}")
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    args.device = state.device
+    cfg, model, run, auto = load_run(args.exp_dir, args.config, args.weights, args.device)
+    if args.traverse_dim != "all":
+        if not args.traverse_dim.isdigit() or int(args.traverse_dim) >= model.z_dim:
+            raise UserError(f"--traverse_dim {args.traverse_dim}: the model has z_dim={model.z_dim}; "
+                            f"pass 0..{model.z_dim - 1} or all")
+    if not state.is_main_process:
+        return  # one process does the (small) work; the others have nothing to add
+    if auto:
+        print(f"using the newest run: {run} (pass --exp_dir to choose another)")
+    out = Path(args.save_dir) if args.save_dir else run / args.mode
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(args.seed)
+    paths = globals()[f"mode_{args.mode}"](model, cfg, args, g, out)
+    print("\n".join(f"wrote {p}" for p in paths))
+
+
+if __name__ == "__main__":
+    run_cli(main)

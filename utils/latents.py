@@ -1,0 +1,58 @@
+"""Operations on latent codes: interpolation, traversal, per-dimension KL, posterior means, PCA."""
+
+from __future__ import annotations
+
+import torch
+
+from models.vae import VAE
+from utils.data import ImageSet
+
+
+def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:
+    """Codes from z0 to z1, endpoints included: (P, z) pairs -> (P, steps, z).
+
+    ``slerp`` follows the great circle (White 2016, "Sampling generative networks"),
+    which keeps intermediate codes at the norm typical of N(0, I) draws; it falls
+    back to linear where the two codes are (anti)parallel.
+    """
+    t = torch.linspace(0, 1, steps, device=z0.device).view(1, steps, 1)
+    a, b = z0.unsqueeze(1), z1.unsqueeze(1)
+    out = a + t * (b - a)
+    if method == "slerp":
+        omega = torch.acos(torch.nn.functional.cosine_similarity(z0, z1, dim=1).clamp(-1, 1)).view(-1, 1, 1)
+        so = torch.sin(omega)
+        safe = so.abs() > 1e-6
+        so = torch.where(safe, so, torch.ones_like(so))
+        out = torch.where(safe, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so, out)
+    out[:, 0], out[:, -1] = z0, z1  # exact endpoints, whatever the rounding
+    return out
+
+
+def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
+    """Row r varies only coordinate dims[r] of ``base`` (z,) over ``values`` (V,): (len(dims), V, z)."""
+    codes = base.view(1, 1, -1).repeat(len(dims), len(values), 1)
+    for r, d in enumerate(dims):
+        codes[r, :, d] = values
+    return codes
+
+
+@torch.no_grad()
+def posterior_stats(model: VAE, data: ImageSet, batch_size: int = 500, limit: int = 0,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior means (N, z), mean KL per latent dimension (z,)) over the first ``limit`` images (0: all)."""
+    n = len(data) if limit <= 0 else min(limit, len(data))
+    means, kl_sum = [], torch.zeros(model.z_dim, device=device)
+    for start in range(0, n, batch_size):
+        x = data.batch(torch.arange(start, min(start + batch_size, n))).to(device)
+        mu, logvar = model.encode(x)
+        means.append(mu.float())
+        kl_sum += 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(0)
+    return torch.cat(means), kl_sum / n
+
+
+def pca_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project rows of x (N, d) on their first two principal components: (N, 2), explained variance ratios (2,)."""
+    centred = x - x.mean(0, keepdim=True)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    var = s.pow(2)
+    return centred @ v[:2].T, var[:2] / var.sum()

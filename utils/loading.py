@@ -1,0 +1,72 @@
+"""Load a trained model from a run directory (config.yaml + model.safetensors), or a config and weights.
+
+Weights are read with safetensors only: loading never executes code from the file.
+A file that does not fit the config's model gets an error listing what differs,
+not a ``load_state_dict`` dump.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from models.vae import VAE
+from utils.config import Config, load_config
+from utils.data import image_shape
+from utils.errors import UserError
+from utils.run import newest_run
+
+
+def find_run(exp_dir: str | None) -> tuple[Path, bool]:
+    """(run directory, whether it was picked automatically as the newest under runs/)."""
+    if exp_dir:
+        run = Path(exp_dir)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run} is not a run directory (no config.yaml): pass a run under runs/ to --exp_dir")
+        return run, False
+    return newest_run(require="model.safetensors"), True
+
+
+def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -> VAE:
+    """Build the config's VAE and fill it from a safetensors file, checking every tensor first."""
+    if not weights.is_file():
+        raise UserError(f"weights '{weights}' not found: train first (python train_vae.py -c CONFIG) "
+                        f"or pass an existing model.safetensors with --weights")
+    if weights.suffix != ".safetensors":
+        raise UserError(f"weights '{weights}' are not a .safetensors file: only safetensors are loaded "
+                        f"(no pickles); use the run's model.safetensors")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"weights '{weights}' cannot be read as safetensors ({e}): the file is damaged or "
+                        f"not safetensors") from None
+    model = VAE(cfg, image_shape(cfg.data))
+    expected = model.state_dict()
+    problems = [f"{k} missing" for k in expected if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in expected]
+    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise UserError(f"weights '{weights}' do not fit the config's model (z_dim={cfg.model.z_dim}, "
+                        f"net={cfg.model.net}, likelihood={cfg.model.likelihood}): {shown}; "
+                        f"pass the config the weights were trained with")
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_run(exp_dir: str | None, config: str | None, weights: str | None,
+             device: torch.device | str = "cpu") -> tuple[Config, VAE, Path, bool]:
+    """(config, model, run directory, auto-picked) from --exp_dir, or -c with --weights."""
+    if config or weights:
+        if not (config and weights):
+            raise UserError("-c and --weights go together: pass both, or pass a run with --exp_dir")
+        cfg = load_config(config)
+        w = Path(weights)
+        return cfg, load_model(cfg, w, device), w.parent, False
+    run, auto = find_run(exp_dir)
+    cfg = load_config(run / "config.yaml")
+    return cfg, load_model(cfg, run / "model.safetensors", device), run, auto
