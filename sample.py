@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
 from utils.config import Config
-from utils.data import ImageSet, load_data
+from utils.data import Images, load_data
 from utils.errors import UserError, run_cli
 from utils.latents import interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.loading import load_run
@@ -37,7 +37,7 @@ def decode(model, z: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model.decode(chunk) for chunk in z.split(batch_size)]).float().cpu()
 
 
-def test_set(cfg: Config) -> ImageSet:
+def test_set(cfg: Config) -> Images:
     _, test, _ = load_data(cfg.data)
     return test
 

@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from models.vae import VAE
 from utils.config import Config, load_config, save_config
-from utils.data import BatchOrder, ImageSet, load_data, shard
+from utils.data import BatchOrder, Images, load_data, shard, train_batches
 from utils.errors import UserError, run_cli
 from utils.run import MetricsLog, checkpoint_step, default_run_dir, mark_checkpoint, resolve_resume, save_pairs
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: ImageSet, batch_size: int, accelerator: Accelerator,
+def evaluate(model: torch.nn.Module, data: Images, batch_size: int, accelerator: Accelerator,
              limit: int = 0, seed: int = 0) -> dict[str, float]:
     """Test-split loss terms and ELBO in nats per image (and bits per dimension), over all processes.
 
@@ -50,7 +50,7 @@ def evaluate(model: torch.nn.Module, data: ImageSet, batch_size: int, accelerato
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + rank)
         for start in range(0, n, batch_size):
-            idx = shard(torch.arange(start, min(start + batch_size, n)), rank, world).to(data.images.device)
+            idx = shard(torch.arange(start, min(start + batch_size, n)), rank, world).to(accelerator.device)
             terms = model(data.batch(idx))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
@@ -90,7 +90,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
         raise UserError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes: "
                         f"use a multiple of {world}")
     set_seed(t.seed)  # same initial weights on every process and for any process count
-    train_set, test_set, summary = load_data(cfg.data)
+    train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     model = VAE(cfg, train_set.shape)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -113,8 +113,11 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
     running: dict[str, torch.Tensor] = {}
     n_running, t0 = 0, time.time()
     bar = tqdm(total=t.steps, initial=start, disable=not accelerator.is_main_process, mininterval=2.0)
+    batches = train_batches(train_set, order, start, t.steps, rank, world, device, cfg.data.num_workers)
     for step in range(start, t.steps):
-        x = train_set.batch(shard(order.indices(step), rank, world).to(device))  # (B/world, C, H, W)
+        x = next(batches).float().div_(255.0)  # (B/world, C, H, W) in [0, 1]
+        if cfg.data.hflip:
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
         terms = model(x, step)
         accelerator.backward(terms["loss"])
         if t.grad_clip > 0:

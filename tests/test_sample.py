@@ -12,7 +12,7 @@ from PIL import Image
 
 import sample
 from conftest import REPO, run_script, train
-from utils.data import ImageSet
+from utils.data import TensorImages
 from utils.errors import run_cli
 from utils.latents import interpolate, traversal_codes
 from utils.loading import load_run
@@ -151,7 +151,7 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, monkeypatch):
         call(["--exp_dir", str(tmp_path / "nomodel")])
     assert "train first" in capsys.readouterr().err
 
-    unlabelled = ImageSet(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), None)
+    unlabelled = TensorImages(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), None)
     monkeypatch.setattr(sample, "load_data", lambda cfg: (unlabelled, unlabelled, ""))
     with pytest.raises(SystemExit) as e:
         call(["--exp_dir", str(runs[5]), "--mode", "visualize_latent"])

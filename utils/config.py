@@ -34,10 +34,21 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | N
 
 @dataclass
 class DataConfig:
-    name: str = opt("mnist", "data set", choices=("mnist", "fashion_mnist"))
-    root: str = opt("data", "folder holding the data set (torchvision layout, e.g. <root>/MNIST/raw)")
-    download: bool = opt(True, "download the data set when it is missing (needs internet)")
-    img_size: int = opt(28, "images are resized once, at load time, to this size", min=8, max=512)
+    name: str = opt("mnist", "data set",
+                    choices=("mnist", "fashion_mnist", "cifar10", "celeba", "dsprites", "image_folder"))
+    root: str = opt("data", "folder holding the data set (see the data table in the README)")
+    download: bool = opt(True, "download MNIST / Fashion-MNIST / CIFAR-10 when missing (needs internet)")
+    img_size: int = opt(0, "image size after loading; 0: the set's own (28 MNIST, 32 CIFAR-10, 64 others)",
+                        min=0, max=512)
+    channels: int = opt(0, "0: the set's own; image_folder converts to 1 (grey) or 3 (RGB)", choices=(0, 1, 3))
+    hflip: bool = opt(False, "random horizontal flips of training batches (CelebA, CIFAR-10)")
+    cache: bool = opt(False, "image files: decode and resize once into data.cache_dir; later epochs read no file")
+    cache_dir: str = opt("cache", "where decoded caches (and dSprites' extracted array) are written")
+    num_workers: int = opt(4, "DataLoader workers decoding image files (0: in the main process)", min=0)
+    test_fraction: float = opt(0.05, "held-out fraction for sets without an official test split", min=0.0,
+                               max=0.5, min_exclusive=True)
+    split_seed: int = opt(0, "seed of that held-out split (fixed: evaluation always sees the same images)", min=0)
+    labels: bool = opt(True, "image_folder: class labels from sub-folder names")
 
 
 @dataclass
@@ -110,7 +121,7 @@ def _unknown(key: str) -> UserError:
 def _accepts(f: dataclasses.Field) -> str:
     m = f.metadata
     if m["choices"]:
-        return "one of " + ", ".join(m["choices"])
+        return "one of " + ", ".join(map(str, m["choices"]))
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         f.type, "a list of integers")
     if m["min"] is not None:

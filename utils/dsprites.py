@@ -95,4 +95,4 @@ def official_images(npz: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
         raise UserError(f"{npz} is not a readable dSprites npz ({e}): re-download it or remove it "
                         f"to use the procedural renderer") from None
-    return np.load(target, mmap_mode="r"), classes
+    return np.load(target, mmap_mode="c"), classes  # copy-on-write: never changes the file

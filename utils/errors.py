@@ -24,5 +24,6 @@ def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) ->
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        lines = str(e).strip().splitlines() or [""]  # a DataLoader worker's error arrives with its traceback
+        print(f"error: {lines[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
