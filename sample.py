@@ -91,7 +91,7 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     _, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
     order = torch.argsort(kl, descending=True).tolist()  # most informative dimension first
     if args.traverse_dim == "all":
-        dims = order
+        dims = order[: args.n_dims] if args.n_dims else order
     else:
         dims = [int(args.traverse_dim)]
     if args.from_ == "prior":
@@ -184,6 +184,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--n_traverse", type=int, default=11, help="traverse: values per dimension")
     p.add_argument("--traverse_range", type=float, default=3.0, help="traverse: values from -range to +range")
     p.add_argument("--traverse_dim", default="all", help="traverse: a dimension index, or all (default)")
+    p.add_argument("--n_dims", type=int, default=0,
+                   help="traverse all: only the N most informative dimensions (default 0: every one)")
     p.add_argument("--from", dest="from_", default="posterior", choices=("posterior", "prior"),
                    help="traverse: base code from a test image's posterior mean or a prior draw")
     p.add_argument("--kl_samples", type=int, default=10000, help="test images used to rank dimensions by KL")
@@ -192,6 +194,8 @@ def main(argv: list[str]) -> None:
         raise UserError(f"unknown argument {rest[0]}: see python sample.py --help")
     if args.mode not in MODES:
         raise UserError(f"unknown --mode '{args.mode}': choose one of {', '.join(MODES)}")
+    if args.n_dims < 0:
+        raise UserError(f"--n_dims must be 0 (every dimension) or more, got {args.n_dims}")
     for name in ("n_samples", "batch_size", "n_pairs", "n_traverse", "kl_samples"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")

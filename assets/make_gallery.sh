@@ -23,3 +23,13 @@ for cfg in mnist_mse_vae mnist_sigma_vae; do
   python sample.py --exp_dir "runs/gallery-$cfg" --mode sample --save_dir "assets/$cfg" --n_samples 64
   python sample.py --exp_dir "runs/gallery-$cfg" --mode reconstruct --save_dir "assets/$cfg" --n_samples 32
 done
+
+# 4. CelebA 64x64 (configs/celeba.yaml, optimal sigma), a short CPU run on the 10,000 faces.
+# CELEBA_ROOT: the folder holding img_align_celeba/ (default data/celeba)
+celeba="${CELEBA_ROOT:-data/celeba}"
+timed python train_vae.py -c configs/celeba.yaml -e runs/gallery-celeba data.root="$celeba" data.cache=true \
+  train.steps=3000 train.batch_size=64
+python sample.py --exp_dir runs/gallery-celeba --mode sample --save_dir assets/celeba --n_samples 64
+python sample.py --exp_dir runs/gallery-celeba --mode reconstruct --save_dir assets/celeba --n_samples 32
+python sample.py --exp_dir runs/gallery-celeba --mode interpolate --save_dir assets/celeba --n_pairs 4 --interp slerp
+python sample.py --exp_dir runs/gallery-celeba --mode traverse --save_dir assets/celeba --n_dims 8 --n_traverse 9

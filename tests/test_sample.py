@@ -58,6 +58,12 @@ def test_every_mode_writes_images_of_the_expected_size(runs, mode, files, tmp_pa
     assert {p.name: size(p) for p in out.iterdir()} == files
 
 
+def test_traverse_top_dimensions_by_kl(runs, tmp_path):
+    call(["--exp_dir", str(runs[5]), "--mode", "traverse", "--n_dims", "2", "--n_traverse", "5",
+          "--save_dir", str(tmp_path), "--kl_samples", "300"])
+    assert size(tmp_path / "traverse.png") == (90 + tiles(5), tiles(2))
+
+
 def test_default_save_dir_and_individual_pngs(runs):
     call(["--exp_dir", str(runs[2]), "--mode", "sample", "--n_samples", "4", "--individual"])
     names = sorted(p.name for p in (runs[2] / "sample").iterdir())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class FileImages(Images, torch.utils.data.Dataset):
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".tmp")
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self), *self.shape))
-            loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=num_workers)
+            loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=_workers(num_workers))
             start = 0
             for batch in loader:
                 arr[start:start + len(batch)] = batch.numpy()
@@ -223,6 +224,11 @@ def _load_torchvision(cfg: DataConfig, train: bool) -> TensorImages:
     images = data.permute(0, 3, 1, 2).contiguous() if data.ndim == 4 else data.unsqueeze(1)  # (N, C, H, W)
     labels = torch.as_tensor(np.asarray(ds.targets)).long()
     return TensorImages(_resize(images, cfg.img_size or NATIVE[cfg.name][1]), labels)
+
+
+def _workers(requested: int) -> int:
+    """DataLoader workers: as configured, but never more than the CPUs this process may use."""
+    return min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _seeded_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,9 +396,9 @@ def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank:
         for step in range(start, steps):
             yield data.get(shard(order.indices(step), rank, world).to(device))
         return
+    workers = _workers(num_workers)
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-        persistent_workers=False)
+        data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     for batch in loader:
         yield batch.to(device, non_blocking=True)
