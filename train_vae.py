@@ -12,7 +12,6 @@ directory, then hands over to ``train``, which never reads sys.argv.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -25,44 +24,10 @@ from tqdm import tqdm
 
 from models.vae import VAE
 from utils.config import Config, load_config, save_config
-from utils.data import BatchOrder, Images, load_data, shard, train_batches
+from utils.data import BatchOrder, load_data, train_batches
 from utils.errors import UserError, run_cli
+from utils.evaluation import elbo_terms
 from utils.run import MetricsLog, checkpoint_step, default_run_dir, mark_checkpoint, resolve_resume, save_pairs
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Images, batch_size: int, accelerator: Accelerator,
-             limit: int = 0, seed: int = 0) -> dict[str, float]:
-    """Test-split loss terms and ELBO in nats per image (and bits per dimension), over all processes.
-
-    Each global batch is split across processes exactly as in training, so the
-    optimal σ of a batch is the same for any number of processes. With P
-    processes the last (N mod P) images are left out. Noise comes from a forked
-    RNG: evaluating never changes the training run's random stream.
-    """
-    world, rank = accelerator.num_processes, accelerator.process_index
-    n = len(data) if limit <= 0 else min(limit, len(data))
-    n -= n % world
-    was_training = model.training
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed + rank)
-        for start in range(0, n, batch_size):
-            idx = shard(torch.arange(start, min(start + batch_size, n)), rank, world).to(accelerator.device)
-            terms = model(data.batch(idx))
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-    model.train(was_training)
-    keys = sorted(sums)
-    totals = accelerator.reduce(torch.stack([sums[k] for k in keys]), "sum") / n
-    out = dict(zip(keys, totals.tolist()))
-    d = math.prod(data.shape)
-    likelihood = accelerator.unwrap_model(model).likelihood
-    # bits per dimension; continuous densities on [0, 1] are moved to the 8-bit scale (+ log2 256 = 8)
-    out["bpd"] = -out["elbo"] / (d * math.log(2)) + (8.0 if likelihood.continuous else 0.0)
-    return out
 
 
 @torch.no_grad()
@@ -116,6 +81,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
     batches = train_batches(train_set, order, start, t.steps, rank, world, device, cfg.data.num_workers)
     for step in range(start, t.steps):
         x = next(batches).float().div_(255.0)  # (B/world, C, H, W) in [0, 1]
+        if cfg.data.binarize:
+            x = torch.bernoulli(x)
         if cfg.data.hflip:
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
         terms = model(x, step)
@@ -144,7 +111,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
         if every(done, t.sample_every, t.steps) and accelerator.is_main_process:
             save_grids(vae, fixed_z, fixed_x, run_dir / "samples", done)
         if every(done, t.eval_every, t.steps):
-            stats = evaluate(model, test_set, t.batch_size, accelerator, t.eval_samples, t.seed)
+            stats = elbo_terms(model, test_set, t.batch_size, accelerator, t.eval_samples, t.seed)
             accelerator.log({f"test/{k}": v for k, v in stats.items()}, step=done)
             if log:
                 log.write({"step": done, "split": "test", **stats})

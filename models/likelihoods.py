@@ -123,8 +123,13 @@ class OptimalSigma(Likelihood):
     this; only loss computations do.)
     """
 
+    fixed_log_sigma: torch.Tensor | None = None  # evaluation: one σ for a whole test set (evaluate.py)
+
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         mean = self.mean(out)
+        if self.fixed_log_sigma is not None:
+            nll = gaussian_nll(x, mean, self.fixed_log_sigma)
+            return LikelihoodTerms(nll, nll, self.fixed_log_sigma)
         sse_n = torch.stack([(x - mean).detach().pow(2).sum(), torch.tensor(float(x.numel()), device=x.device)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sse_n)

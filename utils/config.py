@@ -49,6 +49,7 @@ class DataConfig:
                                max=0.5, min_exclusive=True)
     split_seed: int = opt(0, "seed of that held-out split (fixed: evaluation always sees the same images)", min=0)
     labels: bool = opt(True, "image_folder: class labels from sub-folder names")
+    binarize: bool = opt(False, "train on stochastically binarised images (binarised MNIST, with bernoulli)")
 
 
 @dataclass

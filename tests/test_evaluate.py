@@ -1,0 +1,224 @@
+"""evaluate.py and its metrics: IWAE against the ELBO and against a closed-form likelihood, active units,
+disentanglement known answers, FID, and the command line on real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+import evaluate
+from conftest import REPO, run_script, train
+from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
+from models.vae import VAE
+from utils.config import DataConfig, load_config
+from utils.data import Images, load_data
+from utils.disentanglement import beta_vae_metric, factor_vae_metric, mig
+from utils.dsprites import FACTOR_SIZES
+from utils.errors import run_cli
+from utils.evaluation import latent_usage, likelihood_bounds
+from utils.fid import build_fid
+from utils.loading import load_run
+
+
+@pytest.fixture(scope="module")
+def accelerator() -> Accelerator:
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    train(run, extra=["train.steps=150", "model.z_dim=8", "model.hidden=128", "train.batch_size=64",
+                      "train.log_every=50"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def mnist_test(real_data):
+    return load_data(DataConfig(name="mnist", root=str(real_data), download=False))[1]
+
+
+def test_iwae_bounds_the_elbo_and_tightens_with_k(mnist_run, mnist_test, accelerator):
+    _, vae, _, _ = load_run(str(mnist_run), None, None)
+    bounds = {k: likelihood_bounds(vae, mnist_test, k, accelerator, batch_size=50, limit=200, seed=1)
+              for k in (1, 10, 100)}
+    # the ELBO estimate is the same quantity whatever k (MC error only); the IWAE bound tightens with k
+    assert bounds[1]["nll"] == pytest.approx(-bounds[1]["elbo"], abs=1.0)
+    assert bounds[10]["nll"] <= -bounds[10]["elbo"]
+    assert bounds[100]["nll"] < bounds[10]["nll"] < bounds[1]["nll"] + 0.5
+    assert bounds[100]["nll_bpd"] == pytest.approx(bounds[100]["nll"] / (784 * math.log(2)))
+
+
+class _Linear(Likelihood):
+    """Gaussian with the decoder output as its mean (no sigmoid): p(x|z) = N(Wz + b, s²I)."""
+
+    continuous = False  # the test data is real-valued, not 8-bit: no dequantisation
+    mean = staticmethod(lambda out: out)
+
+    def forward(self, x, out):
+        nll = gaussian_nll(x, out, torch.tensor(math.log(0.5)))
+        return LikelihoodTerms(nll, nll, None)
+
+
+class _Floats(Images):
+    labels = None
+
+    def __init__(self, x):
+        self.x, self.shape = x, tuple(x.shape[1:])
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx):
+        return self.x[idx.cpu()]
+
+
+def test_iwae_on_a_linear_gaussian_vae_with_known_likelihood(accelerator):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, 0.25 I) has p(x) = N(b, WWᵀ + 0.25 I) in closed form.
+
+    With a deliberately imperfect Gaussian encoder, the ELBO falls short of log p(x)
+    by KL(q || posterior); the IWAE bound with k = 2000 must close almost all of
+    that gap. For such a well-behaved (Gaussian-weight) problem the remaining bias
+    is about Var(w)/(2k) ~ 1e-3 nats, so 0.02 nats leaves room for MC error.
+    """
+    torch.manual_seed(0)
+    d, zd = 3, 2
+    w, b = torch.randn(d, zd), torch.randn(d)
+    cfg = load_config(None, ["model.z_dim=2", "model.hidden=4"])
+    vae = VAE(cfg, (1, 1, d))
+    vae.likelihood = _Linear()
+    dec = nn.Linear(zd, d)
+    dec.weight.data, dec.bias.data = w, b
+    vae.decoder = nn.Sequential(dec, nn.Unflatten(1, (1, 1, d)))
+    # exact posterior: Σ = (I + WᵀW/s²)⁻¹, m = Σ Wᵀ(x − b)/s²; the encoder is off by design
+    s2 = 0.25
+    cov = torch.linalg.inv(torch.eye(zd) + w.T @ w / s2)
+    gain = cov @ w.T / s2
+
+    class Encoder(nn.Module):
+        def forward(self, x):
+            m = (x.flatten(1) - b) @ gain.T
+            return 0.8 * m, torch.log(torch.diagonal(cov)).expand(len(x), zd) + 0.5
+
+    vae.encoder = Encoder()
+    x = torch.distributions.MultivariateNormal(b, w @ w.T + s2 * torch.eye(d)).sample((64,))
+    true_nll = -torch.distributions.MultivariateNormal(b, w @ w.T + s2 * torch.eye(d)).log_prob(x).mean().item()
+    data = _Floats(x.view(64, 1, 1, d))
+    bounds = likelihood_bounds(vae, data, 2000, accelerator, batch_size=16, max_rows=4000)
+    gap = -bounds["elbo"] - true_nll
+    assert gap > 0.05  # the encoder really is imperfect
+    assert -0.02 < bounds["nll"] - true_nll < 0.02  # IWAE recovers the true likelihood
+    assert bounds["n"] == 64
+
+
+def test_active_units_with_known_collapsed_dimensions(mnist_test, accelerator):
+    cfg = load_config(None, ["model.z_dim=6", "model.hidden=32"])
+    vae = VAE(cfg, (1, 28, 28))
+    inner = vae.encoder
+
+    class Collapsed(nn.Module):  # dimensions 3-5 always return the prior: E[z] = 0, no information
+        def forward(self, x):
+            mu, logvar = inner(x)
+            mask = torch.tensor([1.0, 1, 1, 0, 0, 0])
+            return mu * 5 * mask, logvar * mask
+
+    vae.encoder = Collapsed()
+    usage = latent_usage(vae, mnist_test, accelerator, limit=500)
+    assert usage["active_units"] == 3
+    assert usage["kl_per_dim"][3:] == [0.0, 0.0, 0.0] and min(usage["kl_per_dim"][:3]) > 0
+
+
+def _truth(classes: torch.Tensor) -> torch.Tensor:
+    """Codes equal to the true factors, each scaled to unit variance."""
+    sizes = torch.tensor(FACTOR_SIZES, dtype=torch.float32)
+    return (classes.float() - (sizes - 1) / 2) / torch.sqrt((sizes**2 - 1) / 12)
+
+
+def test_disentanglement_known_answers():
+    g = torch.Generator().manual_seed(0)
+    perfect = [beta_vae_metric(_truth, g, n_train=600, n_eval=300)["eval_accuracy"],
+               factor_vae_metric(_truth, g, n_train=600, n_eval=300, n_variance=2000)["eval_accuracy"],
+               mig(_truth, g, n=4000)["mig"]]
+    assert perfect[0] > 0.99 and perfect[1] > 0.99
+    assert perfect[2] > 0.8  # 20 bins cannot separate 40 orientations or 32 positions fully: log 20 / log 40 = 0.81
+
+    def noise(classes):
+        return torch.randn(len(classes), 5, generator=torch.Generator().manual_seed(len(classes)))
+
+    chance = [beta_vae_metric(noise, g, n_train=600, n_eval=300)["eval_accuracy"],
+              factor_vae_metric(noise, g, n_train=600, n_eval=300, n_variance=2000)["eval_accuracy"],
+              mig(noise, g, n=4000)["mig"]]
+    assert 0.1 < chance[0] < 0.35 and 0.1 < chance[1] < 0.35  # chance is 1/5
+    assert chance[2] < 0.05
+
+
+def test_fid_with_a_custom_feature_extractor(tmp_path, mnist_test):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    torch.manual_seed(0)
+    path = tmp_path / "features.pt2"
+    torch.export.save(torch.export.export(net, (torch.rand(2, 3, 28, 28),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=8),
+                                                           3: torch.export.Dim("w", min=8)},)), str(path))
+    fid = build_fid(features=str(path))
+    x = mnist_test.batch(torch.arange(300)).expand(-1, 3, -1, -1)
+    fid.update(x, real=True)
+    fid.update(x, real=False)
+    assert abs(float(fid.compute())) < 1e-3  # identical sets
+    fid = build_fid(features=str(path))
+    fid.update(x, real=True)
+    fid.update(torch.rand_like(x), real=False)
+    assert float(fid.compute()) > 0.1
+
+
+def test_evaluate_cli_writes_eval_json(mnist_run, tmp_path):
+    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(mnist_run), "--k", "20", "--n_test", "300",
+                       "--metrics", "elbo,nll,au,recon"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((mnist_run / "eval.json").read_text())
+    assert result["nll"]["k"] == 20 and result["nll"]["n"] == 300
+    assert result["nll"]["nll"] <= -result["elbo"]["elbo"]
+    assert result["au"]["z_dim"] == 8 and 0 <= result["recon"]["mse"] < 0.2
+    assert "NLL (IWAE, k=20)" in proc.stdout and "active units" in proc.stdout
+
+
+def test_evaluate_binarized_and_optimal_sigma(tmp_path):
+    run = tmp_path / "opt"
+    train(run, "configs/mnist_optimal_sigma_vae.yaml", ["train.steps=20", "model.base_width=8"])
+    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(run), "--k", "5", "--n_test", "200"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["nll"]["dequantised"] and 0 < result["sigma"] < 1
+    assert "dequantised, 8-bit scale" in proc.stdout
+
+
+def test_evaluate_dsprites_disentanglement(tmp_path):
+    run = tmp_path / "dsprites"
+    train(run, "configs/dsprites.yaml", ["train.steps=10", "model.base_width=4", "train.batch_size=16"])
+    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(run), "--k", "2", "--n_test", "64",
+                       "--dis_train", "60", "--dis_eval", "40", "--dis_variance", "300", "--mig_samples", "300",
+                       "--dis_batch", "8"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    d = json.loads((run / "eval.json").read_text())["disentanglement"]
+    assert 0 <= d["beta_vae"]["eval_accuracy"] <= 1 and 0 <= d["mig"]["mig"] <= 1
+    assert d["sizes"]["train"] == 60
+    assert "MIG" in proc.stdout
+
+
+def test_evaluate_errors(mnist_run, tmp_path, capsys):
+    cases = [
+        (["--metrics", "disentanglement"], "only dsprites has"),
+        (["--metrics", "elbo,speed"], "unknown metric 'speed'"),
+        (["--metrics", "fid", "--fid_weights", str(tmp_path / "none.pth")], "--fid_weights"),
+        (["--metrics", "fid", "--fid_features", str(tmp_path / "none.pt")], "--fid_features"),
+        (["--k", "0"], "--k must be at least 1"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            run_cli(evaluate.main, ["--exp_dir", str(mnist_run), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and err.count("\n") == 1, err

@@ -1,0 +1,130 @@
+"""Disentanglement scores on dSprites' ground-truth factors: β-VAE metric, FactorVAE metric, MIG.
+
+Each takes ``codes(classes) -> (N, d)``: the representation of the images with
+the given factor classes (N, 5) — a model's posterior means, or, for the
+known-answer tests, the factors themselves or noise. Defaults are the sample
+sizes of the papers (as in disentanglement_lib); smaller ones make them cheap.
+
+- β-VAE metric (Higgins et al. 2017): accuracy of a linear classifier that
+  predicts which factor was held fixed from the mean |z1 − z2| over pairs of
+  images sharing that factor. Chance is 1/5.
+- FactorVAE metric (Kim & Mnih 2018): with codes scaled by their global std and
+  collapsed dimensions (variance < 0.05) dropped, the dimension of least variance
+  among images sharing a factor votes for that factor; accuracy of the
+  majority-vote classifier.
+- MIG (Chen et al. 2018): per factor, the gap between the two largest mutual
+  informations with single (20-bin discretised) code dimensions, divided by the
+  factor's entropy; averaged over factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from utils.dsprites import FACTOR_SIZES
+
+Codes = Callable[[torch.Tensor], torch.Tensor]
+N_FACTORS = len(FACTOR_SIZES)
+
+
+def random_classes(n: int, g: torch.Generator) -> torch.Tensor:
+    """n factor vectors drawn uniformly from the grid: (n, 5)."""
+    return torch.stack([torch.randint(s, (n,), generator=g) for s in FACTOR_SIZES], 1)
+
+
+def _fixed_factor_batches(n_points: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor index per point (P,), classes (P, batch, 5) sharing that factor's value within each point)."""
+    k = torch.randint(N_FACTORS, (n_points,), generator=g)
+    classes = random_classes(n_points * batch, g).view(n_points, batch, N_FACTORS)
+    value = torch.stack([torch.randint(FACTOR_SIZES[f], (1,), generator=g)[0] for f in k.tolist()])
+    classes[torch.arange(n_points), :, k] = value.unsqueeze(1).expand(-1, batch)
+    return k, classes
+
+
+def _linear_classifier_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_eval: torch.Tensor,
+                                y_eval: torch.Tensor, n_classes: int) -> tuple[float, float]:
+    """Multinomial logistic regression (L-BFGS, light L2), as the β-VAE metric prescribes a linear classifier."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-8)
+    xt, xe = (x_train - mean) / std, (x_eval - mean) / std
+    w = torch.zeros(xt.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w + b, y_train) + 1e-4 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((xt @ w + b).argmax(1) == y_train).float().mean().item(), \
+            ((xe @ w + b).argmax(1) == y_eval).float().mean().item()
+
+
+def beta_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
+                    n_eval: int = 5_000) -> dict[str, float]:
+    def points(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, first = _fixed_factor_batches(n, batch, g)
+        second = random_classes(n * batch, g).view(n, batch, N_FACTORS)
+        second[torch.arange(n), :, k] = first[torch.arange(n), :, k]
+        z1, z2 = codes(first.flatten(0, 1)), codes(second.flatten(0, 1))
+        return (z1 - z2).abs().view(n, batch, -1).mean(1), k
+
+    x_tr, y_tr = points(n_train)
+    x_ev, y_ev = points(n_eval)
+    train_acc, eval_acc = _linear_classifier_accuracy(x_tr, y_tr, x_ev, y_ev, N_FACTORS)
+    return {"train_accuracy": train_acc, "eval_accuracy": eval_acc}
+
+
+def factor_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
+                      n_eval: int = 5_000, n_variance: int = 10_000, prune: float = 0.05) -> dict[str, float]:
+    global_var = codes(random_classes(n_variance, g)).var(0)
+    active = global_var >= prune
+    if not active.any():
+        return {"train_accuracy": 0.0, "eval_accuracy": 0.0, "active_dims": 0}
+    scale = global_var.sqrt()
+
+    def votes(n: int) -> torch.Tensor:
+        k, classes = _fixed_factor_batches(n, batch, g)
+        z = (codes(classes.flatten(0, 1)) / scale).view(n, batch, -1)
+        var = z.var(1)[:, active]
+        dims = active.nonzero().flatten()[var.argmin(1)]
+        table = torch.zeros(len(global_var), N_FACTORS)
+        table.index_put_((dims, k), torch.ones(n), accumulate=True)
+        return table
+
+    train_votes, eval_votes = votes(n_train), votes(n_eval)
+    assign = train_votes.argmax(1)  # each dimension predicts its most voted factor
+    train_acc = train_votes.max(1).values.sum() / train_votes.sum()
+    eval_acc = eval_votes[torch.arange(len(assign)), assign].sum() / eval_votes.sum()
+    return {"train_accuracy": train_acc.item(), "eval_accuracy": eval_acc.item(), "active_dims": int(active.sum())}
+
+
+def _discretise(z: torch.Tensor, bins: int) -> torch.Tensor:
+    lo, hi = z.min(0).values, z.max(0).values
+    return ((z - lo) / (hi - lo).clamp_min(1e-12) * bins).long().clamp_(0, bins - 1)
+
+
+def _mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
+    """I(a; b) in nats for two discrete sequences, from their joint histogram."""
+    joint = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    joint.index_put_((a, b), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    return (p[nz] * (p[nz] / (pa @ pb)[nz]).log()).sum().item()
+
+
+def mig(codes: Codes, g: torch.Generator, n: int = 10_000, bins: int = 20) -> dict[str, float]:
+    classes = random_classes(n, g)
+    z = _discretise(codes(classes), bins)
+    per_factor = []
+    for k in range(N_FACTORS):
+        mi = sorted((_mutual_information(z[:, j], classes[:, k]) for j in range(z.shape[1])), reverse=True)
+        entropy = _mutual_information(classes[:, k], classes[:, k])
+        gap = (mi[0] - (mi[1] if len(mi) > 1 else 0.0)) / entropy
+        per_factor.append(gap)
+    return {"mig": sum(per_factor) / N_FACTORS, "per_factor": per_factor}

@@ -1,0 +1,185 @@
+"""Held-out numbers for a trained VAE: ELBO, importance-weighted NLL, active units, reconstruction error.
+
+All are in nats per image (bits per dimension beside them), over the whole
+held-out split unless limited, and reduced over processes under ``accelerate
+launch``: each process takes its share of every global batch.
+
+Continuous likelihoods on 8-bit data are evaluated on uniformly dequantised
+images y = (255·x + u) / 256, u ~ U(0, 1): then −log p(y) + D·log 256 is an upper
+bound on the NLL of the 8-bit image (Theis et al. 2016), the convention of the
+literature, and the bits per dimension compare with published figures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+from models.likelihoods import OptimalSigma
+from models.vae import VAE
+from utils.data import Images, shard
+
+LOG_256 = math.log(256.0)
+
+
+def _shares(n: int, batch_size: int, accelerator: Accelerator):
+    """This process's index share of each global batch over the first n images (n made a multiple of P)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n -= n % world
+    for start in range(0, n, batch_size):
+        yield shard(torch.arange(start, min(start + batch_size, n)), rank, world).to(accelerator.device)
+
+
+def _prepare(x: torch.Tensor, continuous: bool, g: torch.Generator | None, binarize: bool) -> torch.Tensor:
+    if binarize:
+        return torch.bernoulli(x, generator=g)
+    if continuous and g is not None:
+        return (x * 255.0 + torch.rand(x.shape, generator=g, device=x.device)) / 256.0
+    return x
+
+
+@torch.no_grad()
+def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerator: Accelerator,
+               limit: int = 0, seed: int = 0) -> dict[str, float]:
+    """The model's loss terms on held-out data, and ELBO in nats per image and bits per dimension.
+
+    Used by the trainer every ``eval_every`` steps: each global batch is split
+    across processes exactly as in training, so a batch's optimal σ is the same
+    for any number of processes. Noise comes from a forked RNG: evaluating never
+    changes the training run's random stream. (evaluate.py adds dequantisation.)
+    """
+    rank = accelerator.process_index
+    n = len(data) if limit <= 0 else min(limit, len(data))
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + rank)
+        for idx in _shares(n, batch_size, accelerator):
+            terms = model(data.batch(idx))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            count += len(idx)
+    model.train(was_training)
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count),
+                                                                                    device=accelerator.device)]))
+    out = dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))
+    d = math.prod(data.shape)
+    likelihood = accelerator.unwrap_model(model).likelihood
+    # bits per dimension; continuous densities on [0, 1] are moved to the 8-bit scale (+ log2 256 = 8)
+    out["bpd"] = -out["elbo"] / (d * math.log(2)) + (8.0 if likelihood.continuous else 0.0)
+    return out
+
+
+@torch.no_grad()
+def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Accelerator,
+                      limit: int = 0) -> float | None:
+    """For optimal-σ models: set one σ for the whole evaluation, the RMSE of the posterior-mean reconstructions.
+
+    In training σ is the batch's; an importance-weighted bound needs one fixed
+    likelihood per image, so evaluation uses the held-out set's own optimum.
+    Returns σ, or None for other likelihoods.
+    """
+    if not isinstance(vae.likelihood, OptimalSigma):
+        return None
+    vae.likelihood.fixed_log_sigma = None
+    n = len(data) if limit <= 0 else min(limit, len(data))
+    sse, count = torch.zeros((), device=accelerator.device), 0
+    for idx in _shares(n, batch_size, accelerator):
+        x = data.batch(idx)
+        sse += (vae.decode(vae.encode(x)[0]) - x).pow(2).sum()
+        count += x.numel()
+    total = accelerator.reduce(torch.stack([sse, torch.tensor(float(count), device=accelerator.device)]))
+    log_sigma = 0.5 * torch.log(total[0] / total[1])
+    vae.likelihood.fixed_log_sigma = -6.0 + torch.nn.functional.softplus(log_sigma + 6.0)
+    return vae.likelihood.fixed_log_sigma.exp().item()
+
+
+@torch.no_grad()
+def log_weights(vae: VAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log w, log p(x|z)) for k samples z ~ q(z|x), each (k, B), and the analytic KL (B,).
+
+    log w = log p(x|z) + log p(z) − log q(z|x); its mean over samples is the ELBO
+    and log mean exp of it the IWAE bound.
+    """
+    mu, logvar = vae.encode(x)
+    mu, logvar = mu.float(), logvar.float()
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (k, B, z)
+    out = vae.decoder(z.flatten(0, 1)).float()
+    x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+    log_px_z = -vae.likelihood(x_rep, out).nll.view(k, -1)
+    log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_qz = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    return log_px_z + log_pz - log_qz, log_px_z, kl
+
+
+@torch.no_grad()
+def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, batch_size: int = 100,
+                      max_rows: int = 20_000, limit: int = 0, seed: int = 0, binarize: bool = False,
+                      progress=None) -> dict[str, float]:
+    """ELBO (with its reconstruction and KL parts) and the IWAE bound (Burda et al. 2016), per image.
+
+    NLL ≈ −log (1/k) Σ_i w_i, which tightens towards the true −log p(x) as k grows.
+    Samples are drawn in chunks of at most ``max_rows`` decoder rows and the
+    log-sum-exp is accumulated chunk by chunk, so memory stays bounded for any k.
+    Returns nats per image on the data's own scale (dequantised and moved to 8
+    bits for continuous likelihoods) and bits per dimension.
+    """
+    continuous = vae.likelihood.continuous and not binarize
+    g = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+    n = len(data) if limit <= 0 else min(limit, len(data))
+    chunk = max(1, min(k, max_rows // batch_size))
+    sums = torch.zeros(4, device=accelerator.device)  # rec, kl, -iwae, count
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 7919 * accelerator.process_index)
+        for idx in _shares(n, batch_size, accelerator):
+            x = _prepare(data.batch(idx), vae.likelihood.continuous, g, binarize)
+            lse, rec = None, torch.zeros(len(x), device=x.device)
+            for start in range(0, k, chunk):
+                w, log_px_z, kl = log_weights(vae, x, min(chunk, k - start))
+                rec -= log_px_z.sum(0) / k
+                part = torch.logsumexp(w, 0)
+                lse = part if lse is None else torch.logaddexp(lse, part)
+            sums += torch.stack([rec.sum(), kl.sum(), -(lse - math.log(k)).sum(),
+                                 torch.tensor(float(len(x)), device=x.device)])
+            if progress is not None:
+                progress.update(len(x) * accelerator.num_processes)
+    sums = accelerator.reduce(sums)
+    shift = math.prod(data.shape) * LOG_256 if continuous else 0.0  # onto the 8-bit scale
+    rec, kl, nll = ((sums[:3] / sums[3]).tolist())
+    rec, nll = rec + shift, nll + shift
+    d_ln2 = math.prod(data.shape) * math.log(2)
+    return {"elbo": -(rec + kl), "rec": rec, "kl": kl, "nll": nll, "elbo_bpd": (rec + kl) / d_ln2,
+            "nll_bpd": nll / d_ln2, "k": k, "n": int(sums[3].item()), "dequantised": continuous,
+            "binarised": binarize}
+
+
+@torch.no_grad()
+def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: int = 500, limit: int = 0,
+                 threshold: float = 0.01) -> dict:
+    """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error."""
+    n = len(data) if limit <= 0 else min(limit, len(data))
+    means, kls, sse, psnr = [], [], torch.zeros((), device=accelerator.device), []
+    for idx in _shares(n, batch_size, accelerator):
+        x = data.batch(idx)
+        mu, logvar = vae.encode(x)
+        means.append(mu.float())
+        kls.append(0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).float())
+        err = (vae.decode(mu) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
+        sse += err.sum()
+        psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
+    means = accelerator.gather_for_metrics(torch.cat(means))
+    kl = accelerator.gather_for_metrics(torch.cat(kls)).mean(0)
+    psnr = accelerator.gather_for_metrics(torch.cat(psnr))
+    variance = means.var(0)
+    return {"active_units": int((variance > threshold).sum()), "z_dim": vae.z_dim,
+            "variance": variance.tolist(), "kl_per_dim": kl.tolist(), "kl": kl.sum().item(),
+            "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item()}
