@@ -56,9 +56,11 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
                         f"use a multiple of {world}")
     set_seed(t.seed)  # same initial weights on every process and for any process count
     train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
-    model = VAE(cfg, train_set.shape)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    vae = VAE(cfg, train_set.shape)
+    fmt = torch.channels_last if t.channels_last and cfg.model.net == "conv" else torch.contiguous_format
+    vae = vae.to(memory_format=fmt)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(torch.compile(vae) if t.compile else vae, optimizer)
     train_set, test_set = train_set.to(device), test_set.to(device)
     order = BatchOrder(len(train_set), t.batch_size, t.seed)
     fixed_z = torch.randn(64, cfg.model.z_dim, generator=torch.Generator().manual_seed(t.seed)).to(device)
@@ -71,16 +73,15 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if accelerator.is_main_process else None
     accelerator.init_trackers("tb")
     accelerator.print(f"{summary}\nrun: {run_dir}  processes={world} device={device} "
-                      f"precision={accelerator.mixed_precision} params={sum(p.numel() for p in model.parameters())}"
+                      f"precision={accelerator.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
                       + (f"\nresumed from {resume} at step {start}" if resume else ""))
 
-    vae = accelerator.unwrap_model(model)
     running: dict[str, torch.Tensor] = {}
     n_running, t0 = 0, time.time()
     bar = tqdm(total=t.steps, initial=start, disable=not accelerator.is_main_process, mininterval=2.0)
     batches = train_batches(train_set, order, start, t.steps, rank, world, device, cfg.data.num_workers)
     for step in range(start, t.steps):
-        x = next(batches).float().div_(255.0)  # (B/world, C, H, W) in [0, 1]
+        x = next(batches).float().div_(255.0).contiguous(memory_format=fmt)  # (B/world, C, H, W) in [0, 1]
         if cfg.data.binarize:
             x = torch.bernoulli(x)
         if cfg.data.hflip:
@@ -103,6 +104,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
             stats = dict(zip(keys, vals))
             stats["kl_weight"] = vae.kl_weight(step)
             stats["steps_per_s"] = n_running / (time.time() - t0)
+            if device.type == "cuda":
+                stats["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             running, n_running, t0 = {}, 0, time.time()
             bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "rec", "kl", "mmd", "sigma") if k in stats})
             accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)
@@ -127,7 +130,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
     bar.close()
 
     if accelerator.is_main_process:
-        weights = {k: v.detach().float().contiguous().cpu() for k, v in vae.state_dict().items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
         save_file(weights, str(run_dir / "model.safetensors"), metadata={"step": str(t.steps)})
         accelerator.print(f"done: {run_dir / 'model.safetensors'}")
     accelerator.end_training()

@@ -161,9 +161,8 @@ def test_fid_with_a_custom_feature_extractor(tmp_path, mnist_test):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
     torch.manual_seed(0)
     path = tmp_path / "features.pt2"
-    torch.export.save(torch.export.export(net, (torch.rand(2, 3, 28, 28),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=8),
-                                                           3: torch.export.Dim("w", min=8)},)), str(path))
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=8), 3: torch.export.Dim("w", min=8)}
+    torch.export.save(torch.export.export(net, (torch.rand(2, 3, 28, 28),), dynamic_shapes=(dims,)), str(path))
     fid = build_fid(features=str(path))
     x = mnist_test.batch(torch.arange(300)).expand(-1, 3, -1, -1)
     fid.update(x, real=True)

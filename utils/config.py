@@ -86,6 +86,8 @@ class TrainConfig:
     eval_every: int = opt(1000, "steps between test-split ELBO evaluations (0: only at the end)", min=0)
     eval_samples: int = opt(0, "test images used by the periodic evaluation (0: all)", min=0)
     save_every: int = opt(1000, "steps between resumable checkpoints (0: only at the end)", min=0)
+    channels_last: bool = opt(True, "conv nets: channels-last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = opt(False, "torch.compile the model (slow first steps, then faster on GPUs)")
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""Steady-state training throughput: the toolkit's trainer against a plain PyTorch loop of the same model.
+
+    python benchmarks/throughput.py -c configs/bench_mnist.yaml [--steps 200] [--json out.json] [key=value ...]
+
+(a) ``train_vae.py`` as a user runs it; its metrics.jsonl logs steps/s per window
+    of ``--window`` steps. (b) the floor: the same VAE module, objective, batch,
+    optimizer, memory format and precision in a bare loop over data already on
+    the device. Both run as fresh processes; the first ``--warmup`` steps are
+    excluded and the median window is reported, with peak memory (GPU: allocated;
+    CPU: the process's maximum resident set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> dict:
+    """The floor: forward, loss, backward, Adam step; nothing else. Runs in its own process."""
+    import resource
+
+    import torch
+
+    from models.vae import VAE
+    from utils.config import load_config
+    from utils.data import load_data
+
+    cfg = load_config(config, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.train.seed)
+    train, _, _ = load_data(cfg.data)
+    fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net == "conv" else torch.contiguous_format
+    images = train.images.to(device).float().div_(255).contiguous(memory_format=fmt)
+    model = VAE(cfg, train.shape).to(device, memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    b, n = cfg.train.batch_size, len(images)
+    perm = torch.randperm(n, device=device)
+    times = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        start = (step * b) % (n - b)
+        x = images[perm[start:start + b]]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(x, step)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % window == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(window / (now - t0))
+            t0 = now
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"windows": times, "peak_mb": peak, "device": str(device)}
+
+
+def trainer(config: str, overrides: list[str], steps: int, window: int) -> dict:
+    """train_vae.py in a fresh process; windows from its metrics.jsonl."""
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(REPO / "train_vae.py"), "-c", config, "-e", f"{tmp}/run", *overrides,
+               f"train.steps={steps}", f"train.log_every={window}", "train.sample_every=0", "train.eval_every=0",
+               "train.save_every=0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode:
+            sys.exit(f"trainer failed: {proc.stderr.strip().splitlines()[-1]}")
+        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+    windows = [r["steps_per_s"] for r in rows if r["split"] == "train"]
+    peak = rows[-2].get("peak_mem_mb") if len(rows) > 1 else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    device = re.search(r"device=(\S+)", proc.stdout)
+    return {"windows": windows, "peak_mb": peak, "device": device.group(1) if device else "?"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default=str(REPO / "configs" / "bench_mnist.yaml"))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=40, help="steps excluded from the figures")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
+    args, overrides = p.parse_known_args()
+    if args.window < 1 or args.steps <= args.warmup + args.window:
+        sys.exit("error: --steps must exceed --warmup by at least one --window")
+    if args._plain:
+        print(json.dumps(plain_loop(args.config, overrides, args.steps, args.window)))
+        return
+
+    import torch
+
+    from utils.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    skip = args.warmup // args.window
+    results = {}
+    for name in ("trainer", "plain loop"):
+        if name == "trainer":
+            r = trainer(args.config, overrides, args.steps, args.window)
+        else:
+            proc = subprocess.run([sys.executable, __file__, "--_plain", "-c", args.config, "--steps",
+                                   str(args.steps), "--window", str(args.window), *overrides],
+                                  capture_output=True, text=True, cwd=REPO)
+            if proc.returncode:
+                sys.exit(f"plain loop failed: {proc.stderr.strip().splitlines()[-1]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+        steady = r["windows"][skip:]
+        r["steps_per_s"] = statistics.median(steady)
+        r["images_per_s"] = r["steps_per_s"] * cfg.train.batch_size
+        results[name] = r
+    ratio = results["trainer"]["steps_per_s"] / results["plain loop"]["steps_per_s"]
+    device = results["trainer"]["device"]
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'cpu'}, " \
+        f"{len(os.sched_getaffinity(0))} cores"
+    head = (f"device: {device} ({name})  torch {torch.__version__}  config: {Path(args.config).name} "
+            f"{' '.join(overrides)}  batch {cfg.train.batch_size}  precision {cfg.train.mixed_precision}  "
+            f"steps {args.steps} (first {args.warmup} excluded, median of {args.window}-step windows)")
+    lines = [head, "", "| loop | steps/s | images/s | peak memory (MB) |", "| --- | --- | --- | --- |"]
+    for k, r in results.items():
+        lines.append(f"| {k} | {r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['peak_mb']:.0f} |")
+    lines.append(f"| trainer / plain | {ratio:.3f} | | |")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": head, "ratio": ratio, **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
