@@ -70,8 +70,43 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     return {"windows": times, "peak_mb": peak, "device": str(device)}
 
 
-def trainer(config: str, overrides: list[str], steps: int, window: int) -> dict:
-    """train_vae.py in a fresh process; windows from its metrics.jsonl."""
+def decoder_speed(run: str, n: int, batch: int) -> dict:
+    """Images/s of the decoder alone (prior draws -> images), the core of sample.py --mode sample."""
+    import torch
+
+    from sample import decode
+    from utils.loading import load_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, vae, _, _ = load_run(run, None, None, device)
+    z = torch.randn(n, vae.z_dim, device=device)
+    decode(vae, z[:batch], batch)  # warm-up
+    t0 = time.perf_counter()
+    decode(vae, z, batch)  # returns on the CPU: includes the copy back
+    return {"images_per_s": n / (time.perf_counter() - t0)}
+
+
+def sampling(run: str, n: int, batch: int) -> dict:
+    """sample.py --mode sample end to end (start-up, model load, decoding, the grid PNG), and the decoder alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--exp_dir", run, "--mode", "sample",
+                               "--n_samples", str(n), "--batch_size", str(batch), "--save_dir", tmp],
+                              capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"sample.py failed: {proc.stderr.strip().splitlines()[-1]}")
+    proc = subprocess.run([sys.executable, __file__, "--_decoder", run, "--sample_n", str(n), "--sample_batch",
+                           str(batch)], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        sys.exit(f"decoder timing failed: {proc.stderr.strip().splitlines()[-1]}")
+    return {"n": n, "wall_s": wall, "end_to_end_images_per_s": n / wall,
+            "decoder_images_per_s": json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"]}
+
+
+def trainer(config: str, overrides: list[str], steps: int, window: int, sample_n: int = 0,
+            sample_batch: int = 1000) -> dict:
+    """train_vae.py in a fresh process; windows from its metrics.jsonl; then sampling from the trained run."""
     import resource
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,12 +117,20 @@ def trainer(config: str, overrides: list[str], steps: int, window: int) -> dict:
         if proc.returncode:
             sys.exit(f"trainer failed: {proc.stderr.strip().splitlines()[-1]}")
         rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        sampled = sampling(f"{tmp}/run", sample_n, sample_batch) if sample_n else None
     windows = [r["steps_per_s"] for r in rows if r["split"] == "train"]
     peak = rows[-2].get("peak_mem_mb") if len(rows) > 1 else None
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     device = re.search(r"device=(\S+)", proc.stdout)
-    return {"windows": windows, "peak_mb": peak, "device": device.group(1) if device else "?"}
+    return {"windows": windows, "peak_mb": peak, "device": device.group(1) if device else "?", "sampling": sampled}
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -97,10 +140,16 @@ def main() -> None:
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--warmup", type=int, default=40, help="steps excluded from the figures")
     p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--sample_n", type=int, default=10_000, help="images for the sampling figures (0: skip)")
+    p.add_argument("--sample_batch", type=int, default=1000, help="sample.py --batch_size for them")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_decoder", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
     if args.window < 1 or args.steps <= args.warmup + args.window:
         sys.exit("error: --steps must exceed --warmup by at least one --window")
+    if args._decoder:
+        print(json.dumps(decoder_speed(args._decoder, args.sample_n, args.sample_batch)))
+        return
     if args._plain:
         print(json.dumps(plain_loop(args.config, overrides, args.steps, args.window)))
         return
@@ -114,10 +163,11 @@ def main() -> None:
     results = {}
     for name in ("trainer", "plain loop"):
         if name == "trainer":
-            r = trainer(args.config, overrides, args.steps, args.window)
+            r = trainer(args.config, overrides, args.steps, args.window, args.sample_n, args.sample_batch)
         else:
             proc = subprocess.run([sys.executable, __file__, "--_plain", "-c", args.config, "--steps",
-                                   str(args.steps), "--window", str(args.window), *overrides],
+                                   str(args.steps), "--window", str(args.window), "--warmup", str(args.warmup),
+                                   *overrides],
                                   capture_output=True, text=True, cwd=REPO)
             if proc.returncode:
                 sys.exit(f"plain loop failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -128,8 +178,7 @@ def main() -> None:
         results[name] = r
     ratio = results["trainer"]["steps_per_s"] / results["plain loop"]["steps_per_s"]
     device = results["trainer"]["device"]
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'cpu'}, " \
-        f"{len(os.sched_getaffinity(0))} cores"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{cpu_model()}, {os.cpu_count()} cores"
     head = (f"device: {device} ({name})  torch {torch.__version__}  config: {Path(args.config).name} "
             f"{' '.join(overrides)}  batch {cfg.train.batch_size}  precision {cfg.train.mixed_precision}  "
             f"steps {args.steps} (first {args.warmup} excluded, median of {args.window}-step windows)")
@@ -137,6 +186,11 @@ def main() -> None:
     for k, r in results.items():
         lines.append(f"| {k} | {r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['peak_mb']:.0f} |")
     lines.append(f"| trainer / plain | {ratio:.3f} | | |")
+    sampled = results["trainer"]["sampling"]
+    if sampled:
+        lines += ["", f"sampling, {sampled['n']} prior samples: decoder {sampled['decoder_images_per_s']:.0f} "
+                      f"images/s; sample.py --mode sample end to end {sampled['wall_s']:.1f} s "
+                      f"({sampled['end_to_end_images_per_s']:.0f} images/s, with start-up and the grid PNG)"]
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"header": head, "ratio": ratio, **results}, indent=2))
