@@ -44,8 +44,9 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     train, _, _ = load_data(cfg.data)
     fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net == "conv" else torch.contiguous_format
     images = train.images.to(device).float().div_(255).contiguous(memory_format=fmt)
-    model = VAE(cfg, train.shape).to(device, memory_format=fmt)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    vae = VAE(cfg, train.shape).to(device, memory_format=fmt)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr)
+    model = torch.compile(vae) if cfg.train.compile else vae
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     b, n = cfg.train.batch_size, len(images)
     perm = torch.randperm(n, device=device)
@@ -126,6 +127,31 @@ def trainer(config: str, overrides: list[str], steps: int, window: int, sample_n
     return {"windows": windows, "peak_mb": peak, "device": device.group(1) if device else "?", "sampling": sampled}
 
 
+def loader_speed(config: str, overrides: list[str], steps: int, window: int, warmup: int) -> dict:
+    """Images/s of the input pipeline alone: the batches the trainer would consume, moved to the device."""
+    import torch
+
+    from utils.config import load_config
+    from utils.data import BatchOrder, load_data, train_batches
+
+    cfg = load_config(config, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train, _, summary = load_data(cfg.data, cfg.data.num_workers)
+    train = train.to(device)
+    order = BatchOrder(len(train), cfg.train.batch_size, cfg.train.seed)
+    batches = train_batches(train, order, 0, steps, 0, 1, device, cfg.data.num_workers)
+    speeds, t0 = [], time.perf_counter()
+    for step in range(steps):
+        x = next(batches).float().div_(255)
+        if (step + 1) % window == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            speeds.append(window * len(x) / (now - t0))
+            t0 = now
+    return {"images_per_s": statistics.median(speeds[warmup // window:]), "summary": summary}
+
+
 def cpu_model() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -139,19 +165,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--warmup", type=int, default=40, help="steps excluded from the figures")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop (median reported)")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--sample_n", type=int, default=10_000, help="images for the sampling figures (0: skip)")
     p.add_argument("--sample_batch", type=int, default=1000, help="sample.py --batch_size for them")
+    p.add_argument("--loader", action="store_true", help="time only the input pipeline (images/s)")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_decoder", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
-    if args.window < 1 or args.steps <= args.warmup + args.window:
+    if args.window < 1 or args.repeats < 1 or args.steps <= args.warmup + args.window:
         sys.exit("error: --steps must exceed --warmup by at least one --window")
     if args._decoder:
         print(json.dumps(decoder_speed(args._decoder, args.sample_n, args.sample_batch)))
         return
     if args._plain:
         print(json.dumps(plain_loop(args.config, overrides, args.steps, args.window)))
+        return
+    if args.loader:
+        r = loader_speed(args.config, overrides, args.steps, args.window, args.warmup)
+        print(f"{r['summary']}\ninput pipeline alone: {r['images_per_s']:.0f} images/s "
+              f"(median of {args.window}-step windows after {args.warmup} steps)")
         return
 
     import torch
@@ -160,31 +193,39 @@ def main() -> None:
 
     cfg = load_config(args.config, overrides)
     skip = args.warmup // args.window
+    runs: dict[str, list[dict]] = {"trainer": [], "plain loop": []}
+    for rep in range(args.repeats):  # alternate the two, so slow spells of a shared machine hit both
+        for name in runs:
+            if name == "trainer":
+                r = trainer(args.config, overrides, args.steps, args.window,
+                            args.sample_n if rep == 0 else 0, args.sample_batch)
+            else:
+                proc = subprocess.run([sys.executable, __file__, "--_plain", "-c", args.config, "--steps",
+                                       str(args.steps), "--window", str(args.window), "--warmup", str(args.warmup),
+                                       *overrides], capture_output=True, text=True, cwd=REPO)
+                if proc.returncode:
+                    sys.exit(f"plain loop failed: {proc.stderr.strip().splitlines()[-1]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["steps_per_s"] = statistics.median(r["windows"][skip:])
+            runs[name].append(r)
     results = {}
-    for name in ("trainer", "plain loop"):
-        if name == "trainer":
-            r = trainer(args.config, overrides, args.steps, args.window, args.sample_n, args.sample_batch)
-        else:
-            proc = subprocess.run([sys.executable, __file__, "--_plain", "-c", args.config, "--steps",
-                                   str(args.steps), "--window", str(args.window), "--warmup", str(args.warmup),
-                                   *overrides],
-                                  capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                sys.exit(f"plain loop failed: {proc.stderr.strip().splitlines()[-1]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-        steady = r["windows"][skip:]
-        r["steps_per_s"] = statistics.median(steady)
-        r["images_per_s"] = r["steps_per_s"] * cfg.train.batch_size
-        results[name] = r
+    for name, reps in runs.items():
+        speeds = [r["steps_per_s"] for r in reps]
+        results[name] = {"steps_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
+                         "images_per_s": statistics.median(speeds) * cfg.train.batch_size,
+                         "peak_mb": max(r["peak_mb"] for r in reps), "device": reps[0]["device"],
+                         "sampling": reps[0].get("sampling"), "runs": speeds}
     ratio = results["trainer"]["steps_per_s"] / results["plain loop"]["steps_per_s"]
     device = results["trainer"]["device"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{cpu_model()}, {os.cpu_count()} cores"
     head = (f"device: {device} ({name})  torch {torch.__version__}  config: {Path(args.config).name} "
             f"{' '.join(overrides)}  batch {cfg.train.batch_size}  precision {cfg.train.mixed_precision}  "
-            f"steps {args.steps} (first {args.warmup} excluded, median of {args.window}-step windows)")
+            f"steps {args.steps} (first {args.warmup} excluded, median of {args.window}-step windows; "
+            f"median of {args.repeats} alternating runs, min-max in brackets)")
     lines = [head, "", "| loop | steps/s | images/s | peak memory (MB) |", "| --- | --- | --- | --- |"]
     for k, r in results.items():
-        lines.append(f"| {k} | {r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['peak_mb']:.0f} |")
+        lines.append(f"| {k} | {r['steps_per_s']:.2f} [{r['min']:.2f}-{r['max']:.2f}] | {r['images_per_s']:.0f} | "
+                     f"{r['peak_mb']:.0f} |")
     lines.append(f"| trainer / plain | {ratio:.3f} | | |")
     sampled = results["trainer"]["sampling"]
     if sampled:

@@ -10,8 +10,8 @@ from conftest import DATA, REPO, run_script
 def test_throughput_benchmark_prints_its_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script([str(REPO / "benchmarks" / "throughput.py"), "--steps", "12", "--warmup", "4", "--window", "4",
-                       "--sample_n", "200", "--sample_batch", "100", "--json", str(out), f"data.root={DATA}",
-                       "model.base_width=8", "train.batch_size=32"], timeout=600)
+                       "--repeats", "1", "--sample_n", "200", "--sample_batch", "100", "--json", str(out),
+                       f"data.root={DATA}", "model.base_width=8", "train.batch_size=32"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device: cpu") and "config: bench_mnist.yaml" in lines[0]
