@@ -46,7 +46,7 @@ def every(done: int, k: int, last: int) -> bool:
 
 
 def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
-    """Train ``cfg`` into ``run_dir`` (config.yaml already there), optionally from a checkpoint."""
+    """Train ``cfg`` into ``run_dir``, optionally from a checkpoint; writes the resolved config.yaml first."""
     t = cfg.train
     mp = None if t.mixed_precision == "launcher" else t.mixed_precision
     accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=str(run_dir))
@@ -61,6 +61,9 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
     vae = vae.to(memory_format=fmt)
     optimizer = torch.optim.Adam(vae.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(torch.compile(vae) if t.compile else vae, optimizer)
+    if accelerator.is_main_process:  # only now, with data and model known good: a failed start leaves nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     train_set, test_set = train_set.to(device), test_set.to(device)
     order = BatchOrder(len(train_set), t.batch_size, t.seed)
     fixed_z = torch.randn(64, cfg.model.z_dim, generator=torch.Generator().manual_seed(t.seed)).to(device)
@@ -162,9 +165,6 @@ def main(argv: list[str]) -> None:
     if state.num_processes > 1:
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     state.wait_for_everyone()  # all have checked the directory before the main process writes into it
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     train(cfg, run_dir, ckpt)
 
 

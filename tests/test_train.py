@@ -132,3 +132,11 @@ def test_metrics_lines_are_json(tmp_path):
     train(tmp_path / "run", extra=["train.steps=3"])
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_missing_data_leaves_no_run_behind(tmp_path):
+    cmd = [str(REPO / "train_vae.py"), "-c", str(REPO / "configs/mnist.yaml"), "-e", str(tmp_path / "run"),
+           f"data.root={tmp_path / 'nowhere'}", "data.download=false"]
+    proc = run_script(cmd)
+    assert proc.returncode == 2 and "MNIST not found in" in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()  # so the same command works once the data is there
