@@ -22,6 +22,11 @@ from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+try:
+    import resource  # peak resident memory on CPU; not on Windows
+except ImportError:
+    resource = None
+
 from models.vae import VAE
 from utils.config import Config, load_config, save_config
 from utils.data import BatchOrder, load_data, train_batches
@@ -109,6 +114,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
             stats["steps_per_s"] = n_running / (time.time() - t0)
             if device.type == "cuda":
                 stats["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            elif resource is not None:
+                stats["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             running, n_running, t0 = {}, 0, time.time()
             bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "rec", "kl", "mmd", "sigma") if k in stats})
             accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)

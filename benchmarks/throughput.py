@@ -108,7 +108,6 @@ def sampling(run: str, n: int, batch: int) -> dict:
 def trainer(config: str, overrides: list[str], steps: int, window: int, sample_n: int = 0,
             sample_batch: int = 1000) -> dict:
     """train_vae.py in a fresh process; windows from its metrics.jsonl; then sampling from the trained run."""
-    import resource
 
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(REPO / "train_vae.py"), "-c", config, "-e", f"{tmp}/run", *overrides,
@@ -119,10 +118,9 @@ def trainer(config: str, overrides: list[str], steps: int, window: int, sample_n
             sys.exit(f"trainer failed: {proc.stderr.strip().splitlines()[-1]}")
         rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         sampled = sampling(f"{tmp}/run", sample_n, sample_batch) if sample_n else None
-    windows = [r["steps_per_s"] for r in rows if r["split"] == "train"]
-    peak = rows[-2].get("peak_mem_mb") if len(rows) > 1 else None
-    if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    train_rows = [r for r in rows if r["split"] == "train"]
+    windows = [r["steps_per_s"] for r in train_rows]
+    peak = train_rows[-1]["peak_mem_mb"]  # the trainer's own: GPU allocation or CPU resident set
     device = re.search(r"device=(\S+)", proc.stdout)
     return {"windows": windows, "peak_mb": peak, "device": device.group(1) if device else "?", "sampling": sampled}
 

@@ -7,12 +7,17 @@ import torch
 IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per image (B,), summed over latent dimensions.
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per image and latent dimension, (B, z).
 
     Kingma & Welling 2014, appendix B: -KL = 0.5 · Σ_j (1 + log σ_j² − μ_j² − σ_j²).
     """
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The KL per image (B,), summed over latent dimensions."""
+    return kl_per_dim(mu, logvar).sum(1)
 
 
 def _kernel(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:

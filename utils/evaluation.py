@@ -17,7 +17,8 @@ import math
 import torch
 from accelerate import Accelerator
 
-from models.likelihoods import OptimalSigma
+from models.likelihoods import OptimalSigma, softclip_log_sigma
+from models.regularisers import kl_normal, kl_per_dim
 from models.vae import VAE
 from utils.data import Images, shard
 
@@ -96,7 +97,7 @@ def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Acce
         count += x.numel()
     total = accelerator.reduce(torch.stack([sse, torch.tensor(float(count), device=accelerator.device)]))
     log_sigma = 0.5 * torch.log(total[0] / total[1])
-    vae.likelihood.fixed_log_sigma = -6.0 + torch.nn.functional.softplus(log_sigma + 6.0)
+    vae.likelihood.fixed_log_sigma = softclip_log_sigma(log_sigma)
     return vae.likelihood.fixed_log_sigma.exp().item()
 
 
@@ -116,7 +117,7 @@ def log_weights(vae: VAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     log_px_z = -vae.likelihood(x_rep, out).nll.view(k, -1)
     log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
     log_qz = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    kl = kl_normal(mu, logvar)
     return log_px_z + log_pz - log_qz, log_px_z, kl
 
 
@@ -172,7 +173,7 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
         x = data.batch(idx)
         mu, logvar = vae.encode(x)
         means.append(mu.float())
-        kls.append(0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).float())
+        kls.append(kl_per_dim(mu.float(), logvar.float()))
         err = (vae.decode(mu) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from models.regularisers import kl_per_dim
 from models.vae import VAE
 from utils.data import Images
 
@@ -46,7 +47,7 @@ def posterior_stats(model: VAE, data: Images, batch_size: int = 500, limit: int 
         x = data.batch(torch.arange(start, min(start + batch_size, n))).to(device)
         mu, logvar = model.encode(x)
         means.append(mu.float())
-        kl_sum += 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(0)
+        kl_sum += kl_per_dim(mu.float(), logvar.float()).sum(0)
     return torch.cat(means), kl_sum / n
 
 
