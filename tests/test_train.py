@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import sys
 
 import pytest
@@ -95,15 +96,23 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))
 
 
-ACCEL_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+def accel_2() -> list[str]:
+    """A two-process CPU launch on its own free port, so no other job's rendezvous (default 29500) can collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]
+
+
 CPU = {"ACCELERATE_USE_CPU": "1"}
 
 
 def test_ddp_two_processes_train_and_agree_on_optimal_sigma(tmp_path):
     run = tmp_path / "ddp"
     proc = train(run, "configs/mnist_optimal_sigma_vae.yaml", ["train.steps=6", "train.eval_every=6",
-                                                                "model.base_width=8"], launcher=ACCEL_2, env=CPU)
+                                                                "model.base_width=8"], launcher=accel_2(), env=CPU)
     assert "processes=2" in proc.stdout
     assert (run / "model.safetensors").is_file() and all(math.isfinite(r["sigma"]) for r in read_metrics(run))
 
@@ -114,7 +123,7 @@ def test_ddp_two_processes_train_and_agree_on_optimal_sigma(tmp_path):
 
     one = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
-    s1, s2 = sigma(one), sigma(ACCEL_2)
+    s1, s2 = sigma(one), sigma(accel_2())
     assert s1 == pytest.approx(s2, rel=1e-6)
     # and it is the σ of the whole batch, not of one process's half
     assert 0.3 < s1 < 0.7
@@ -123,7 +132,7 @@ def test_ddp_two_processes_train_and_agree_on_optimal_sigma(tmp_path):
 def test_batch_not_divisible_by_processes(tmp_path):
     proc = run_script([str(REPO / "train_vae.py"), "-c", str(REPO / "configs/mnist.yaml"), "-e",
                        str(tmp_path / "r"), "data.root=" + str(DATA), "train.batch_size=33", "train.steps=1"],
-                      launcher=ACCEL_2, env=CPU)
+                      launcher=accel_2(), env=CPU)
     assert proc.returncode != 0
     assert "train.batch_size=33 is not divisible by the 2 processes" in proc.stderr
 
