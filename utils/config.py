@@ -86,6 +86,9 @@ class TrainConfig:
     eval_every: int = opt(1000, "steps between test-split ELBO evaluations (0: only at the end)", min=0)
     eval_samples: int = opt(0, "test images used by the periodic evaluation (0: all)", min=0)
     save_every: int = opt(1000, "steps between resumable checkpoints (0: only at the end)", min=0)
+    keep_checkpoints: int = opt(3, "newest checkpoints kept; older ones are deleted (0: keep all)", min=0)
+    max_bad_steps: int = opt(20, "stop after this many non-finite (NaN/Inf) steps in a row; each is skipped",
+                             min=1)
     channels_last: bool = opt(True, "conv nets: channels-last memory format (faster convolutions on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the model (slow first steps, then faster on GPUs)")
 
@@ -253,8 +256,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def reference_markdown() -> str:

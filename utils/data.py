@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,9 @@ def decode(path: Path, size: int, channels: int, face_crop: bool) -> torch.Tenso
             img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
             arr = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"image {path} has vanished (data.root moved or unmounted?): restore it and rerun; "
+                            f"a training run continues with -r latest") from None
         raise UserError(f"cannot read image {path} ({str(e).splitlines()[0]}): remove or replace the file") from None
     return torch.from_numpy(arr.reshape(size, size, channels).copy()).permute(2, 0, 1)
 
@@ -389,6 +393,13 @@ class _StepSampler(torch.utils.data.Sampler):
         return self.steps - self.start
 
 
+def _ignore_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C / SIGTERM to the trainer, which finishes its step and checkpoints; a worker killed
+    by the same signal would turn that clean stop into a DataLoader crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank: int, world: int,
                   device: torch.device, num_workers: int) -> Iterator[torch.Tensor]:
     """uint8 batches (B/world, C, H, W) on ``device`` for steps start..steps-1, in the order ``order`` fixes."""
@@ -399,6 +410,6 @@ def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank:
     workers = _workers(num_workers)
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_ignore_signals)
     for batch in loader:
         yield batch.to(device, non_blocking=True)

@@ -10,10 +10,20 @@ class UserError(Exception):
     """Bad input: reported as one line naming the problem and the fix, exit code 2."""
 
 
+class Interrupted(Exception):
+    """A run stopped on a signal after saving its state: the message says how to resume; exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
 def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """Call ``main(argv)``; a ``UserError`` becomes ``error: ...`` on stderr and exit 2.
 
-    ``--debug`` anywhere in argv shows the full traceback instead.
+    ``--debug`` anywhere in argv shows the full traceback instead. An ``Interrupted``
+    run prints its resume hint and exits 128 + the signal (130 for Ctrl-C), as a shell
+    expects; any other Ctrl-C exits 130 with one line, not a traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -27,3 +37,11 @@ def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) ->
         lines = str(e).strip().splitlines() or [""]  # a DataLoader worker's error arrives with its traceback
         print(f"error: {lines[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

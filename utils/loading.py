@@ -30,6 +30,14 @@ def find_run(exp_dir: str | None) -> tuple[Path, bool]:
     return newest_run(require="model.safetensors"), True
 
 
+def tensor_mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> list[str]:
+    """Each tensor name that is missing, unexpected, or of another shape (file shape vs model shape)."""
+    problems = [f"{k} missing" for k in expected if k not in found]
+    problems += [f"{k} unexpected" for k in found if k not in expected]
+    problems += [f"{k} {found[k]} vs {v}" for k, v in expected.items() if k in found and found[k] != v]
+    return problems
+
+
 def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -> VAE:
     """Build the config's VAE and fill it from a safetensors file, checking every tensor first."""
     if not weights.is_file():
@@ -44,11 +52,8 @@ def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -
         raise UserError(f"weights '{weights}' cannot be read as safetensors ({e}): the file is damaged or "
                         f"not safetensors") from None
     model = VAE(cfg, image_shape(cfg.data))
-    expected = model.state_dict()
-    problems = [f"{k} missing" for k in expected if k not in state]
-    problems += [f"{k} unexpected" for k in state if k not in expected]
-    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
+    problems = tensor_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                 {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise UserError(f"weights '{weights}' do not fit the config's model (z_dim={cfg.model.z_dim}, "

@@ -5,7 +5,8 @@
       model.safetensors      final weights, written at the end
       metrics.jsonl          one JSON object per logged step: step, split, loss, rec, kl, ...
       samples/               step_0001000_samples.png, step_0001000_recon.png
-      checkpoints/step_0001000/   full Accelerate state (model, optimizer, scaler, RNG) + trainer_state.json
+      checkpoints/step_0001000/   full Accelerate state (model, optimizer, scaler, RNG), rng_R.safetensors,
+                             trainer_state.json (step, each file's size and SHA-256); see utils/checkpoint.py
       tb/                    TensorBoard events
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -22,22 +25,11 @@ from torchvision.utils import save_image
 from utils.errors import UserError
 
 RUNS = Path("runs")
-STATE_FILE = "trainer_state.json"
 
 
 def default_run_dir(config_path: str | None) -> Path:
     name = Path(config_path).stem if config_path else "vae"
     return RUNS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a complete one has its trainer_state.json)."""
-    found = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    return int(json.loads((ckpt / STATE_FILE).read_text())["step"])
 
 
 def newest_run(config_path: str | None = None, require: str = "checkpoints") -> Path:
@@ -50,27 +42,41 @@ def newest_run(config_path: str | None = None, require: str = "checkpoints") -> 
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
-def resolve_resume(resume: str, exp_dir: str | None, config_path: str | None) -> tuple[Path, Path]:
-    """(run_dir, checkpoint) for ``-r latest`` or ``-r PATH`` (a checkpoint or a run directory)."""
-    if resume == "latest":
-        run_dir = Path(exp_dir) if exp_dir else newest_run(config_path)
-        ckpts = checkpoints(run_dir)
-        if not ckpts:
-            raise UserError(f"no complete checkpoint in {run_dir}/checkpoints: start a new run without -r")
-        return run_dir, ckpts[-1]
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path.parent.parent, path
-    if (path / "checkpoints").is_dir() and checkpoints(path):
-        return path, checkpoints(path)[-1]
-    raise UserError(f"-r {resume}: not a checkpoint (runs/X/checkpoints/step_N) or a run with checkpoints; "
-                    f"use -r latest or an existing path")
+class GracefulStop:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request: finish the step, checkpoint, exit.
 
+    Why not just die: a scheduler's SIGTERM or a Ctrl-C would lose everything since the
+    last checkpoint. The loop polls ``requested``. The same signal often arrives twice
+    (the terminal and ``accelerate launch`` both forward Ctrl-C), so repeats within 2 s
+    are ignored; a later one aborts at once, which is safe because checkpoints are
+    only ever made visible complete.
+    """
 
-def mark_checkpoint(tmp: Path, final: Path, step: int) -> None:
-    """Make a checkpoint visible only once complete: write its step, then rename into place."""
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
-    os.replace(tmp, final)
+    def __init__(self, announce: bool = True):
+        self.signum, self.announce, self._first, self._old = 0, announce, 0.0, {}
+
+    def __enter__(self) -> GracefulStop:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            if time.monotonic() - self._first > 2.0:
+                os._exit(128 + signum)
+            return
+        self.signum, self._first = signum, time.monotonic()
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
 
 
 class MetricsLog:
@@ -79,10 +85,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, path)
+            keep = [json.dumps(r) for r in _records(path.read_text()) if r["step"] <= resume_step]
+            write_atomic(path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -90,9 +94,29 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(ln) for ln in lines if ln]
+    rows = _records((Path(run_dir) / "metrics.jsonl").read_text())
     return [r for r in rows if split is None or r["split"] == split]
+
+
+def _records(text: str) -> list[dict]:
+    """The complete JSON lines of a metrics log: a line cut short by a full disk or a kill is left out."""
+    rows = []
+    for ln in text.splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            continue
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` only once the new text is completely written: a crash leaves the old file or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save_pairs(originals: torch.Tensor, recons: torch.Tensor, path: Path, per_row: int = 8) -> None:
