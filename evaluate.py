@@ -24,7 +24,7 @@ from tqdm import tqdm
 from utils import dsprites
 from utils.data import DSpritesImages, load_data
 from utils.disentanglement import beta_vae_metric, factor_vae_metric, mig
-from utils.errors import UserError, run_cli
+from utils.errors import CliParser, UserError, run_cli
 from utils.evaluation import fix_optimal_sigma, latent_usage, likelihood_bounds
 from utils.fid import build_fid, fid_score
 from utils.loading import load_run
@@ -69,7 +69,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("-e", "--exp_dir", help="run directory (default: the newest run under runs/)")
     p.add_argument("-c", "--config", help="config YAML, with --weights, instead of a run directory")
@@ -85,7 +85,6 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid_samples", type=int, default=10_000, help="samples and held-out images for FID")
     p.add_argument("--fid_weights", help=f"local copy of the standard Inception weights ({'pt_inception-...pth'})")
-    p.add_argument("--fid_features", help="another feature extractor for FID: a torch.export .pt2 or TorchScript file")
     p.add_argument("--dis_batch", type=int, default=64, help="disentanglement: images per point (paper: 64)")
     p.add_argument("--dis_train", type=int, default=10_000, help="disentanglement: training points (10,000)")
     p.add_argument("--dis_eval", type=int, default=5_000, help="disentanglement: evaluation points (5,000)")
@@ -137,12 +136,12 @@ def main(argv: list[str]) -> None:
         if "recon" in metrics:
             results["recon"] = {"mse": usage["mse"], "psnr": usage["psnr"]}
     if "fid" in metrics:
-        metric = build_fid(args.fid_weights, args.fid_features, device)
+        metric = build_fid(args.fid_weights, device=device)
         n = min(args.fid_samples, len(test))
         with tqdm(total=n, desc="FID", disable=not main_bar, mininterval=2.0) as bar:
             score = fid_score(vae, test, metric, n, args.batch_size, device, accelerator.process_index,
                               accelerator.num_processes, args.seed, bar)
-        results["fid"] = {"fid": score, "n": n, "features": args.fid_features or "inception-v3 pool3 (2048)"}
+        results["fid"] = {"fid": score, "n": n, "features": "inception-v3 pool3 (2048)"}
     if "disentanglement" in metrics and main_bar:
         grid = DSpritesImages(torch.arange(dsprites.N_IMAGES), getattr(test, "official", None),
                               getattr(test, "official_classes", None))

@@ -22,7 +22,7 @@ from torchvision.utils import make_grid, save_image
 
 from utils.config import Config
 from utils.data import Images, load_data
-from utils.errors import UserError, run_cli
+from utils.errors import CliParser, UserError, run_cli
 from utils.latents import interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.loading import load_run
 from utils.run import save_pairs
@@ -167,7 +167,7 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")
     p.add_argument("-e", "--exp_dir", help="run directory (default: the newest run under runs/)")

@@ -33,9 +33,9 @@ except ImportError:
 
 from models.vae import VAE
 from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from utils.config import Config, config_yaml, load_config
+from utils.config import Config, TrainConfig, config_yaml, load_config
 from utils.data import BatchOrder, load_data, train_batches
-from utils.errors import Interrupted, UserError, run_cli
+from utils.errors import CliParser, Interrupted, UserError, run_cli
 from utils.evaluation import elbo_terms
 from utils.optim import StepGuard, grad_norm, make_optimizer
 from utils.run import GracefulStop, MetricsLog, default_run_dir, save_pairs, write_atomic
@@ -97,7 +97,11 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     fixed_z = torch.randn(64, cfg.model.z_dim, generator=torch.Generator().manual_seed(t.seed)).to(device)
     fixed_x = test_set.batch(torch.arange(min(32, len(test_set)), device=device))
     set_seed(t.seed, device_specific=True)  # different reparameterisation noise on each process
-    start = load_checkpoint(accelerator, resume, vae) if resume is not None else 0
+    start = 0
+    if resume is not None:
+        start = load_checkpoint(accelerator, resume, vae)
+        for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
+            group["lr"], group["weight_decay"] = t.lr, t.weight_decay
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if accelerator.is_main_process else None
     accelerator.init_trackers("tb")
     accelerator.print(f"{summary}\nrun: {run_dir}  processes={world} device={device} "
@@ -143,7 +147,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 stats = dict(zip(keys, vals))
                 stats["kl_weight"] = vae.kl_weight(step)
                 stats["steps_per_s"] = n_steps / (time.time() - t0)
-                stats["bad_steps"], worst = int(guard.total), int(guard.worst)
+                stats["bad_steps"] = int(guard.total)
                 if device.type == "cuda":
                     stats["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 elif resource is not None:
@@ -154,14 +158,10 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)
                 if log:
                     log.write({"step": done, "split": "train", **stats})
-                if worst >= t.max_bad_steps:
-                    bar.close()
-                    last = checkpoints(run_dir)
-                    raise UserError(
-                        f"training diverged: {worst} steps in a row had a non-finite loss or gradient (skipped, "
-                        f"weights unchanged; last at or before step {done}); the last good checkpoint is "
-                        f"{last[-1] if last else 'none'}: lower train.lr (now {t.lr:g}), set train.grad_clip, "
-                        f"or train in fp32 (train.mixed_precision=no)")
+            # a CPU reads the streak for free; a GPU only at logging steps, where it synchronises anyway
+            if (device.type == "cpu" or every(done, t.log_every, t.steps)) and guard.worst >= t.max_bad_steps:
+                bar.close()
+                raise diverged(int(guard.worst), done, t, run_dir)
             if every(done, t.sample_every, t.steps) and accelerator.is_main_process:
                 save_grids(vae, fixed_z, fixed_x, run_dir / "samples", done)
             if every(done, t.eval_every, t.steps):
@@ -181,8 +181,9 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
         ckpt = save_checkpoint(accelerator, run_dir, done, t.keep_checkpoints) if saved_at != done else \
             checkpoint_dir(run_dir, done)
         accelerator.end_training()
-        raise Interrupted(f"{signal.Signals(stop.signum).name} at step {done}: saved {ckpt}; resume with "
-                          f"python train_vae.py -r latest -e {run_dir}", stop.signum)
+        signum = stop.signum or signal.SIGTERM  # a process may stop because another one was signalled
+        raise Interrupted(f"{signal.Signals(signum).name} at step {done}: saved {ckpt}; resume with "
+                          f"python train_vae.py -r latest -e {run_dir}", signum)
     if accelerator.is_main_process:
         weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
         tmp = run_dir / "model.safetensors.tmp"
@@ -190,6 +191,14 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
         os.replace(tmp, run_dir / "model.safetensors")
         accelerator.print(f"done: {run_dir / 'model.safetensors'}")
     accelerator.end_training()
+
+
+def diverged(streak: int, step: int, t: TrainConfig, run_dir: Path) -> UserError:
+    last = checkpoints(run_dir)
+    kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint had been saved yet"
+    return UserError(f"training diverged at step {step}: {streak} steps in a row had a non-finite loss or gradient "
+                     f"(each skipped); {kept}: lower train.lr (now {t.lr:g}), set train.grad_clip, or train in "
+                     f"fp32 (train.mixed_precision=no)")
 
 
 def stop_agreed(stop: GracefulStop, accelerator: Accelerator, done: int) -> bool:
@@ -208,7 +217,7 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPER
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False,
                                 epilog="Any other argument overrides a config key: loss.beta=4 or --loss.beta 4. "
                                        "--debug shows tracebacks.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import train_vae
-from conftest import REPO, run_script
+from conftest import DATA, REPO, run_script
 from utils.config import load_config, reference_markdown
 from utils.errors import run_cli
 
@@ -34,10 +34,14 @@ def test_readme_config_reference_is_current():
     assert reference_markdown() in (REPO / "README.md").read_text()
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["loss.betta=4"], ["unknown config key 'loss.betta'", "loss.beta"]),
+# Every invalid input a user can type, with what the one-line error must name. Paths: {tmp} is a fresh folder
+# holding bad.yaml (broken at line 3), list.yaml (a list, not sections), scalar.yaml (train: 5), a file
+# 'afile', a non-empty folder 'stuff' that is not a run; {run} is the run directory the command names.
+CASES = [
+    (["loss.betta=4"], ["unknown config key 'loss.betta'", "did you mean 'loss.beta'"]),
     (["--train.stepz", "5"], ["train.stepz", "train.steps"]),
     (["optim.lr=1"], ["unknown config key 'optim.lr'"]),
+    (["model.zdim=8"], ["model.zdim", "model.z_dim"]),
     (["train.steps=abc"], ["train.steps", "an integer"]),
     (["train.steps=2.5"], ["train.steps", "an integer"]),
     (["train.lr=fast"], ["train.lr", "a number"]),
@@ -46,33 +50,69 @@ def test_readme_config_reference_is_current():
     (["train.batch_size=0"], ["train.batch_size", ">= 1"]),
     (["model.z_dim=0"], ["model.z_dim", ">= 1"]),
     (["train.lr=0"], ["train.lr", "> 0"]),
+    (["model.sigma=0"], ["model.sigma", "> 0"]),
+    (["train.keep_checkpoints=-1"], ["train.keep_checkpoints", ">= 0"]),
+    (["train.max_bad_steps=0"], ["train.max_bad_steps", ">= 1"]),
+    (["data.test_fraction=0.9"], ["data.test_fraction", "<= 0.5"]),
     (["model.likelihood=laplace"], ["model.likelihood", "bernoulli", "optimal_sigma"]),
     (["model.net=resnet"], ["model.net", "mlp, conv"]),
     (["data.name=imagenet"], ["data.name", "mnist"]),
+    (["data.channels=2"], ["data.channels", "one of 0, 1, 3"]),
+    (["train.mixed_precision=fp8"], ["train.mixed_precision", "bf16"]),
     (["model.channel_mults=[1, 0]"], ["model.channel_mults", "positive integers"]),
+    (["model.net=conv", "data.img_size=4"], ["model.channel_mults has 3 stride-2 layers, too many for 4 px",
+                                             "use at most 2"]),
+    (["data.root={tmp}/nowhere", "data.download=false"], ["MNIST not found in", "data.download=true"]),
     (["--loss.beta"], ["--loss.beta has no value"]),
     (["beta=4"], ["cannot read argument 'beta=4'"]),
-])
-def test_config_errors_are_one_line_exit_2(args, needles, capsys, tmp_path):
+    (["-c", "{tmp}/nope.yaml"], ["config file", "nope.yaml' not found"]),
+    (["-c", "{tmp}/bad.yaml"], ["malformed YAML at line 3", "fix the file"]),
+    (["-c", "{tmp}/list.yaml"], ["top level must be a mapping of sections"]),
+    (["-c", "{tmp}/scalar.yaml"], ["config section 'train' must be a mapping"]),
+    (["NO-CONFIG"], ["no config given", "-c configs/mnist.yaml"]),
+    (["-c"], ["argument -c/--config: expected one argument", "--help"]),
+    (["-r", "latest"], ["no usable checkpoint in", "start a new run without -r"]),
+    (["-r", "{tmp}/nothing"], ["-r {tmp}/nothing: not a checkpoint"]),
+    (["-r", "latest", "--overwrite"], ["pass only one of them"]),
+    (["-e", "{tmp}/afile"], ["afile is a file, not a run directory"]),
+    (["-e", "{tmp}/afile/run"], ["cannot write the run directory", "Not a directory", "choose a writable place"]),
+    (["-e", "{tmp}/stuff"], ["stuff is not empty and is not a run"]),
+    (["-e", "{tmp}/stuff", "--overwrite"], ["stuff is not empty and is not a run"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", CASES, ids=[" ".join(map(str, a))[:40] for a, _ in CASES])
+def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  z_dim: 4\n likelihood: [\n")
+    (tmp_path / "list.yaml").write_text("- train\n- model\n")
+    (tmp_path / "scalar.yaml").write_text("train: 5\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    run = str(tmp_path / "run")
+    argv = ["-c", MNIST, "-e", run, f"data.root={DATA}"]
+    for a in args:
+        if a in ("-c", "-e") and a in argv:  # the case names its own config or run directory
+            j = argv.index(a)
+            del argv[j:j + 2]
+        if a in ("-r", "NO-CONFIG"):
+            argv.remove("-c"), argv.remove(MNIST)
+    argv += [a.format(tmp=tmp_path) for a in args if a != "NO-CONFIG"]
     with pytest.raises(SystemExit) as e:
-        run_cli(train_vae.main, ["-c", MNIST, "-e", str(tmp_path / "run"), *args])
+        run_cli(train_vae.main, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert err.count("\n") == 1 and err.startswith("error: "), err
     for needle in needles:
-        assert needle in err
-    assert not (tmp_path / "run").exists()  # nothing is written for a bad config
+        assert needle.format(tmp=tmp_path) in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
+    assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
 
 
-def test_file_errors(capsys, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  z_dim: 4\n likelihood: [\n")
-    for argv, needle in [(["-c", str(tmp_path / "nope.yaml")], "not found"),
-                         (["-c", str(bad)], "malformed YAML at line 3"),
-                         ([], "no config given")]:
-        with pytest.raises(SystemExit) as e:
-            run_cli(train_vae.main, argv)
-        assert e.value.code == 2 and needle in capsys.readouterr().err
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_script(["train_vae.py", "-c", MNIST, "-e", str(tmp_path / "r"), "loss.betta=4", "--debug"])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "UserError" in proc.stderr
 
 
 def test_cli_error_has_no_traceback(tmp_path):

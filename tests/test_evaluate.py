@@ -157,21 +157,20 @@ def test_disentanglement_known_answers():
     assert chance[2] < 0.05
 
 
-def test_fid_with_a_custom_feature_extractor(tmp_path, mnist_test):
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+def test_fid_with_a_custom_feature_extractor(mnist_test):
     torch.manual_seed(0)
-    path = tmp_path / "features.pt2"
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("h", min=8), 3: torch.export.Dim("w", min=8)}
-    torch.export.save(torch.export.export(net, (torch.rand(2, 3, 28, 28),), dynamic_shapes=(dims,)), str(path))
-    fid = build_fid(features=str(path))
-    x = mnist_test.batch(torch.arange(300)).expand(-1, 3, -1, -1)
-    fid.update(x, real=True)
-    fid.update(x, real=False)
-    assert abs(float(fid.compute())) < 1e-3  # identical sets
-    fid = build_fid(features=str(path))
-    fid.update(x, real=True)
-    fid.update(torch.rand_like(x), real=False)
-    assert float(fid.compute()) > 0.1
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    x = mnist_test.batch(torch.arange(600)).expand(-1, 3, -1, -1)
+
+    def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+        metric = build_fid(features=net)
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        return float(metric.compute())
+
+    assert abs(fid(x, x)) < 1e-3  # identical sets
+    digits = fid(x[:300], x[300:])  # two sets of real digits
+    assert fid(x[:300], torch.rand_like(x[300:])) > 5 * digits  # digits vs noise: much further apart
 
 
 def test_evaluate_cli_writes_eval_json(mnist_run, tmp_path):
@@ -213,7 +212,7 @@ def test_evaluate_errors(mnist_run, tmp_path, capsys):
         (["--metrics", "disentanglement"], "only dsprites has"),
         (["--metrics", "elbo,speed"], "unknown metric 'speed'"),
         (["--metrics", "fid", "--fid_weights", str(tmp_path / "none.pth")], "--fid_weights"),
-        (["--metrics", "fid", "--fid_features", str(tmp_path / "none.pt")], "--fid_features"),
+        (["--metrics", "fid", "--fid_features", "f.pt2"], "unknown argument --fid_features"),
         (["--k", "0"], "--k must be at least 1"),
     ]
     for extra, needle in cases:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
 
 class UserError(Exception):
     """Bad input: reported as one line naming the problem and the fix, exit code 2."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose errors (a flag without its value, a bad --n) are one line and exit 2 like every other."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}: see python {self.prog} --help")
 
 
 class Interrupted(Exception):

@@ -2,14 +2,19 @@
 
 The standard Inception-v3 weights (torch-fidelity's ``pt_inception-2015-12-05``)
 are fetched on first use and cached by torch hub; on a machine without internet
-pass them with ``--fid_weights PATH``, or pass any other feature extractor as a
-``torch.export`` program (.pt2) or TorchScript module with ``--fid_features PATH``
-(its FID is then comparable only with itself). Like any model file, an
-extractor is code: use your own or a trusted one. Grey images are repeated to three channels.
+pass them with ``--fid_weights PATH``. torch-fidelity reads that file with
+``torch.load(weights_only=False)``, which would run any code pickled into it, so the
+file is first read here with ``weights_only=True`` (tensors only; anything else is
+refused) and only those verified bytes are handed on. Another feature extractor can
+be passed from Python as a module (``build_fid(features=module)``); model files that
+are code (TorchScript, torch.export) are not loaded. Grey images are repeated to three channels.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,32 +26,42 @@ from utils.errors import UserError
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
-def build_fid(weights: str | None = None, features: str | None = None, device: torch.device | str = "cpu"):
+def verified_weights(path: str) -> bytes:
+    """The bytes of a torch weights file, once ``torch.load(weights_only=True)`` has accepted them."""
+    if not Path(path).is_file():
+        raise UserError(f"--fid_weights {path} not found: pass the file {INCEPTION_FILE}")
+    data = Path(path).read_bytes()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "not plain tensors")
+        raise UserError(f"refused to load --fid_weights {path}: it holds more than tensors ({detail}), so it "
+                        f"could run code; use the official {INCEPTION_FILE}") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"--fid_weights {path} is not a torch weights file ({str(e).splitlines()[0]}): pass "
+                        f"{INCEPTION_FILE}") from None
+    return data
+
+
+def build_fid(weights: str | None = None, features: torch.nn.Module | None = None,
+              device: torch.device | str = "cpu"):
     """A FrechetInceptionDistance on ``device``, or a one-line error saying how to supply the extractor."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if features:
-        if not Path(features).is_file():
-            raise UserError(f"--fid_features {features} not found: pass a TorchScript feature extractor file")
-        try:
-            if features.endswith(".pt2"):  # torch.export, the successor of TorchScript
-                module = torch.export.load(features).module()
-            else:
-                module = torch.jit.load(features, map_location=device).eval()
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--fid_features {features} is not an exported (.pt2) or TorchScript module "
-                            f"({str(e).splitlines()[0]}): save one with torch.export.save(torch.export.export("
-                            f"model, (example,)), 'features.pt2')") from None
-        return FrechetInceptionDistance(feature=module, normalize=True).to(device)
-    if weights and not Path(weights).is_file():
-        raise UserError(f"--fid_weights {weights} not found: pass the file {INCEPTION_FILE}")
+    if features is not None:  # any module mapping (B, 3, H, W) in [0, 1] to (B, d) features
+        return FrechetInceptionDistance(feature=features, normalize=True).to(device)
     try:
-        return FrechetInceptionDistance(feature=2048, normalize=True,
-                                        feature_extractor_weights_path=weights).to(device)
+        if weights is None:
+            return FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            checked = Path(tmp) / INCEPTION_FILE
+            checked.write_bytes(verified_weights(weights))
+            return FrechetInceptionDistance(feature=2048, normalize=True,
+                                            feature_extractor_weights_path=str(checked)).to(device)
     except (OSError, RuntimeError, ValueError) as e:  # urllib errors are OSErrors: no internet
         raise UserError(f"FID needs the Inception weights {INCEPTION_FILE}, which could not be loaded "
                         f"({e.__class__.__name__}): download it once (torch-fidelity's release page) and pass "
-                        f"--fid_weights PATH, or pass another extractor with --fid_features PATH") from None
+                        f"--fid_weights PATH") from None
 
 
 @torch.no_grad()
