@@ -32,7 +32,14 @@ except ImportError:
     resource = None
 
 from models.vae import VAE
-from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from utils.checkpoint import (
+    checkpoint_dir,
+    checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    supersede_newer,
+)
 from utils.config import Config, TrainConfig, config_yaml, load_config
 from utils.data import BatchOrder, load_data, train_batches
 from utils.errors import CliParser, Interrupted, UserError, run_cli
@@ -100,6 +107,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     start = 0
     if resume is not None:
         start = load_checkpoint(accelerator, resume, vae)
+        if accelerator.is_main_process:
+            supersede_newer(run_dir, start)
         for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
             group["lr"], group["weight_decay"] = t.lr, t.weight_decay
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if accelerator.is_main_process else None
@@ -114,7 +123,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     saved_at, done = start, start
     bar = tqdm(total=t.steps, initial=start, disable=not accelerator.is_main_process, mininterval=2.0)
     batches = train_batches(train_set, order, start, t.steps, rank, world, device, cfg.data.num_workers)
-    with GracefulStop(announce=accelerator.is_main_process) as stop:
+    with GracefulStop(announce=accelerator.is_main_process) as stop, bar:  # the bar closes before any error
         for step in range(start, t.steps):
             x = next(batches).float().div_(255.0).contiguous(memory_format=fmt)  # (B/world, C, H, W) in [0, 1]
             if cfg.data.binarize:
@@ -160,7 +169,6 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                     log.write({"step": done, "split": "train", **stats})
             # a CPU reads the streak for free; a GPU only at logging steps, where it synchronises anyway
             if (device.type == "cpu" or every(done, t.log_every, t.steps)) and guard.worst >= t.max_bad_steps:
-                bar.close()
                 raise diverged(int(guard.worst), done, t, run_dir)
             if every(done, t.sample_every, t.steps) and accelerator.is_main_process:
                 save_grids(vae, fixed_z, fixed_x, run_dir / "samples", done)
@@ -175,7 +183,6 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 saved_at = done
             if stop_agreed(stop, accelerator, done):
                 break
-    bar.close()
 
     if done < t.steps:  # stopped by a signal
         ckpt = save_checkpoint(accelerator, run_dir, done, t.keep_checkpoints) if saved_at != done else \

@@ -151,7 +151,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_manifest(tmp, step)
-            os.replace(tmp, final)
+            _replace_dir(tmp, final)
     except Exception as e:  # disk full, quota, permissions: the writers raise OSError, RuntimeError, SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoints(run_dir)
@@ -166,6 +166,25 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
             shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after (never half-visible)."""
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def supersede_newer(run_dir: Path, step: int) -> None:
+    """Set aside checkpoints newer than the one resumed from: they belong to the abandoned continuation, and
+    ``-r latest`` must not mix it with this one. Renamed to ``step_N.superseded``, not deleted."""
+    for ckpt in checkpoints(run_dir):
+        if checkpoint_step(ckpt) > step:
+            aside = ckpt.with_name(ckpt.name + ".superseded")
+            _replace_dir(ckpt, aside)
+            _warn(f"resuming from step {step}: the later checkpoint {ckpt.name} is set aside as {aside}")
 
 
 def _shape_problems(ckpt: Path, model: torch.nn.Module) -> list[str]:

@@ -393,11 +393,13 @@ class _StepSampler(torch.utils.data.Sampler):
         return self.steps - self.start
 
 
-def _ignore_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C / SIGTERM to the trainer, which finishes its step and checkpoints; a worker killed
-    by the same signal would turn that clean stop into a DataLoader crash."""
+def _shelter_worker(worker_id: int) -> None:
+    """Keep a worker out of the trainer's process group: a Ctrl-C or a SIGTERM sent to the group is the
+    trainer's to handle (finish the step, checkpoint); a worker killed by it would crash the DataLoader
+    first. Its own SIGTERM still ends it, so shutdown and Python's exit work as usual."""
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank: int, world: int,
@@ -410,6 +412,6 @@ def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank:
     workers = _workers(num_workers)
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_ignore_signals)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_shelter_worker)
     for batch in loader:
         yield batch.to(device, non_blocking=True)
