@@ -37,6 +37,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     from models.vae import VAE
     from utils.config import load_config
     from utils.data import load_data
+    from utils.optim import make_optimizer
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +46,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net == "conv" else torch.contiguous_format
     images = train.images.to(device).float().div_(255).contiguous(memory_format=fmt)
     vae = VAE(cfg, train.shape).to(device, memory_format=fmt)
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(vae.parameters(), cfg.train)  # the trainer's: fused Adam
     model = torch.compile(vae) if cfg.train.compile else vae
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     b, n = cfg.train.batch_size, len(images)
