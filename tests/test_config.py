@@ -36,7 +36,8 @@ def test_readme_config_reference_is_current():
 
 # Every invalid input a user can type, with what the one-line error must name. Paths: {tmp} is a fresh folder
 # holding bad.yaml (broken at line 3), list.yaml (a list, not sections), scalar.yaml (train: 5), a file
-# 'afile', a non-empty folder 'stuff' that is not a run; {run} is the run directory the command names.
+# 'afile', a non-empty folder 'stuff' that is not a run. A batch size that does not divide among the
+# processes needs two of them: tests/test_train.py::test_batch_not_divisible_by_processes.
 CASES = [
     (["loss.betta=4"], ["unknown config key 'loss.betta'", "did you mean 'loss.beta'"]),
     (["--train.stepz", "5"], ["train.stepz", "train.steps"]),
