@@ -96,8 +96,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     vae = vae.to(memory_format=fmt)
     optimizer = make_optimizer(vae.parameters(), t)
     model, optimizer = accelerator.prepare(torch.compile(vae) if t.compile else vae, optimizer)
-    if accelerator.is_main_process:  # only now, with data and model known good: a failed start leaves nothing
-        _prepare_run_dir(cfg, run_dir, overwrite and resume is None)
+    if accelerator.is_main_process and resume is None:  # only now, with data and model known good:
+        _prepare_run_dir(cfg, run_dir, overwrite)        # a failed start leaves nothing behind
     accelerator.wait_for_everyone()
     train_set, test_set = train_set.to(device), test_set.to(device)
     order = BatchOrder(len(train_set), t.batch_size, t.seed)
@@ -107,7 +107,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     start = 0
     if resume is not None:
         start = load_checkpoint(accelerator, resume, vae)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # the run's config changes only once its checkpoint has loaded
+            write_atomic(run_dir / "config.yaml", config_yaml(cfg))
             supersede_newer(run_dir, start)
         for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
             group["lr"], group["weight_decay"] = t.lr, t.weight_decay

@@ -162,11 +162,13 @@ def test_fid_weights_that_would_run_code_are_refused(tmp_path):
 def test_shape_mismatch_on_resume_lists_the_tensors(tmp_path):
     run = tmp_path / "run"
     train(run, extra=["train.steps=2", "train.save_every=2"])
+    config = (run / "config.yaml").read_text()
     proc = run_script([TRAIN, "-r", "latest", "-e", str(run), "model.z_dim=8", "train.steps=4"])
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert "does not fit the model of this config" in line and "encoder.net.3.weight (32, 400) vs (16, 400)" in line
     assert "resume without overriding model.*" in line and problem(checkpoints(run)[-1]) is None
+    assert (run / "config.yaml").read_text() == config  # the run still describes its weights
 
 
 def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
