@@ -123,6 +123,20 @@ def test_latest_skips_incomplete_and_damaged_checkpoints(tmp_path, capsys):
         f"expected {(c10 / 'optimizer.bin').stat().st_size}); use -r latest to take the newest good one"]
 
 
+def test_resume_is_exact_even_when_accelerate_cannot_restore_the_rng(tmp_path):
+    """Accelerate only logs a failure to read its RNG pickle; the toolkit's own rng_R.safetensors keeps resume exact."""
+    extra = ["train.steps=12", "train.save_every=6"]
+    train(tmp_path / "unbroken", extra=extra)
+    part = tmp_path / "part"
+    train(part, extra=["train.steps=6", "train.save_every=6"])
+    (ckpt,) = checkpoints(part)
+    (ckpt / "random_states_0.pkl").unlink()
+    write_manifest(ckpt, 6)
+    proc = run_script([TRAIN, "-r", "latest", "-e", str(part), "train.steps=12"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert same_weights(part, tmp_path / "unbroken")
+
+
 class RunsCode:
     """Unpickling this calls exec: what a hostile checkpoint would hide in its optimizer state."""
 
