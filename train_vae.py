@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -193,12 +194,25 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
         raise Interrupted(f"{signal.Signals(signum).name} at step {done}: saved {ckpt}; resume with "
                           f"python train_vae.py -r latest -e {run_dir}", signum)
     if accelerator.is_main_process:
-        weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-        tmp = run_dir / "model.safetensors.tmp"
-        save_file(weights, str(tmp), metadata={"step": str(t.steps)})
-        os.replace(tmp, run_dir / "model.safetensors")
+        save_weights(vae, run_dir, t.steps)
         accelerator.print(f"done: {run_dir / 'model.safetensors'}")
     accelerator.end_training()
+
+
+def save_weights(vae: VAE, run_dir: Path, step: int) -> None:
+    """model.safetensors, made visible only complete. safetensors reports a full disk as a SafetensorError,
+    not an OSError, so it is turned into the one-line error here; the final checkpoint is already complete."""
+    final, tmp = run_dir / "model.safetensors", run_dir / "model.safetensors.tmp"
+    weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    try:
+        save_file(weights, str(tmp), metadata={"step": str(step)})
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise UserError(f"could not write {final} ({str(e).strip().splitlines()[-1]}): free disk space or fix "
+                        f"permissions, then rerun with -r latest -e {run_dir} (its checkpoint at step {step} is "
+                        f"complete; it only writes the weights)") from None
 
 
 def diverged(streak: int, step: int, t: TrainConfig, run_dir: Path) -> UserError:

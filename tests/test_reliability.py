@@ -263,6 +263,23 @@ def test_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
+def test_failing_final_weights_write_is_one_line_and_resume_finishes_it(tmp_path):
+    run = tmp_path / "run"
+    proc = launch([TRAIN, "-c", MNIST, "-e", str(run), *FAST, "train.steps=400", "train.log_every=50"],
+                  tmp_path / "t")
+    wait_until(lambda: (run / "config.yaml").is_file(), proc)
+    (run / "model.safetensors.tmp").mkdir()  # the write of the final weights will fail (a directory is in the way)
+    assert proc.wait(timeout=120) == 2
+    line = (tmp_path / "t.err").read_text().strip().splitlines()[-1]
+    assert line.startswith(f"error: could not write {run / 'model.safetensors'} (") and "-r latest" in line
+    assert not (run / "model.safetensors").exists() and problem(checkpoints(run)[-1]) is None
+    (run / "model.safetensors.tmp").rmdir()
+    done = run_script([TRAIN, "-r", "latest", "-e", str(run)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    final, ckpt = load_file(run / "model.safetensors"), load_file(checkpoints(run)[-1] / "model.safetensors")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
 def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path):
     from utils.config import DataConfig
     from utils.data import load_data
