@@ -17,18 +17,15 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from PIL import Image, ImageDraw
-from torchvision.utils import make_grid, save_image
 
 from utils.config import Config
 from utils.data import Images, load_data
 from utils.errors import CliParser, UserError, run_cli
-from utils.latents import interpolate, pca_2d, posterior_stats, traversal_codes
+from utils.images import grid, labelled_rows, save_grid, save_pairs, to_pil
+from utils.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.loading import load_run
-from utils.run import save_pairs
 
 MODES = ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent")
-PAD = 2  # pixels between tiles, as in the training grids
 
 
 @torch.no_grad()
@@ -47,21 +44,21 @@ def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
 
 
 def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
-    z = torch.randn(args.n_samples, model.z_dim, generator=g).to(args.device)
+    z = model.prior.sample(args.n_samples, g).to(args.device)
     x = decode(model, z, args.batch_size)
     path = out / "samples.png"
-    save_image(x, path, nrow=math.ceil(math.sqrt(len(x))), padding=PAD, pad_value=1.0)
+    save_grid(x, path, per_row=math.ceil(math.sqrt(len(x))))
     paths = [path]
     if args.individual:
         for i, img in enumerate(x):
             paths.append(out / f"sample_{i:04d}.png")
-            save_image(img, paths[-1])
+            save_grid(img[None], paths[-1], per_row=1)
     return paths
 
 
 def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
     p = args.n_pairs
-    prior = torch.randn(2, p, model.z_dim, generator=g).to(args.device)
+    prior = model.prior.sample(2 * p, g).view(2, p, model.z_dim).to(args.device)
     test = test_set(cfg)
     idx = pick(2 * p, len(test), g)
     mu, _ = model.encode(test.batch(idx).to(args.device))
@@ -70,47 +67,29 @@ def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
         codes = interpolate(z0, z1, args.n_interpolate, args.interp)  # (P, steps, z)
         x = decode(model, codes.flatten(0, 1), args.batch_size)
         paths.append(out / f"interpolate_{name}_{args.interp}.png")
-        save_image(x, paths[-1], nrow=args.n_interpolate, padding=PAD, pad_value=1.0)
+        save_grid(x, paths[-1], per_row=args.n_interpolate)
     return paths
-
-
-def _label_rows(grid: torch.Tensor, labels: list[str], tile: int) -> Image.Image:
-    """The grid (3, H, W) as an image with a text margin on the left, one label per row of tiles."""
-    arr = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    margin = 90
-    canvas = Image.new("RGB", (arr.shape[1] + margin, arr.shape[0]), "white")
-    canvas.paste(Image.fromarray(arr), (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    for r, text in enumerate(labels):
-        draw.text((4, PAD + r * (tile + PAD) + tile // 2 - 6), text, fill="black")
-    return canvas
 
 
 def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     test = test_set(cfg)
     _, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
-    order = torch.argsort(kl, descending=True).tolist()  # most informative dimension first
-    if args.traverse_dim == "all":
-        dims = order[: args.n_dims] if args.n_dims else order
-    else:
-        dims = [int(args.traverse_dim)]
+    dims = dims_by_kl(kl, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
     if args.from_ == "prior":
-        base = torch.randn(model.z_dim, generator=g).to(args.device)
+        base = model.prior.sample(1, g)[0].to(args.device)
     else:
         mu, _ = model.encode(test.batch(pick(1, len(test), g)).to(args.device))
         base = mu[0]
     values = torch.linspace(-args.traverse_range, args.traverse_range, args.n_traverse, device=args.device)
     codes = traversal_codes(base, dims, values)  # (rows, cols, z)
     x = decode(model, codes.flatten(0, 1), args.batch_size)
-    grid = make_grid(x, nrow=args.n_traverse, padding=PAD, pad_value=1.0)
     path = out / "traverse.png"
-    _label_rows(grid, [f"z{d}  KL {kl[d]:.2f}" for d in dims], x.shape[-1]).save(path)
+    labelled_rows(x, args.n_traverse, [f"z{d}  KL {kl[d]:.2f}" for d in dims]).save(path)
     # animation: frame j shows every traversed dimension at values[j], there and back
     frames = []
     for j in list(range(args.n_traverse)) + list(range(args.n_traverse - 2, 0, -1)):
-        tile = make_grid(x.view(len(dims), args.n_traverse, *x.shape[1:])[:, j], nrow=min(len(dims), 8),
-                         padding=PAD, pad_value=1.0)
-        frames.append(Image.fromarray(tile.mul(255).round().byte().permute(1, 2, 0).numpy()))
+        column = x.view(len(dims), args.n_traverse, *x.shape[1:])[:, j]
+        frames.append(to_pil(grid(column, per_row=min(len(dims), 8))))
     gif = out / "traverse.gif"
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
     return [path, gif]
@@ -167,8 +146,7 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> None:
-    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")
     p.add_argument("-e", "--exp_dir", help="run directory (default: the newest run under runs/)")
     p.add_argument("-c", "--config", help="config YAML, with --weights, instead of a run directory")

@@ -81,7 +81,7 @@ def decoder_speed(run: str, n: int, batch: int) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, vae, _, _ = load_run(run, None, None, device)
-    z = torch.randn(n, vae.z_dim, device=device)
+    z = vae.prior.sample(n, device=device)
     decode(vae, z[:batch], batch)  # warm-up
     t0 = time.perf_counter()
     decode(vae, z, batch)  # returns on the CPU: includes the copy back
@@ -130,8 +130,9 @@ def loader_speed(config: str, overrides: list[str], steps: int, window: int, war
     """Images/s of the input pipeline alone: the batches the trainer would consume, moved to the device."""
     import torch
 
+    from utils.batching import BatchOrder, train_batches
     from utils.config import load_config
-    from utils.data import BatchOrder, load_data, train_batches
+    from utils.data import load_data
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

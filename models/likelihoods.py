@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import UserError
+if TYPE_CHECKING:
+    from utils.config import ModelConfig
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -50,8 +52,15 @@ class LikelihoodTerms:
 
 
 class Likelihood(nn.Module):
+    """p(x|z) from the decoder's raw output; a new one is a subclass plus a ``LIKELIHOODS`` entry."""
+
     n_params = 1        # decoder output channels per image channel
     continuous = True   # a density on [0,1] (False: a probability mass, bernoulli)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig) -> Likelihood:
+        """The likelihood a config asks for; override to read its own ``model.*`` keys."""
+        return cls()
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         """The decoded image in [0, 1] (the distribution's mean)."""
@@ -77,6 +86,10 @@ class FixedGaussian(Likelihood):
     def __init__(self, sigma: float = 1.0):
         super().__init__()
         self.register_buffer("log_sigma", torch.tensor(math.log(sigma)), persistent=False)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig) -> FixedGaussian:
+        return cls(m.sigma)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         nll = gaussian_nll(x, self.mean(out), self.log_sigma)
@@ -150,7 +163,7 @@ class PerPixelSigma(Likelihood):
         return LikelihoodTerms(nll, nll, log_sigma.detach().mean())
 
 
-LIKELIHOODS = {
+LIKELIHOODS: dict[str, type[Likelihood]] = {
     "bernoulli": Bernoulli,
     "gaussian": FixedGaussian,
     "mse": AveragedMSE,
@@ -160,7 +173,5 @@ LIKELIHOODS = {
 }
 
 
-def build_likelihood(name: str, sigma: float = 1.0) -> Likelihood:
-    if name not in LIKELIHOODS:
-        raise UserError(f"unknown model.likelihood '{name}': choose one of {', '.join(LIKELIHOODS)}")
-    return FixedGaussian(sigma) if name == "gaussian" else LIKELIHOODS[name]()
+def build_likelihood(m: ModelConfig) -> Likelihood:
+    return LIKELIHOODS[m.likelihood].from_config(m)

@@ -3,11 +3,17 @@
 An encoder maps images (B, C, H, W) to the 2·z parameters of q(z|x): (mu, logvar).
 A decoder maps z (B, z) to raw per-pixel parameters (B, C·n_params, H, W); what
 they mean (logits, means, log-variances) is the likelihood's business.
+
+A network is an encoder class and its mirror decoder class, constructed as
+``Encoder(img_shape, z_dim, m)`` and ``Decoder(img_shape, z_dim, n_params, m)``
+with ``m`` the ``model`` config section, from which each reads its own keys;
+adding one is that pair plus one ``NETWORKS`` entry.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +21,16 @@ from torch import nn
 
 from utils.errors import UserError
 
+if TYPE_CHECKING:
+    from utils.config import ModelConfig
+
 
 class MLPEncoder(nn.Module):
     """The classic 784-400-z encoder (Kingma & Welling 2014), for any image shape."""
 
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, hidden: int = 400):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig):
         super().__init__()
-        d = math.prod(img_shape)
+        d, hidden = math.prod(img_shape), m.hidden
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +39,10 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, hidden: int = 400):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, m: ModelConfig):
         super().__init__()
         c, h, w = img_shape
+        hidden = m.hidden
         self.out_shape = (c * n_params, h, w)
         self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.out_shape)))
 
@@ -61,10 +71,10 @@ def _conv_geometry(img_size: int, n_layers: int) -> tuple[int, int]:
 class ConvEncoder(nn.Module):
     """4x4 stride-2 convolutions + batch norm + LeakyReLU, halving the image at each layer."""
 
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, base_width: int, channel_mults: list[int]):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig):
         super().__init__()
         c, size, _ = img_shape
-        widths = [base_width * m for m in channel_mults]
+        widths = [m.base_width * k for k in m.channel_mults]
         self.pad, bottom = _conv_geometry(size, len(widths))
         self.convs = nn.Sequential(*[_down(a, b) for a, b in zip([c] + widths[:-1], widths)])
         self.fc = nn.Linear(widths[-1] * bottom * bottom, 2 * z_dim)
@@ -81,11 +91,10 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Mirror of ``ConvEncoder`` with transposed convolutions; crops the padding back off."""
 
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, base_width: int,
-                 channel_mults: list[int]):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, m: ModelConfig):
         super().__init__()
         c, size, _ = img_shape
-        widths = [base_width * m for m in channel_mults]
+        widths = [m.base_width * k for k in m.channel_mults]
         self.pad, self.bottom = _conv_geometry(size, len(widths))
         self.size = size
         self.fc = nn.Linear(z_dim, widths[-1] * self.bottom * self.bottom)
@@ -102,15 +111,13 @@ class ConvDecoder(nn.Module):
         return out
 
 
-def build_networks(net: str, img_shape: tuple[int, int, int], z_dim: int, n_params: int,
-                   hidden: int, base_width: int, channel_mults: list[int]) -> tuple[nn.Module, nn.Module]:
-    """(encoder, decoder) for ``model.net``; the registry keys are the YAML names."""
-    if net not in NETWORKS:
-        raise UserError(f"unknown model.net '{net}': choose one of {', '.join(NETWORKS)}")
-    if net == "mlp":
-        return MLPEncoder(img_shape, z_dim, hidden), MLPDecoder(img_shape, z_dim, n_params, hidden)
-    return (ConvEncoder(img_shape, z_dim, base_width, channel_mults),
-            ConvDecoder(img_shape, z_dim, n_params, base_width, channel_mults))
+NETWORKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "mlp": (MLPEncoder, MLPDecoder),
+    "conv": (ConvEncoder, ConvDecoder),
+}
 
 
-NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: int) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) for ``model.net``."""
+    encoder, decoder = NETWORKS[m.net]
+    return encoder(img_shape, m.z_dim, m), decoder(img_shape, m.z_dim, n_params, m)

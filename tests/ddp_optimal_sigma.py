@@ -13,8 +13,9 @@ import torch
 from accelerate import PartialState
 
 from models.likelihoods import OptimalSigma
+from utils.batching import shard
 from utils.config import DataConfig
-from utils.data import load_data, shard
+from utils.data import load_data
 
 state = PartialState()
 _, test, _ = load_data(DataConfig(name="mnist", root=sys.argv[1], download=False))

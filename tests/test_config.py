@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 import train_vae
 from conftest import DATA, REPO, run_script
-from utils.config import load_config, reference_markdown
+from utils.config import REGISTRIES, config_to_dict, load_config, reference_markdown
 from utils.errors import run_cli
 
 MNIST = str(REPO / "configs" / "mnist.yaml")
@@ -35,7 +36,8 @@ def test_readme_config_reference_is_current():
 
 
 # Every invalid input a user can type, with what the one-line error must name. Paths: {tmp} is a fresh folder
-# holding bad.yaml (broken at line 3), list.yaml (a list, not sections), scalar.yaml (train: 5), a file
+# holding bad.yaml (broken at line 3), list.yaml (a list, not sections), scalar.yaml (train: 5), inf.yaml (beta: .inf),
+# twice.yaml (two model sections), twice_inner.yaml (beta twice in one section), a file
 # 'afile', a non-empty folder 'stuff' that is not a run. A batch size that does not divide among the
 # processes needs two of them: tests/test_train.py::test_batch_not_divisible_by_processes.
 CASES = [
@@ -46,6 +48,17 @@ CASES = [
     (["train.steps=abc"], ["train.steps", "an integer"]),
     (["train.steps=2.5"], ["train.steps", "an integer"]),
     (["train.lr=fast"], ["train.lr", "a number"]),
+    (["train.lr=.inf"], ["train.lr: got inf, expected a finite number"]),
+    (["--train.grad_clip", ".nan"], ["train.grad_clip: got nan, expected a finite number"]),
+    (["-c", "{tmp}/inf.yaml"], ["loss.beta: got inf, expected a finite number"]),
+    (["-c", "{tmp}/twice.yaml"], ["key 'model' appears twice, at lines 1 and 5", "merge them into one"]),
+    (["-c", "{tmp}/twice_inner.yaml"], ["key 'beta' appears twice, at lines 2 and 3"]),
+    (["loss.mmd_weight=10"], ["loss.mmd_weight=10 has no effect with loss.regulariser=kl",
+                              "set loss.regulariser=mmd"]),
+    (["loss.regulariser=mmd"], ["loss.regulariser=mmd needs loss.mmd_weight > 0"]),
+    (["loss.regulariser=tc"], ["loss.regulariser", "one of kl, mmd"]),
+    (["model.prior=vamp"], ["model.prior", "one of normal"]),
+    (["loss.objective=iwae"], ["loss.objective", "one of elbo"]),
     (["data.download=maybe"], ["data.download", "true or false"]),
     (["loss.beta=-1"], ["loss.beta", ">= 0"]),
     (["train.batch_size=0"], ["train.batch_size", ">= 1"]),
@@ -87,6 +100,9 @@ def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  z_dim: 4\n likelihood: [\n")
     (tmp_path / "list.yaml").write_text("- train\n- model\n")
     (tmp_path / "scalar.yaml").write_text("train: 5\n")
+    (tmp_path / "inf.yaml").write_text("loss:\n  beta: .inf\n")
+    (tmp_path / "twice.yaml").write_text("model:\n  z_dim: 4\ntrain:\n  steps: 3\nmodel:\n  net: conv\n")
+    (tmp_path / "twice_inner.yaml").write_text("loss:\n  beta: 2\n  beta: 3\n")
     (tmp_path / "afile").write_text("x")
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("mine")
@@ -109,6 +125,26 @@ def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path):
         assert needle.format(tmp=tmp_path) in err, err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
     assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
+
+
+def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where runs/ would be created
+    run_cli(train_vae.main, ["-c", MNIST, "loss.beta=4", "--train.lr", "3e-4", "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.startswith("# would train into runs/mnist-")
+    assert yaml.safe_load(out) == config_to_dict(load_config(MNIST, ["loss.beta=4", "train.lr=3e-4"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_choices_are_the_registries():
+    """Every name a config accepts is a registry key and every registry key is accepted: one list per kind."""
+    from utils.config import _section_fields
+
+    for key, registry in REGISTRIES.items():
+        section, name = key.split(".")
+        assert _section_fields(section)[name].metadata["choices"] is registry, key
+    assert set(REGISTRIES) == {"data.name", "model.net", "model.likelihood", "model.prior", "loss.objective",
+                               "loss.regulariser", "loss.mmd_kernel"}
 
 
 def test_debug_shows_the_traceback(tmp_path):

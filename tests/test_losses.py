@@ -17,7 +17,8 @@ from models.likelihoods import (
     PerPixelSigma,
     softclip_log_sigma,
 )
-from models.regularisers import kl_normal, mmd
+from models.priors import StandardNormal
+from models.regularisers import mmd
 from models.vae import VAE
 from utils.config import load_config
 
@@ -30,6 +31,10 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.rand(4, 1, 6, 5, generator=g)           # data in [0, 1]
     out = torch.randn(4, 1, 6, 5, generator=g) * 2.0  # raw decoder outputs (logits / pre-sigmoid means)
     return x, out
+
+
+def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return StandardNormal(mu.shape[1]).kl_per_dim(mu, logvar).sum(1)
 
 
 def test_kl_matches_monte_carlo():
@@ -134,7 +139,7 @@ def test_mmd_by_hand_and_by_behaviour():
 
 def test_vae_objective_composition(batch):
     cfg = load_config(None, ["model.z_dim=3", "model.likelihood=gaussian", "loss.beta=4", "loss.kl_warmup_steps=10",
-                             "loss.mmd_weight=7", "model.hidden=16"])
+                             "loss.regulariser=mmd", "loss.mmd_weight=7", "model.hidden=16"])
     model = VAE(cfg, (1, 6, 5))
     x, _ = batch
     torch.manual_seed(0)
@@ -154,3 +159,38 @@ def test_loss_terms_are_fp32_under_bf16_autocast(batch):
     assert all(v.dtype == torch.float32 for v in t.values())
     t["loss"].backward()
     assert model.likelihood.log_sigma.grad is not None
+
+
+def test_a_new_likelihood_and_regulariser_are_one_class_and_one_entry_each(batch, monkeypatch):
+    from models.likelihoods import LIKELIHOODS, LikelihoodTerms
+    from models.regularisers import KL, REGULARISERS
+    from utils.config import reference_markdown
+
+    class Laplace(Bernoulli):  # unit-scale Laplace on the sigmoid mean: an L1 term summed over pixels
+        continuous = True
+
+        def forward(self, x, out):
+            nll = ((x - self.mean(out)).abs() + math.log(2.0)).flatten(1).sum(1)
+            return LikelihoodTerms(nll, nll, None)
+
+    class L1Codes(KL):  # β·KL plus the mean absolute code
+        def forward(self, kl, z, prior, step):
+            penalty, _ = super().forward(kl, z, prior, step)
+            l1 = z.abs().sum(1).mean()
+            return penalty + l1, {"l1": l1}
+
+    monkeypatch.setitem(LIKELIHOODS, "laplace", Laplace)
+    monkeypatch.setitem(REGULARISERS, "l1", L1Codes)
+    cfg = load_config(None, ["model.likelihood=laplace", "loss.regulariser=l1", "model.z_dim=3", "model.hidden=8"])
+    assert "laplace" in reference_markdown() and "l1" in reference_markdown()
+    model = VAE(cfg, (1, 6, 5))
+    x, _ = batch
+    torch.manual_seed(0)
+    t = model(x, step=0)
+    torch.manual_seed(0)
+    mu, logvar = model.encode(x)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    by_hand = ((x - model.decode(z)).abs() + math.log(2.0)).flatten(1).sum(1).mean()
+    assert t["nll"].item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert t["loss"].item() == pytest.approx((t["rec"] + t["kl"] + t["l1"]).item(), rel=1e-6)
+    assert t["l1"].item() == pytest.approx(z.abs().sum(1).mean().item(), rel=1e-6)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from models.networks import build_networks
-from utils.config import DataConfig
-from utils.data import BatchOrder, load_data, shard
+from utils.batching import BatchOrder, shard
+from utils.config import DataConfig, ModelConfig
+from utils.data import load_data
 from utils.errors import UserError
 
 
@@ -17,7 +18,8 @@ from utils.errors import UserError
 @pytest.mark.parametrize("n_params", [1, 2])
 def test_network_shapes(net, size, channels, n_params):
     mults = [1, 2, 4] if size < 64 else [1, 2, 4, 8]
-    enc, dec = build_networks(net, (channels, size, size), 5, n_params, 32, 8, mults)
+    m = ModelConfig(net=net, z_dim=5, hidden=32, base_width=8, channel_mults=mults)
+    enc, dec = build_networks(m, (channels, size, size), n_params)
     mu, logvar = enc(torch.rand(2, channels, size, size))
     assert mu.shape == logvar.shape == (2, 5)
     assert dec(mu).shape == (2, channels * n_params, size, size)
@@ -25,7 +27,7 @@ def test_network_shapes(net, size, channels, n_params):
 
 def test_conv_geometry_error_names_the_fix():
     with pytest.raises(UserError, match="model.channel_mults has 6 stride-2 layers.*at most 5"):
-        build_networks("conv", (1, 32, 32), 4, 1, 8, 8, [1] * 6)
+        build_networks(ModelConfig(net="conv", z_dim=4, base_width=8, channel_mults=[1] * 6), (1, 32, 32), 1)
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
@@ -53,3 +55,35 @@ def test_mnist_loads_once_as_uint8(real_data):
 def test_missing_data_names_where_to_put_it(tmp_path):
     with pytest.raises(UserError, match="MNIST not found in .*MNIST/raw.*data.download=true"):
         load_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
+
+
+@pytest.mark.parametrize("case", ["dangling link", "a file in the way", "no network"])
+def test_failed_download_names_the_real_cause(case, tmp_path, monkeypatch):
+    """torchvision's own download path, with a data.root that cannot hold it or no network to fetch it."""
+    import urllib.error
+    import urllib.request
+
+    if case == "dangling link":  # a link to a folder of another machine
+        root = tmp_path / "data"
+        root.symlink_to(tmp_path / "elsewhere" / "data")
+        needle = f"{root} is a symbolic link to {tmp_path / 'elsewhere' / 'data'}, which does not exist"
+    elif case == "a file in the way":
+        (tmp_path / "afile").write_text("x")
+        root = tmp_path / "afile" / "data"
+        needle = f"{tmp_path / 'afile'} is a file, not a folder"
+    else:
+        root = tmp_path / "data"
+        needle = "could not be downloaded (no network? Error downloading train-images-idx3-ubyte.gz)"
+    attempts = []
+
+    def offline(*args, **kwargs):
+        attempts.append(args)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError) as e:
+        load_data(DataConfig(name="mnist", root=str(root), download=True))
+    message = str(e.value)
+    assert needle in message and f"put the official files in {root / 'MNIST' / 'raw'}" in message, message
+    assert "\n" not in message
+    assert bool(attempts) == (case == "no network")  # a bad root fails before any download is tried

@@ -66,7 +66,8 @@ def test_losses_fall_over_a_few_hundred_steps(tmp_path):
 
 def test_resume_equals_unbroken_run(tmp_path):
     extra = ["train.steps=12", "train.save_every=6", "train.eval_every=6", "train.sample_every=6",
-             "model.net=conv", "model.base_width=8", "loss.mmd_weight=10", "loss.kl_warmup_steps=5"]
+             "model.net=conv", "model.base_width=8", "loss.regulariser=mmd", "loss.mmd_weight=10",
+             "loss.kl_warmup_steps=5"]
     train(tmp_path / "full", extra=extra)
     train(tmp_path / "part", extra=extra[:-4] + ["train.steps=6"] + extra[-4:])
     proc = run_script([str(REPO / "train_vae.py"), "-r", "latest", "-e", str(tmp_path / "part"), "train.steps=12"])

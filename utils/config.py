@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -18,14 +19,30 @@ from typing import Any
 
 import yaml
 
+from models.likelihoods import LIKELIHOODS
+from models.networks import NETWORKS
+from models.objectives import OBJECTIVES
+from models.priors import PRIORS
+from models.regularisers import KERNELS, REGULARISERS
+from utils.data import DATASETS
 from utils.errors import UserError
 
-LIKELIHOODS = ("bernoulli", "gaussian", "mse", "sigma", "optimal_sigma", "per_pixel_sigma")
+# the config keys that name a part, and the registry whose keys are their choices (one list per kind)
+REGISTRIES: dict[str, dict] = {
+    "data.name": DATASETS,
+    "model.net": NETWORKS,
+    "model.likelihood": LIKELIHOODS,
+    "model.prior": PRIORS,
+    "loss.objective": OBJECTIVES,
+    "loss.regulariser": REGULARISERS,
+    "loss.mmd_kernel": KERNELS,
+}
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+def opt(default: Any, help: str, *, choices: tuple | dict | None = None, min: float | None = None,
         max: float | None = None, min_exclusive: bool = False) -> Any:
-    """A config field with its documentation and the values it accepts."""
+    """A config field with its documentation and the values it accepts. ``choices`` may be a registry (a dict):
+    its keys are then read whenever a value is checked, so an entry added to it is at once valid."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -34,8 +51,7 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | N
 
 @dataclass
 class DataConfig:
-    name: str = opt("mnist", "data set",
-                    choices=("mnist", "fashion_mnist", "cifar10", "celeba", "dsprites", "image_folder"))
+    name: str = opt("mnist", "data set", choices=DATASETS)
     root: str = opt("data", "folder holding the data set (see the data table in the README)")
     download: bool = opt(True, "download MNIST / Fashion-MNIST / CIFAR-10 when missing (needs internet)")
     img_size: int = opt(0, "image size after loading; 0: the set's own (28 MNIST, 32 CIFAR-10, 64 others)",
@@ -54,10 +70,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    net: str = opt("mlp", "encoder/decoder network", choices=("mlp", "conv"))
+    net: str = opt("mlp", "encoder/decoder network", choices=NETWORKS)
     z_dim: int = opt(16, "size of the latent code z", min=1, max=4096)
     likelihood: str = opt("bernoulli", "decoder likelihood p(x|z)", choices=LIKELIHOODS)
     sigma: float = opt(1.0, "fixed decoder std for likelihood=gaussian", min=0.0, min_exclusive=True)
+    prior: str = opt("normal", "prior p(z): normal is N(0, I)", choices=PRIORS)
     hidden: int = opt(400, "mlp: hidden units (the classic 784-400-z)", min=1)
     base_width: int = opt(32, "conv: channels of the first conv layer", min=1)
     channel_mults: list[int] = opt([1, 2, 4], "conv: width multipliers, one per 4x4 stride-2 layer")
@@ -65,10 +82,14 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    beta: float = opt(1.0, "weight of KL(q(z|x) || N(0, I)); beta != 1 is a beta-VAE", min=0.0)
+    objective: str = opt("elbo", "how the loss is estimated: elbo (one reparameterised sample per image)",
+                         choices=OBJECTIVES)
+    regulariser: str = opt("kl", "latent term: kl (beta * KL) or mmd (beta * KL + mmd_weight * MMD, InfoVAE)",
+                           choices=REGULARISERS)
+    beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
     kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
-    mmd_weight: float = opt(0.0, "weight of MMD(q(z) || N(0, I)) (InfoVAE / MMD-VAE); 0: off", min=0.0)
-    mmd_kernel: str = opt("imq", "MMD kernel: inverse multiquadric or RBF", choices=("imq", "rbf"))
+    mmd_weight: float = opt(0.0, "regulariser=mmd: weight of MMD(q(z) || p(z)), > 0", min=0.0)
+    mmd_kernel: str = opt("imq", "regulariser=mmd: inverse multiquadric or RBF kernel", choices=KERNELS)
 
 
 @dataclass
@@ -153,8 +174,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
                 value = float(value)
             except ValueError:
                 raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise UserError(f"{key}: got {value}, expected a finite number ({_accepts(f)})")
         value = float(value)
     elif t is str:
         if not isinstance(value, str):
@@ -192,7 +215,19 @@ def build_config(tree: dict[str, Any]) -> Config:
             if key not in fields:
                 raise _unknown(full)
             setattr(getattr(cfg, section), key, _coerce(full, fields[key], value))
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Keys that only make sense together: a weight for a term that the chosen regulariser does not have."""
+    loss = cfg.loss
+    if loss.regulariser == "mmd" and loss.mmd_weight == 0:
+        raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
+                        "loss.regulariser=kl")
+    if loss.regulariser != "mmd" and loss.mmd_weight > 0:
+        raise UserError(f"loss.mmd_weight={loss.mmd_weight:g} has no effect with loss.regulariser="
+                        f"{loss.regulariser}: set loss.regulariser=mmd, or drop mmd_weight")
 
 
 def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
@@ -222,12 +257,38 @@ def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys and drops the first silently; here that is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' not found: pass an existing YAML file, e.g. -c configs/mnist.yaml")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no tags that build objects
+    except _DuplicateKey as e:
+        raise UserError(f"{path}: key '{e.key}' appears twice, at lines {e.first} and {e.second} (YAML would "
+                        f"silently keep only the second): merge them into one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

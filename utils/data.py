@@ -1,41 +1,41 @@
-"""Data sets: each split is an ``Images`` source that returns uint8 batches for a tensor of indices.
+"""Data sets, registered by their YAML name (``data.name``) in ``DATASETS``.
 
-Why three kinds of source:
+Each split is an ``Images`` source that returns uint8 batches for a tensor of
+indices. Why three kinds of source:
 - ``TensorImages``: sets that fit in memory (MNIST, Fashion-MNIST, CIFAR-10) or a
   decoded cache on disk (memory-mapped) — decoded once, batched by slicing, on
   the GPU when there is one. No per-item Python, no PIL.
-- ``FileImages``: JPEG/PNG folders (CelebA, image_folder) — decoded by
-  torchvision.io in DataLoader workers; ``data.cache: true`` decodes and resizes
-  once into a uint8 .npy so later epochs read no JPEG.
+- ``FileImages``: JPEG/PNG folders (CelebA, image_folder) — decoded with Pillow in
+  DataLoader workers; ``data.cache: true`` decodes and resizes once into a uint8
+  .npy so later epochs read no JPEG.
 - ``DSpritesImages``: rendered per batch from the factor indices (utils/dsprites.py).
 
-Data order is a pure function of (seed, step) (``BatchOrder``), so a resumed run
-sees exactly the batches an unbroken run would, with no sampler state to save.
+The order in which training visits them is in utils/batching.py.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
 import re
-import signal
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from utils import dsprites
-from utils.config import DataConfig
 from utils.errors import UserError
 
-TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
-# channels and native size of each set (image_folder: as configured)
-NATIVE = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32), "celeba": (3, 64),
-          "dsprites": (1, 64), "image_folder": (3, 64)}
+if TYPE_CHECKING:
+    from utils.config import DataConfig
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # CelebA's official partition by file number: train 1-162,770, valid 162,771-182,637, test 182,638-202,599
 CELEBA_VALID_FIRST, CELEBA_TEST_FIRST = 162_771, 182_638
@@ -43,9 +43,7 @@ CELEBA_VALID_FIRST, CELEBA_TEST_FIRST = 162_771, 182_638
 
 def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
     """(C, H, W) of a data set's images after loading, known without reading the data."""
-    if cfg.name not in NATIVE:
-        raise UserError(f"unknown data.name '{cfg.name}': choose one of {', '.join(NATIVE)}")
-    channels, size = NATIVE[cfg.name]
+    channels, size = DATASETS[cfg.name].channels, DATASETS[cfg.name].size
     if cfg.name == "dsprites" and cfg.img_size not in (0, 64):
         raise UserError(f"dSprites images are 64x64, not data.img_size={cfg.img_size}: set data.img_size=64 or 0")
     if cfg.channels:
@@ -192,7 +190,7 @@ class FileImages(Images, torch.utils.data.Dataset):
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".tmp")
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self), *self.shape))
-            loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=_workers(num_workers))
+            loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=cpu_workers(num_workers))
             start = 0
             for batch in loader:
                 arr[start:start + len(batch)] = batch.numpy()
@@ -211,26 +209,51 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _load_torchvision(cfg: DataConfig, train: bool) -> TensorImages:
+def _root_problem(root: Path) -> str | None:
+    """Why torchvision cannot write a download under ``root``, or None when it can."""
+    for p in (root, *root.parents):
+        if p.is_symlink() and not p.exists():
+            return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+        if p.exists():
+            if not p.is_dir():
+                return f"{p} is a file, not a folder"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{p} is not writable"
+            return None
+    return None
+
+
+def _torchvision(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Images, str]:
+    """The official train and test splits of a torchvision set, decoded once into uint8 tensors."""
     import torchvision
 
-    cls_name = TORCHVISION_SETS[cfg.name]
-    where = {"cifar10": "cifar-10-batches-py"}.get(cfg.name, f"{cls_name}/raw")
-    try:
-        ds = getattr(torchvision.datasets, cls_name)(root=cfg.root, train=train, download=cfg.download)
-    except RuntimeError as e:  # torchvision: "Dataset not found ..." or "... corrupted"
-        raise UserError(f"{cls_name} not found in {Path(cfg.root) / where}: put the official files there "
-                        f"or set data.download=true (needs internet) [{str(e).splitlines()[0]}]") from None
-    except OSError as e:  # a download attempted offline
-        raise UserError(f"{cls_name} could not be downloaded ({e.__class__.__name__}): put the official files in "
-                        f"{Path(cfg.root) / where} and set data.root={cfg.root}") from None
-    data = torch.as_tensor(np.asarray(ds.data))
-    images = data.permute(0, 3, 1, 2).contiguous() if data.ndim == 4 else data.unsqueeze(1)  # (N, C, H, W)
-    labels = torch.as_tensor(np.asarray(ds.targets)).long()
-    return TensorImages(_resize(images, cfg.img_size or NATIVE[cfg.name][1]), labels)
+    root = Path(cfg.root)
+    where = root / ("cifar-10-batches-py" if cls_name == "CIFAR10" else f"{cls_name}/raw")
+    fix = f"put the official files in {where}, or point data.root at a folder that holds them"
+    splits = []
+    for train in (True, False):
+        try:
+            ds = getattr(torchvision.datasets, cls_name)(root=str(root), train=train, download=cfg.download)
+        except (RuntimeError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            if not cfg.download:  # torchvision: "Dataset not found or corrupted"
+                raise UserError(f"{cls_name} not found in {where}: {fix}, or set data.download=true "
+                                f"(needs internet) [{first}]") from None
+            problem = _root_problem(root)
+            if problem is None and isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                problem = f"{e.filename or root} is not writable"
+            if problem is not None:
+                raise UserError(f"{cls_name} could not be downloaded into data.root={cfg.root}: {problem}; "
+                                f"fix it, or {fix}") from None
+            raise UserError(f"{cls_name} could not be downloaded (no network? {first.rstrip(':')}): {fix}") from None
+        data = torch.as_tensor(np.asarray(ds.data))
+        images = data.permute(0, 3, 1, 2).contiguous() if data.ndim == 4 else data.unsqueeze(1)  # (N, C, H, W)
+        labels = torch.as_tensor(np.asarray(ds.targets)).long()
+        splits.append(TensorImages(_resize(images, shape[1]), labels))
+    return splits[0], splits[1], cfg.root
 
 
-def _workers(requested: int) -> int:
+def cpu_workers(requested: int) -> int:
     """DataLoader workers: as configured, but never more than the CPUs this process may use."""
     return min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -325,7 +348,7 @@ def _image_folder(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images,
     return part(train_idx), part(test_idx), f"{what}, split: seeded {cfg.test_fraction:g} fraction"
 
 
-def _dsprites(cfg: DataConfig) -> tuple[Images, Images, str]:
+def _dsprites(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Images, str]:
     npz = Path(cfg.root) / dsprites.OFFICIAL_NAME
     official, classes, n, source = None, None, dsprites.N_IMAGES, "procedural renderer"
     if npz.is_file():
@@ -336,82 +359,31 @@ def _dsprites(cfg: DataConfig) -> tuple[Images, Images, str]:
     return train, test, f"{source}, split: seeded {cfg.test_fraction:g} fraction"
 
 
+@dataclass(frozen=True)
+class DataSet:
+    """A registered data set: its channels and native size, and its loader (config, shape) -> (train, test, source)."""
+
+    channels: int
+    size: int
+    load: Callable[[DataConfig, tuple[int, int, int]], tuple[Images, Images, str]]
+
+
+DATASETS: dict[str, DataSet] = {
+    "mnist": DataSet(1, 28, partial(_torchvision, "MNIST")),
+    "fashion_mnist": DataSet(1, 28, partial(_torchvision, "FashionMNIST")),
+    "cifar10": DataSet(3, 32, partial(_torchvision, "CIFAR10")),
+    "celeba": DataSet(3, 64, _celeba),
+    "dsprites": DataSet(1, 64, _dsprites),
+    "image_folder": DataSet(3, 64, _image_folder),  # channels and size as configured
+}
+
+
 def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[Images, Images, str]:
     """(train, test, one-line summary) for ``cfg.name``."""
-    shape = image_shape(cfg)
-    if cfg.name in TORCHVISION_SETS:
-        train, test = _load_torchvision(cfg, True), _load_torchvision(cfg, False)
-        source = cfg.root
-    elif cfg.name == "celeba":
-        train, test, source = _celeba(cfg, shape)
-    elif cfg.name == "image_folder":
-        train, test, source = _image_folder(cfg, shape)
-    else:
-        train, test, source = _dsprites(cfg)
+    train, test, source = DATASETS[cfg.name].load(cfg, image_shape(cfg))
     if cfg.cache:
         train, test = (s.cached(Path(cfg.cache_dir), num_workers) if isinstance(s, FileImages) else s
                        for s in (train, test))
     c, h, w = train.shape
     summary = f"data: {cfg.name} train={len(train)} test={len(test)} shape={c}x{h}x{w} ({train.reading}) from {source}"
     return train, test, summary
-
-
-class BatchOrder:
-    """Global batch indices for any step: shuffled epochs, last partial batch dropped."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:
-            raise UserError(f"train.batch_size={batch_size} is larger than the training set ({n}): lower it")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-
-def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This process's contiguous share of a global batch (sizes differ by at most one)."""
-    return indices.tensor_split(world)[rank]
-
-
-class _StepSampler(torch.utils.data.Sampler):
-    """This process's share of each step's global batch, from ``start`` to ``steps``: for DataLoader workers."""
-
-    def __init__(self, order: BatchOrder, start: int, steps: int, rank: int, world: int):
-        self.order, self.start, self.steps, self.rank, self.world = order, start, steps, rank, world
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.steps):
-            yield shard(self.order.indices(step), self.rank, self.world).tolist()
-
-    def __len__(self) -> int:
-        return self.steps - self.start
-
-
-def _shelter_worker(worker_id: int) -> None:
-    """Keep a worker out of the trainer's process group: a Ctrl-C or a SIGTERM sent to the group is the
-    trainer's to handle (finish the step, checkpoint); a worker killed by it would crash the DataLoader
-    first. Its own SIGTERM still ends it, so shutdown and Python's exit work as usual."""
-    if hasattr(os, "setpgrp"):  # POSIX
-        os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank: int, world: int,
-                  device: torch.device, num_workers: int) -> Iterator[torch.Tensor]:
-    """uint8 batches (B/world, C, H, W) on ``device`` for steps start..steps-1, in the order ``order`` fixes."""
-    if not data.workers_needed:
-        for step in range(start, steps):
-            yield data.get(shard(order.indices(step), rank, world).to(device))
-        return
-    workers = _workers(num_workers)
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_shelter_worker)
-    for batch in loader:
-        yield batch.to(device, non_blocking=True)

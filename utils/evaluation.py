@@ -18,9 +18,10 @@ import torch
 from accelerate import Accelerator
 
 from models.likelihoods import OptimalSigma, softclip_log_sigma
-from models.regularisers import kl_normal, kl_per_dim
+from models.objectives import gaussian_log_density, kl_divergence
 from models.vae import VAE
-from utils.data import Images, shard
+from utils.batching import shard
+from utils.data import Images
 
 LOG_256 = math.log(256.0)
 
@@ -103,10 +104,10 @@ def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Acce
 
 @torch.no_grad()
 def log_weights(vae: VAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log w, log p(x|z)) for k samples z ~ q(z|x), each (k, B), and the analytic KL (B,).
+    """(log w, log p(x|z)) for k samples z ~ q(z|x), each (k, B), and the KL (B,) as training computes it.
 
-    log w = log p(x|z) + log p(z) − log q(z|x); its mean over samples is the ELBO
-    and log mean exp of it the IWAE bound.
+    log w = log p(x|z) + log p(z) − log q(z|x), with the model's own prior; its mean
+    over samples is the ELBO and log mean exp of it the IWAE bound.
     """
     mu, logvar = vae.encode(x)
     mu, logvar = mu.float(), logvar.float()
@@ -115,9 +116,9 @@ def log_weights(vae: VAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     out = vae.decoder(z.flatten(0, 1)).float()
     x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
     log_px_z = -vae.likelihood(x_rep, out).nll.view(k, -1)
-    log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
-    log_qz = torch.distributions.Normal(mu, std).log_prob(z).sum(-1)
-    kl = kl_normal(mu, logvar)
+    log_pz = vae.prior.log_prob(z)
+    log_qz = gaussian_log_density(z, mu, logvar)
+    kl = kl_divergence(vae, mu, logvar, z[0])
     return log_px_z + log_pz - log_qz, log_px_z, kl
 
 
@@ -173,7 +174,7 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
         x = data.batch(idx)
         mu, logvar = vae.encode(x)
         means.append(mu.float())
-        kls.append(kl_per_dim(mu.float(), logvar.float()))
+        kls.append(vae.prior.kl_per_dim(mu.float(), logvar.float()))
         err = (vae.decode(mu) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))

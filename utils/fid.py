@@ -79,7 +79,7 @@ def fid_score(vae: VAE, data: Images, metric, n: int, batch_size: int, device: t
             continue
         idx = torch.arange(start, min(start + batch_size, n), device=device)
         metric.update(three(data.batch(idx).to(device)).clamp(0, 1), real=True)
-        z = torch.randn(len(idx), vae.z_dim, generator=g).to(device)
+        z = vae.prior.sample(len(idx), g).to(device)
         metric.update(three(vae.decode(z)).clamp(0, 1), real=False)
         if progress is not None:
             progress.update(len(idx) * world)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from models.regularisers import kl_per_dim
 from models.vae import VAE
 from utils.data import Images
 
@@ -29,6 +28,12 @@ def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "l
     return out
 
 
+def dims_by_kl(kl: torch.Tensor, n: int = 0) -> list[int]:
+    """Latent dimensions ordered by their mean KL, most informative first; the first ``n`` (0: all)."""
+    order = torch.argsort(kl, descending=True).tolist()
+    return order[:n] if n else order
+
+
 def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -> torch.Tensor:
     """Row r varies only coordinate dims[r] of ``base`` (z,) over ``values`` (V,): (len(dims), V, z)."""
     codes = base.view(1, 1, -1).repeat(len(dims), len(values), 1)
@@ -47,7 +52,7 @@ def posterior_stats(model: VAE, data: Images, batch_size: int = 500, limit: int 
         x = data.batch(torch.arange(start, min(start + batch_size, n))).to(device)
         mu, logvar = model.encode(x)
         means.append(mu.float())
-        kl_sum += kl_per_dim(mu.float(), logvar.float()).sum(0)
+        kl_sum += model.prior.kl_per_dim(mu.float(), logvar.float()).sum(0)
     return torch.cat(means), kl_sum / n
 
 

@@ -1,7 +1,7 @@
 """The optimizer, and the guard that skips steps whose loss or gradients are not finite.
 
 Why on the device: deciding on the host would need a GPU->CPU synchronisation every
-step, which stalls the GPU's queue (issue 6 keeps the loop free of those). The fused
+step, which stalls the GPU's queue (the training loop has none). The fused
 Adam kernel takes a ``found_inf`` tensor, as it does from AMP's GradScaler: when it is
 1 the kernel leaves weights, moments and step count untouched. The guard sets that
 tensor from the loss and the gradient norm, counts bad steps on the device, and the
@@ -57,6 +57,18 @@ class StepGuard:
         if scaler is None:
             inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
             inner.found_inf = bad
+
+
+def clip_and_norm(accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
+    """Clip the gradients to ``max_norm`` (0: no clipping) and return their global norm for the guard.
+
+    None under fp16: overflowing gradients are normal while the GradScaler calibrates its
+    scale, and it skips those steps itself.
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0 else None
+    if accelerator.scaler is not None:
+        return None
+    return norm if norm is not None else grad_norm(model.parameters())
 
 
 def grad_norm(parameters) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""The run directory: where it is, its checkpoints, its metrics log and its image grids.
+"""The run directory: where it is, creating and replacing it, its metrics log, and atomic writes into it.
 
     runs/<name>-<time>/
-      config.yaml            resolved config (all a sampler needs, with model.safetensors)
-      model.safetensors      final weights, written at the end
+      config.yaml            resolved config, written by the trainer once data and model have loaded
+      model.safetensors      final weights, written at the end (with config.yaml, all a sampler needs)
       metrics.jsonl          one JSON object per logged step: step, split, loss, rec, kl, ...
       samples/               step_0001000_samples.png, step_0001000_recon.png
       checkpoints/step_0001000/   full Accelerate state (model, optimizer, scaler, RNG), rng_R.safetensors,
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from utils.errors import UserError
 
@@ -42,41 +42,51 @@ def newest_run(config_path: str | None = None, require: str = "checkpoints") -> 
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
-class GracefulStop:
-    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request: finish the step, checkpoint, exit.
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Never mix two runs in one directory: refuse a used one unless --overwrite names a run to replace."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory: choose another -e")
+    if not any(run_dir.iterdir()):
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not empty and is not a run (no config.yaml): choose another -e")
+    if not overwrite:
+        raise UserError(f"{run_dir} already holds a run: resume it with -r latest -e {run_dir}, replace it with "
+                        f"--overwrite, or choose another -e")
 
-    Why not just die: a scheduler's SIGTERM or a Ctrl-C would lose everything since the
-    last checkpoint. The loop polls ``requested``. The same signal often arrives twice
-    (the terminal and ``accelerate launch`` both forward Ctrl-C), so repeats within 2 s
-    are ignored; a later one aborts at once, which is safe because checkpoints are
-    only ever made visible complete.
+
+def create_run_dir(run_dir: Path, config_text: str, overwrite: bool) -> None:
+    """Create the run directory with its config.yaml (replacing the run there with ``overwrite``).
+
+    Called only once data and model have loaded, so a start that fails leaves nothing behind.
     """
+    try:
+        if overwrite and run_dir.exists():
+            print(f"--overwrite: replacing the run in {run_dir}")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", config_text)
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run_dir} ({e.strerror}): choose a writable place "
+                        f"with -e") from None
 
-    def __init__(self, announce: bool = True):
-        self.signum, self.announce, self._first, self._old = 0, announce, 0.0, {}
 
-    def __enter__(self) -> GracefulStop:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum != 0
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum:
-            if time.monotonic() - self._first > 2.0:
-                os._exit(128 + signum)
-            return
-        self.signum, self._first = signum, time.monotonic()
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+def save_weights(model: torch.nn.Module, run_dir: Path, step: int) -> None:
+    """model.safetensors, made visible only complete. safetensors reports a full disk as a SafetensorError,
+    not an OSError, so it is turned into the one-line error here; the final checkpoint is already complete."""
+    final, tmp = run_dir / "model.safetensors", run_dir / "model.safetensors.tmp"
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    try:
+        save_file(weights, str(tmp), metadata={"step": str(step)})
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise UserError(f"could not write {final} ({str(e).strip().splitlines()[-1]}): free disk space or fix "
+                        f"permissions, then rerun with -r latest -e {run_dir} (its checkpoint at step {step} is "
+                        f"complete; it only writes the weights)") from None
 
 
 class MetricsLog:
@@ -117,11 +127,3 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def save_pairs(originals: torch.Tensor, recons: torch.Tensor, path: Path, per_row: int = 8) -> None:
-    """Grid with each row of originals directly above its row of reconstructions."""
-    rows = []
-    for a, b in zip(originals.split(per_row), recons.split(per_row)):
-        rows += [a, b]
-    save_image(torch.cat(rows), path, nrow=per_row, padding=2, pad_value=1.0)

@@ -1,0 +1,48 @@
+"""Image grids, written the same way by the trainer (samples/) and by sample.py: white 2-pixel gutters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid, save_image
+
+PAD = 2             # pixels between tiles
+LABEL_MARGIN = 90   # pixels left of a grid for row labels
+
+
+def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
+    """Images (N, C, H, W) in [0, 1] as one PNG, ``per_row`` tiles a row."""
+    save_image(images, path, nrow=per_row, padding=PAD, pad_value=1.0)
+
+
+def grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
+    """The grid ``save_grid`` writes, as a (3, H, W) tensor in [0, 1]."""
+    return make_grid(images, nrow=per_row, padding=PAD, pad_value=1.0)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [0, 1] -> an 8-bit RGB or greyscale PIL image (rounded to the nearest level)."""
+    arr = image.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def save_pairs(originals: torch.Tensor, recons: torch.Tensor, path: Path, per_row: int = 8) -> None:
+    """Each row of originals directly above its row of reconstructions."""
+    rows = []
+    for a, b in zip(originals.split(per_row), recons.split(per_row)):
+        rows += [a, b]
+    save_grid(torch.cat(rows), path, per_row)
+
+
+def labelled_rows(images: torch.Tensor, per_row: int, labels: list[str]) -> Image.Image:
+    """A grid with a text margin on the left and one label per row of tiles (e.g. a traversal's dimensions)."""
+    tiles = to_pil(grid(images, per_row))
+    canvas = Image.new("RGB", (tiles.width + LABEL_MARGIN, tiles.height), "white")
+    canvas.paste(tiles, (LABEL_MARGIN, 0))
+    draw = ImageDraw.Draw(canvas)
+    tile = images.shape[-2]
+    for r, text in enumerate(labels):
+        draw.text((4, PAD + r * (tile + PAD) + tile // 2 - 6), text, fill="black")
+    return canvas

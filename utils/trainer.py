@@ -1,0 +1,295 @@
+"""The training loop: ``train(cfg, run_dir)`` trains a validated config into a run directory.
+
+Accelerate owns the devices, precision and distribution. The loop reads as an
+outline: forward and loss, backward, clip, a step that is skipped on the device
+when anything is not finite, then the periodic blocks (log, samples, test ELBO,
+checkpoint, agree to stop), each a named helper below. It counts steps, not
+epochs, and never reads sys.argv.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+try:
+    import resource  # peak resident memory on CPU; not on Windows
+except ImportError:
+    resource = None
+
+from models.vae import VAE
+from utils.batching import BatchOrder, to_inputs, train_batches
+from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
+from utils.config import Config, config_yaml
+from utils.data import Images, load_data
+from utils.errors import Interrupted, UserError
+from utils.evaluation import elbo_terms
+from utils.images import save_grid, save_pairs
+from utils.optim import StepGuard, clip_and_norm, make_optimizer
+from utils.run import MetricsLog, create_run_dir, save_weights, write_atomic
+
+
+@dataclass
+class Session:
+    """What the loop and its periodic blocks share."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Accelerator
+    vae: VAE                        # the plain module (sampling, saving)
+    model: torch.nn.Module          # the same, prepared by Accelerate (DDP, autocast), for training steps
+    optimizer: torch.optim.Optimizer
+    train_set: Images
+    test_set: Images
+    memory_format: torch.memory_format
+    fixed_z: torch.Tensor           # (64, z) prior draws for the sample grids, the same at every step
+    fixed_x: torch.Tensor           # (32, C, H, W) test images for the reconstruction grids
+    log: MetricsLog | None          # metrics.jsonl, on the main process
+    start: int                      # the first step to run (the checkpoint's, on resume)
+
+
+def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: bool = False) -> None:
+    """Train ``cfg`` into ``run_dir``, optionally from a checkpoint; writes the resolved config.yaml first.
+
+    Raises ``Interrupted`` after saving a checkpoint when SIGINT/SIGTERM arrives, and
+    ``UserError`` when training diverges (``train.max_bad_steps`` non-finite steps in a row).
+    """
+    s = start_session(cfg, run_dir, resume, overwrite)
+    t, acc = cfg.train, s.accelerator
+    guard, meter = StepGuard(s.vae, acc.device), Meter(acc.device)
+    done = saved_at = s.start
+    batches = train_batches(s.train_set, BatchOrder(len(s.train_set), t.batch_size, t.seed), s.start, t.steps,
+                            acc.process_index, acc.num_processes, acc.device, cfg.data.num_workers)
+    bar = tqdm(total=t.steps, initial=s.start, disable=not acc.is_main_process, mininterval=2.0)
+    with GracefulStop(announce=acc.is_main_process) as stop, bar:  # the bar closes before any error
+        for step in range(s.start, t.steps):
+            # Forward and loss.
+            x = to_inputs(next(batches), cfg.data, s.memory_format)  # (B/processes, C, H, W) in [0, 1]
+            guard.before_forward()
+            terms = s.model(x, step)
+            # Backward, clip, and a step that the fused Adam kernel skips when anything is not finite.
+            acc.backward(terms["loss"])
+            norm = clip_and_norm(acc, s.model, t.grad_clip)
+            bad = guard.check(terms["loss"], norm, acc)  # decided on the device: no host sync
+            guard.skip_if(s.optimizer, bad, acc.scaler)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            meter.add(terms, bad)
+            done = step + 1
+            bar.update(1)
+            # Periodic blocks.
+            if every(done, t.log_every, t.steps):
+                log_train(s, meter, guard, bar, done)
+            check_divergence(s, guard, done)
+            if every(done, t.sample_every, t.steps) and acc.is_main_process:
+                save_grids(s.vae, s.fixed_z, s.fixed_x, run_dir / "samples", done)
+            if every(done, t.eval_every, t.steps):
+                log_test(s, bar, done)
+            if every(done, t.save_every, t.steps):
+                save_checkpoint(acc, run_dir, done, t.keep_checkpoints)
+                saved_at = done
+            if stop_agreed(stop, acc, done):
+                break
+    finish(s, stop, done, saved_at)
+
+
+def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> Session:
+    """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
+    t = cfg.train
+    mp = None if t.mixed_precision == "launcher" else t.mixed_precision
+    acc = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=str(run_dir))
+    if t.batch_size % acc.num_processes:
+        raise UserError(f"train.batch_size={t.batch_size} is not divisible by the {acc.num_processes} processes: "
+                        f"use a multiple of {acc.num_processes}")
+    set_seed(t.seed)  # same initial weights on every process and for any process count
+    train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
+    vae = VAE(cfg, train_set.shape)
+    fmt = torch.channels_last if t.channels_last and cfg.model.net == "conv" else torch.contiguous_format
+    vae = vae.to(memory_format=fmt)
+    optimizer = make_optimizer(vae.parameters(), t)
+    model, optimizer = acc.prepare(torch.compile(vae) if t.compile else vae, optimizer)
+    if acc.is_main_process and resume is None:  # only now, with data and model known good:
+        create_run_dir(run_dir, config_yaml(cfg), overwrite)  # a failed start leaves nothing behind
+    acc.wait_for_everyone()
+    device = acc.device
+    train_set, test_set = train_set.to(device), test_set.to(device)
+    fixed_z = vae.prior.sample(64, torch.Generator().manual_seed(t.seed)).to(device)
+    fixed_x = test_set.batch(torch.arange(min(32, len(test_set)), device=device))
+    set_seed(t.seed, device_specific=True)  # different reparameterisation noise on each process
+    start = 0
+    if resume is not None:
+        start = load_checkpoint(acc, resume, vae)
+        if acc.is_main_process:  # the run's config changes only once its checkpoint has loaded
+            write_atomic(run_dir / "config.yaml", config_yaml(cfg))
+            supersede_newer(run_dir, start)
+        for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
+            group["lr"], group["weight_decay"] = t.lr, t.weight_decay
+    log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if acc.is_main_process else None
+    acc.init_trackers("tb")
+    acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
+              f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
+              + (f"\nresumed from {resume} at step {start}" if resume else ""))
+    return Session(cfg, run_dir, acc, vae, model, optimizer, train_set, test_set, fmt, fixed_z, fixed_x, log, start)
+
+
+def every(done: int, k: int, last: int) -> bool:
+    """Whether a block that runs every ``k`` steps (0: only at the end) runs after step ``done``."""
+    return (k > 0 and done % k == 0) or done == last
+
+
+class Meter:
+    """Each loss term summed over the good steps since the last log, on the device: read only when logging."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.good, self.steps, self.t0 = torch.zeros((), device=device), 0, time.time()
+
+    def add(self, terms: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(bad > 0, 0.0, v.detach())
+        self.good += 1 - bad
+        self.steps += 1
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        """Means over processes and good steps (nan when every step was skipped), and steps/s; then reset."""
+        keys = sorted(self.sums)
+        sums = accelerator.reduce(torch.stack([self.sums[k] for k in keys]), "mean")
+        stats = dict(zip(keys, (sums / self.good).tolist()))
+        stats["steps_per_s"] = self.steps / (time.time() - self.t0)
+        self.sums, self.steps, self.t0 = {}, 0, time.time()
+        self.good.zero_()
+        return stats
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak GPU allocation, or the process's peak resident memory on a CPU (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if resource is not None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) -> None:
+    """Training terms since the last log to the progress bar, the trackers and metrics.jsonl."""
+    stats = meter.read(s.accelerator)
+    stats["kl_weight"] = s.vae.kl_weight(done - 1)
+    stats["bad_steps"] = int(guard.total)
+    memory = peak_memory_mb(s.accelerator.device)
+    if memory is not None:
+        stats["peak_mem_mb"] = memory
+    bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "rec", "kl", "mmd", "sigma") if k in stats})
+    s.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)
+    if s.log:
+        s.log.write({"step": done, "split": "train", **stats})
+
+
+def log_test(s: Session, bar: tqdm, done: int) -> None:
+    """The held-out ELBO (nats per image, bits per dimension) to the trackers and metrics.jsonl."""
+    t = s.cfg.train
+    stats = elbo_terms(s.model, s.test_set, t.batch_size, s.accelerator, t.eval_samples, t.seed)
+    s.accelerator.log({f"test/{k}": v for k, v in stats.items()}, step=done)
+    if s.log:
+        s.log.write({"step": done, "split": "test", **stats})
+        bar.write(f"step {done}: test elbo {stats['elbo']:.2f} nats/image, {stats['bpd']:.3f} bits/dim")
+
+
+@torch.no_grad()
+def save_grids(vae: VAE, z: torch.Tensor, test_x: torch.Tensor, out_dir: Path, step: int) -> None:
+    """Prior samples from fixed noise, and test images above their posterior-mean reconstructions."""
+    was_training = vae.training
+    vae.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(vae.decode(z), out_dir / f"step_{step:07d}_samples.png", per_row=8)
+    save_pairs(test_x, vae.decode(vae.encode(test_x)[0]), out_dir / f"step_{step:07d}_recon.png")
+    vae.train(was_training)
+
+
+def check_divergence(s: Session, guard: StepGuard, done: int) -> None:
+    """Stop after ``train.max_bad_steps`` skipped steps in a row. A CPU reads the count for free every step;
+    a GPU only at logging steps, where it synchronises anyway."""
+    t = s.cfg.train
+    if s.accelerator.device.type != "cpu" and not every(done, t.log_every, t.steps):
+        return
+    streak = int(guard.worst)
+    if streak < t.max_bad_steps:
+        return
+    last = checkpoints(s.run_dir)
+    kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint had been saved yet"
+    raise UserError(f"training diverged at step {done}: {streak} steps in a row had a non-finite loss or gradient "
+                    f"(each skipped); {kept}: lower train.lr (now {t.lr:g}), set train.grad_clip, or train in "
+                    f"fp32 (train.mixed_precision=no)")
+
+
+def finish(s: Session, stop: GracefulStop, done: int, saved_at: int) -> None:
+    """After the loop: the final weights, or, when a signal stopped it, a checkpoint at this step and the
+    resume command (as ``Interrupted``)."""
+    acc = s.accelerator
+    if done < s.cfg.train.steps:
+        keep = s.cfg.train.keep_checkpoints
+        ckpt = checkpoint_dir(s.run_dir, done) if saved_at == done else save_checkpoint(acc, s.run_dir, done, keep)
+        acc.end_training()
+        signum = stop.signum or signal.SIGTERM  # a process may stop because another one was signalled
+        raise Interrupted(f"{signal.Signals(signum).name} at step {done}: saved {ckpt}; resume with "
+                          f"python train_vae.py -r latest -e {s.run_dir}", signum)
+    if acc.is_main_process:
+        save_weights(s.vae, s.run_dir, done)
+        acc.print(f"done: {s.run_dir / 'model.safetensors'}")
+    acc.end_training()
+
+
+class GracefulStop:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request: finish the step, checkpoint, exit.
+
+    Why not just die: a scheduler's SIGTERM or a Ctrl-C would lose everything since the
+    last checkpoint. The loop polls ``requested``. The same signal often arrives twice
+    (the terminal and ``accelerate launch`` both forward Ctrl-C), so repeats within 2 s
+    are ignored; a later one aborts at once, which is safe because checkpoints are
+    only ever made visible complete.
+    """
+
+    def __init__(self, announce: bool = True):
+        self.signum, self.announce, self._first, self._old = 0, announce, 0.0, {}
+
+    def __enter__(self) -> GracefulStop:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            if time.monotonic() - self._first > 2.0:
+                os._exit(128 + signum)
+            return
+        self.signum, self._first = signum, time.monotonic()
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+
+def stop_agreed(stop: GracefulStop, accelerator: Accelerator, done: int) -> bool:
+    """Whether to stop after step ``done``, through Accelerate's trigger. A signal may reach the processes at
+    different steps and all must save the same one, so several processes agree every 10 steps (one tiny
+    all-reduce); one process stops at once, and checks nothing until it is signalled."""
+    if stop.requested:
+        accelerator.set_trigger()
+    if accelerator.num_processes == 1:
+        return stop.requested and accelerator.check_trigger()
+    return done % 10 == 0 and accelerator.check_trigger()
