@@ -58,7 +58,8 @@ class Session:
 
 
 def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: bool = False) -> None:
-    """Train ``cfg`` into ``run_dir``, optionally from a checkpoint; writes the resolved config.yaml first.
+    """Train ``cfg`` into ``run_dir``, optionally from a checkpoint; writes the resolved config.yaml once data
+    and model have loaded.
 
     Raises ``Interrupted`` after saving a checkpoint when SIGINT/SIGTERM arrives, and
     ``UserError`` when training diverges (``train.max_bad_steps`` non-finite steps in a row).
