@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import DATA, REPO, run_script
 
 
-def test_throughput_benchmark_prints_its_table(tmp_path):
+def test_throughput_benchmark_prints_its_table(tmp_path, real_data):
     out = tmp_path / "bench.json"
     proc = run_script([str(REPO / "benchmarks" / "throughput.py"), "--steps", "12", "--warmup", "4", "--window", "4",
                        "--repeats", "1", "--sample_n", "200", "--sample_batch", "100", "--json", str(out),
@@ -20,4 +22,8 @@ def test_throughput_benchmark_prints_its_table(tmp_path):
                                                                          for line in lines)
     assert any(line.startswith("sampling, 200 prior samples: decoder") for line in lines)
     result = json.loads(out.read_text())
-    assert result["ratio"] > 0 and result["trainer"]["images_per_s"] == result["trainer"]["steps_per_s"] * 32
+    trainer, plain = result["trainer"], result["plain loop"]
+    assert trainer["steps_per_s"] > 0 and plain["steps_per_s"] > 0
+    assert result["ratio"] == pytest.approx(trainer["steps_per_s"] / plain["steps_per_s"])
+    assert trainer["images_per_s"] == trainer["steps_per_s"] * 32 and len(trainer["runs"]) == 1
+    assert f"| trainer / plain | {result['ratio']:.3f} | | |" in lines

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import DATA, train
+from conftest import DATA, REPO, train, train_cli
 from utils import dsprites
 from utils.config import DataConfig
 from utils.data import DSpritesImages, FileImages, TensorImages, crop_box, load_data
@@ -27,7 +27,7 @@ def test_celeba_crop_scales_with_the_image():
     assert crop_box(50, 30, face_crop=False) == (10, 0, 30)     # other folders: the centred square
 
 
-def test_real_celeba_faces():
+def test_real_celeba_faces(real_data):
     train_set, test_set, summary = load_data(DataConfig(name="celeba", root=str(CELEBA), num_workers=0))
     assert len(train_set) + len(test_set) == 10_000 and len(test_set) == 500
     # all 10,000 files are in the official train range, so the held-out split is the seeded fraction
@@ -41,15 +41,19 @@ def test_real_celeba_faces():
     assert again.paths == train_set.paths  # the split is fixed
 
 
-def test_celeba_training_steps(tmp_path):
+def test_celeba_training_steps(tmp_path, real_data):
     run = tmp_path / "celeba"
-    proc = train(run, "configs/celeba.yaml", [f"data.root={CELEBA}", "train.steps=3", "train.batch_size=8",
+    res = train(run, "configs/celeba.yaml", [f"data.root={CELEBA}", "train.steps=3", "train.batch_size=8",
                                               "model.base_width=4", "model.z_dim=8", "data.num_workers=2",
                                               "train.eval_every=3", "train.eval_samples=16", "train.sample_every=3"])
-    assert "data: celeba train=9500 test=500 shape=3x64x64" in proc.stdout
+    assert "data: celeba train=9500 test=500 shape=3x64x64" in res.stdout
     rows = read_metrics(run)
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
-    assert (run / "samples" / "step_0000003_samples.png").is_file()
+    assert [r["step"] for r in rows if r["split"] == "test"] == [3]
+    with Image.open(run / "samples" / "step_0000003_samples.png") as im:  # 8 x 8 colour faces of 64 px
+        assert im.mode == "RGB" and im.size == (8 * 66 + 2, 8 * 66 + 2)
+    with Image.open(run / "samples" / "step_0000003_recon.png") as im:  # 32 test faces, rows of 8 above their
+        assert im.mode == "RGB" and im.size == (8 * 66 + 2, 8 * 66 + 2)   # reconstructions
 
 
 def _write_celeba_official(root, n=12):
@@ -173,7 +177,12 @@ def test_dsprites_official_npz(tmp_path):
     got = train_set.get(torch.tensor([0]))
     assert torch.equal(got[0, 0], torch.from_numpy(imgs[i]) * 255)
     assert train_set.factors(torch.tensor([0]))[0].tolist() == [classes[i, 1:].astype(int).tolist()]
-    assert (tmp_path / "cache" / "dsprites_imgs.npy").is_file()  # extracted once, memory-mapped
+    cached = tmp_path / "cache" / "dsprites_imgs.npy"  # extracted once, memory-mapped
+    assert np.array_equal(np.load(cached), imgs)
+    stamp = cached.stat().st_mtime_ns
+    again, _, _ = load_data(DataConfig(name="dsprites", root=str(tmp_path), test_fraction=0.2,
+                                       cache_dir=str(tmp_path / "cache")))
+    assert cached.stat().st_mtime_ns == stamp and torch.equal(again.get(torch.tensor([0])), got)  # reused
 
 
 def _write_folder(root):
@@ -204,7 +213,7 @@ def test_image_folder_labels_shapes_and_cache(tmp_path):
     assert [p.stat().st_mtime_ns for p in npy] == stamp  # reused, not rebuilt
 
 
-def test_data_errors(tmp_path):
+def test_data_errors(tmp_path, real_data):
     cases = [
         (DataConfig(name="celeba", root=str(tmp_path)), "CelebA images not found under"),
         (DataConfig(name="image_folder", root=str(tmp_path / "none")), "is not a folder"),
@@ -231,10 +240,10 @@ def test_corrupt_image_stops_training_with_one_line(tmp_path):
     folder.mkdir()
     for i in range(6):
         (folder / f"{i}.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    from conftest import REPO, run_script
-    proc = run_script([str(REPO / "train_vae.py"), "-c", str(REPO / "configs/image_folder.yaml"), "-e",
-                       str(tmp_path / "run"), f"data.root={folder}", "data.cache=false", "data.num_workers=2",
-                       "train.batch_size=4", "train.steps=2", "data.img_size=32", "model.channel_mults=[1,2]"])
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot read image" in lines[0] and ".jpg" in lines[0], proc.stderr[-2000:]
+    res = train_cli(["-c", str(REPO / "configs/image_folder.yaml"), "-e", str(tmp_path / "run"), f"data.root={folder}",
+                     "data.cache=false", "data.num_workers=2", "train.batch_size=4", "train.steps=2",
+                     "data.img_size=32", "model.channel_mults=[1,2]"])
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()  # the DataLoader worker's traceback is not shown, only its message
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read image ") and ".jpg" in lines[0], res.stderr
+    assert "remove or replace the file" in lines[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,11 +13,12 @@ from accelerate import Accelerator
 from torch import nn
 
 import evaluate
-from conftest import REPO, run_script, train
+from conftest import cli, reset_accelerate, train
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.vae import VAE
+from utils import dsprites
 from utils.config import DataConfig, load_config
-from utils.data import Images, load_data
+from utils.data import DSpritesImages, Images, load_data
 from utils.disentanglement import beta_vae_metric, factor_vae_metric, mig
 from utils.dsprites import FACTOR_SIZES
 from utils.errors import run_cli
@@ -25,16 +27,17 @@ from utils.fid import build_fid
 from utils.loading import load_run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def accelerator() -> Accelerator:
+    reset_accelerate()  # not one left by an in-process run, with its precision
     return Accelerator(cpu=True)
 
 
 @pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
+def mnist_run(mnist_300, tmp_path_factory):
+    """The session's 300-step MNIST run (z=8), copied: evaluate.py writes eval.json into it."""
     run = tmp_path_factory.mktemp("eval") / "run"
-    train(run, extra=["train.steps=150", "model.z_dim=8", "model.hidden=128", "train.batch_size=64",
-                      "train.log_every=50"])
+    shutil.copytree(mnist_300, run)
     return run
 
 
@@ -173,38 +176,74 @@ def test_fid_with_a_custom_feature_extractor(mnist_test):
     assert fid(x[:300], torch.rand_like(x[300:])) > 5 * digits  # digits vs noise: much further apart
 
 
-def test_evaluate_cli_writes_eval_json(mnist_run, tmp_path):
-    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(mnist_run), "--k", "20", "--n_test", "300",
-                       "--metrics", "elbo,nll,au,recon"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def row(table: str, label: str) -> str:
+    """The value printed beside ``label`` in evaluate.py's table."""
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(label + "  ")]
+    return line[len(label):].strip()
+
+
+def test_evaluate_cli_writes_eval_json(mnist_run):
+    res = cli(evaluate.main, ["--exp_dir", str(mnist_run), "--k", "20", "--n_test", "300",
+                              "--metrics", "elbo,nll,au,recon"])
+    assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((mnist_run / "eval.json").read_text())
+    assert result["metrics"] == ["elbo", "nll", "au", "recon"] and "fid" not in result
     assert result["nll"]["k"] == 20 and result["nll"]["n"] == 300
     assert result["nll"]["nll"] <= -result["elbo"]["elbo"]
-    assert result["au"]["z_dim"] == 8 and 0 <= result["recon"]["mse"] < 0.2
-    assert "NLL (IWAE, k=20)" in proc.stdout and "active units" in proc.stdout
+    assert not result["nll"]["binarised"] and not result["nll"]["dequantised"]
+    au = result["au"]
+    assert au["z_dim"] == 8 and au["active_units"] == sum(v > 0.01 for v in au["variance"]) > 0
+    assert 0 <= result["recon"]["mse"] < 0.2
+    assert au["kl"] == pytest.approx(sum(au["kl_per_dim"]))
+    # the mean of per-image PSNRs is at least the PSNR of the mean squared error (Jensen)
+    assert result["recon"]["psnr"] >= -10 * math.log10(result["recon"]["mse"]) - 1e-6
+    assert row(res.stdout, "NLL (IWAE, k=20)").startswith(f"{result['nll']['nll']:.2f} nats")
+    assert row(res.stdout, "active units").startswith(f"{au['active_units']} of 8 (Var_x E[z] > 0.01)")
+    assert f"wrote {mnist_run / 'eval.json'}" in res.stdout
 
 
-def test_evaluate_binarized_and_optimal_sigma(tmp_path):
+def test_evaluate_binarized_and_optimal_sigma(mnist_run, tmp_path, real_data):
+    # a Bernoulli model on the stochastically binarised test set
+    out = tmp_path / "binarized.json"
+    res = cli(evaluate.main, ["--exp_dir", str(mnist_run), "--k", "5", "--n_test", "200", "--metrics", "nll",
+                              "--binarize", "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["nll"]["binarised"] and not result["nll"]["dequantised"] and result["nll"]["n"] == 200
+    assert "200 held-out images, binarised" in res.stdout
+    # an optimal-σ model: one σ for the whole test set, dequantised likelihood on the 8-bit scale
     run = tmp_path / "opt"
     train(run, "configs/mnist_optimal_sigma_vae.yaml", ["train.steps=20", "model.base_width=8"])
-    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(run), "--k", "5", "--n_test", "200"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = cli(evaluate.main, ["--exp_dir", str(run), "--k", "5", "--n_test", "200"])
+    assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((run / "eval.json").read_text())
-    assert result["nll"]["dequantised"] and 0 < result["sigma"] < 1
-    assert "dequantised, 8-bit scale" in proc.stdout
+    assert result["nll"]["dequantised"] and not result["nll"]["binarised"] and 0 < result["sigma"] < 1
+    assert f"dequantised, 8-bit scale, sigma {result['sigma']:.4f}" in res.stdout
+    refused = cli(evaluate.main, ["--exp_dir", str(run), "--binarize"])
+    assert refused.returncode == 2 and "--binarize is for bernoulli models" in refused.stderr
 
 
-def test_evaluate_dsprites_disentanglement(tmp_path):
+def test_evaluate_dsprites_disentanglement(tmp_path, real_data):
     run = tmp_path / "dsprites"
     train(run, "configs/dsprites.yaml", ["train.steps=10", "model.base_width=4", "train.batch_size=16"])
-    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(run), "--k", "2", "--n_test", "64",
-                       "--dis_train", "60", "--dis_eval", "40", "--dis_variance", "300", "--mig_samples", "300",
-                       "--dis_batch", "8"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = cli(evaluate.main, ["--exp_dir", str(run), "--k", "2", "--n_test", "64", "--dis_train", "60",
+                              "--dis_eval", "40", "--dis_variance", "300", "--mig_samples", "300",
+                              "--dis_batch", "8", "--seed", "3"])
+    assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads((run / "eval.json").read_text())["disentanglement"]
-    assert 0 <= d["beta_vae"]["eval_accuracy"] <= 1 and 0 <= d["mig"]["mig"] <= 1
-    assert d["sizes"]["train"] == 60
-    assert "MIG" in proc.stdout
+    assert d["sizes"] == {"batch": 8, "train": 60, "eval": 40, "variance": 300, "mig": 300}
+    # the same numbers as the metrics called directly on the model's codes, in evaluate.py's order (one
+    # generator, seeded with --seed, shared by the three)
+    cfg, vae, _, _ = load_run(str(run), None, None)
+    test = load_data(cfg.data)[1]
+    codes = evaluate.model_codes(vae, DSpritesImages(torch.arange(dsprites.N_IMAGES), getattr(test, "official", None),
+                                                     getattr(test, "official_classes", None)), torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    assert d["beta_vae"] == beta_vae_metric(codes, g, 8, 60, 40)
+    assert d["factor_vae"] == factor_vae_metric(codes, g, 8, 60, 40, 300)
+    assert d["mig"] == mig(codes, g, 300)
+    assert row(res.stdout, "MIG") == f"{d['mig']['mig']:.3f}"
+    assert row(res.stdout, "beta-VAE metric") == f"{d['beta_vae']['eval_accuracy']:.3f}"
 
 
 def test_evaluate_errors(mnist_run, tmp_path, capsys):
@@ -212,8 +251,8 @@ def test_evaluate_errors(mnist_run, tmp_path, capsys):
         (["--metrics", "disentanglement"], "only dsprites has"),
         (["--metrics", "elbo,speed"], "unknown metric 'speed'"),
         (["--metrics", "fid", "--fid_weights", str(tmp_path / "none.pth")], "--fid_weights"),
-        (["--metrics", "fid", "--fid_features", "f.pt2"], "unknown argument --fid_features"),
         (["--k", "0"], "--k must be at least 1"),
+        (["--bogus", "1"], "unknown argument --bogus"),
     ]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as e:

@@ -1,8 +1,10 @@
 """Reliability, end to end on real MNIST: killed, interrupted, diverging and starved runs lose nothing.
 
-Training runs as a real subprocess that is signalled, SIGKILLed, or has its file-size
-limit lowered while it runs; the checks are against an unbroken run of the same config
-and seed (bit-identical weights on CPU), or against the files already on disk.
+Training runs as a real subprocess where the process itself is the point: it is signalled,
+SIGKILLed, or has its file-size limit lowered while it runs. Resuming, and the runs that only
+inspect or resume checkpoints, call the real command line in this process (conftest.train_cli).
+The checks are against an unbroken run of the same config and seed (bit-identical weights on
+CPU), or against the files already on disk.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DATA, FAST, REPO, run_script, train
+import utils.trainer
+from conftest import DATA, FAST, REPO, THREADS, run_script, train, train_cli
 from utils.checkpoint import checkpoints, problem, write_manifest
 from utils.run import read_metrics
 
@@ -31,7 +34,7 @@ MNIST = str(REPO / "configs" / "mnist.yaml")
 
 def launch(args: list[str], out: Path, launcher: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start a script as a user would, in its own process group, output to files (no pipe can fill up)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS), **(env or {})}
     return subprocess.Popen((launcher or [sys.executable]) + args, cwd=REPO, env=full_env, start_new_session=True,
                             stdout=open(out.with_suffix(".out"), "w"), stderr=open(out.with_suffix(".err"), "w"))
 
@@ -49,27 +52,31 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigkill_after_a_checkpoint_then_resume_equals_unbroken_run(tmp_path):
-    extra = ["train.steps=800", "train.save_every=100", "train.log_every=50", "train.keep_checkpoints=2"]
+def resume(run: Path, *overrides: str):
+    """``python train_vae.py -r latest -e RUN OVERRIDES``, in this process; it must succeed."""
+    res = train_cli(["-r", "latest", "-e", str(run), *overrides])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def test_sigkill_after_a_checkpoint_then_resume_equals_unbroken_run(tmp_path, real_data):
+    extra = ["train.steps=400", "train.save_every=100", "train.log_every=50", "train.keep_checkpoints=2"]
     killed = tmp_path / "killed"
     proc = launch([TRAIN, "-c", MNIST, "-e", str(killed), *FAST, *extra], tmp_path / "k")
     wait_until(lambda: bool(checkpoints(killed)), proc)
     proc.kill()  # SIGKILL: no handler runs, nothing is flushed or cleaned up
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (killed / "model.safetensors").exists()
-    resumed = run_script([TRAIN, "-r", "latest", "-e", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resume(killed).stdout
     train(tmp_path / "unbroken", extra=extra)
     assert same_weights(killed, tmp_path / "unbroken")
     assert [r["loss"] for r in read_metrics(killed)] == [r["loss"] for r in read_metrics(tmp_path / "unbroken")]
     # keep_checkpoints=2: only the newest two remain, and nothing half-written or half-deleted
-    assert [p.name for p in (killed / "checkpoints").iterdir()] and \
-        sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_0000700", "step_0000800"]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_0000300", "step_0000400"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_checkpoint_and_resume_continues_exactly(sig, tmp_path):
+def test_signal_saves_a_checkpoint_and_resume_continues_exactly(sig, tmp_path, real_data):
     run = tmp_path / "run"
     proc = launch([TRAIN, "-c", MNIST, "-e", str(run), *FAST, "train.steps=100000", "train.log_every=10"],
                   tmp_path / "t")
@@ -83,14 +90,23 @@ def test_signal_saves_a_checkpoint_and_resume_continues_exactly(sig, tmp_path):
     step = int(ckpt.name.split("_")[1])
     assert problem(ckpt) is None and step >= 50 and f"saved {ckpt}" in err[-1]
     total = f"train.steps={step + 30}"
-    resumed = run_script([TRAIN, "-r", "latest", "-e", str(run), total])
-    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-2000:]
+    assert f"at step {step}" in resume(run, total).stdout
+    steps = [r["step"] for r in read_metrics(run, "train")]
+    assert steps[-1] == step + 30 and steps == sorted(set(steps))  # the log goes on where the checkpoint was
     if sig == signal.SIGTERM:  # and the interrupted + resumed run is the unbroken one
         train(tmp_path / "unbroken", extra=["train.log_every=10", total])
         assert same_weights(run, tmp_path / "unbroken")
 
 
-def test_latest_skips_incomplete_and_damaged_checkpoints(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def unbroken_40(tmp_path_factory) -> Path:
+    """The unbroken run that the resumed runs below must equal: 40 steps, a checkpoint every 10."""
+    run = tmp_path_factory.mktemp("unbroken") / "run"
+    train(run, extra=["train.steps=40", "train.save_every=10"])
+    return run
+
+
+def test_latest_skips_incomplete_and_damaged_checkpoints(tmp_path, unbroken_40):
     run = tmp_path / "run"
     extra = ["train.steps=30", "train.save_every=10", "train.keep_checkpoints=0"]
     train(run, extra=extra)
@@ -106,35 +122,30 @@ def test_latest_skips_incomplete_and_damaged_checkpoints(tmp_path, capsys):
         f.truncate(100)
     assert "damaged" in problem(c30) and "truncated" in problem(truncated) and problem(c20) is None
 
-    proc = run_script([TRAIN, "-r", "latest", "-e", str(run), "train.steps=40"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"skipping incomplete checkpoint {run / 'checkpoints' / 'step_0000040.tmp'}" in proc.stderr
-    assert f"skipping checkpoint {c30}: model.safetensors is damaged" in proc.stderr
-    assert f"resumed from {c20} at step 20" in proc.stdout
-    assert f"the later checkpoint step_0000030 is set aside as {c30}.superseded" in proc.stderr
+    res = resume(run, "train.steps=40")
+    assert f"skipping incomplete checkpoint {run / 'checkpoints' / 'step_0000040.tmp'}" in res.stderr
+    assert f"skipping checkpoint {c30}: model.safetensors is damaged" in res.stderr
+    assert f"resumed from {c20} at step 20" in res.stdout
+    assert f"the later checkpoint step_0000030 is set aside as {c30}.superseded" in res.stderr
     assert [c.name for c in checkpoints(run)] == ["step_0000010", "step_0000020", "step_0000030", "step_0000040"]
     assert problem(checkpoints(run)[2]) is None  # written anew by the resumed run
-    train(tmp_path / "unbroken", extra=extra[:2] + ["train.steps=40"])
-    assert same_weights(run, tmp_path / "unbroken")
+    assert same_weights(run, unbroken_40)
 
-    named = run_script([TRAIN, "-r", str(truncated)])
+    named = train_cli(["-r", str(truncated)])
     assert named.returncode == 2 and named.stderr.strip().splitlines() == [
         f"error: checkpoint {truncated} cannot be resumed: optimizer.bin is truncated or changed (100 bytes, "
         f"expected {(c10 / 'optimizer.bin').stat().st_size}); use -r latest to take the newest good one"]
 
 
-def test_resume_is_exact_even_when_accelerate_cannot_restore_the_rng(tmp_path):
+def test_resume_is_exact_even_when_accelerate_cannot_restore_the_rng(tmp_path, unbroken_40):
     """Accelerate only logs a failure to read its RNG pickle; the toolkit's own rng_R.safetensors keeps resume exact."""
-    extra = ["train.steps=12", "train.save_every=6"]
-    train(tmp_path / "unbroken", extra=extra)
     part = tmp_path / "part"
-    train(part, extra=["train.steps=6", "train.save_every=6"])
+    train(part, extra=["train.steps=10", "train.save_every=10"])
     (ckpt,) = checkpoints(part)
     (ckpt / "random_states_0.pkl").unlink()
-    write_manifest(ckpt, 6)
-    proc = run_script([TRAIN, "-r", "latest", "-e", str(part), "train.steps=12"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert same_weights(part, tmp_path / "unbroken")
+    write_manifest(ckpt, 10)
+    resume(part, "train.steps=40", "train.save_every=10")
+    assert same_weights(part, unbroken_40)
 
 
 class RunsCode:
@@ -147,16 +158,16 @@ class RunsCode:
         return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
 
 
-def test_crafted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path):
+def test_crafted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path, tiny_run):
     run = tmp_path / "run"
-    train(run, extra=["train.steps=4", "train.save_every=4"])
+    shutil.copytree(tiny_run, run)
     (ckpt,) = checkpoints(run)
     marker = tmp_path / "pwned"
     torch.save({"state": {}, "param_groups": [], "payload": RunsCode(marker)}, ckpt / "optimizer.bin")
-    write_manifest(ckpt, 4)  # a consistent manifest: the file looks like a good checkpoint
-    proc = run_script([TRAIN, "-r", str(ckpt), "train.steps=8"])
-    assert proc.returncode == 2 and not marker.exists()
-    (line,) = proc.stderr.strip().splitlines()
+    write_manifest(ckpt, 2)  # a consistent manifest: the file looks like a good checkpoint
+    res = train_cli(["-r", str(ckpt), "train.steps=4"])
+    assert res.returncode == 2 and not marker.exists()
+    (line,) = res.stderr.strip().splitlines()
     assert line.startswith(f"error: refused to load {ckpt}: a pickle in it holds more than tensors") and "exec" in line
     torch.load(ckpt / "optimizer.bin", weights_only=False)  # the control: an unsafe load really runs it
     assert marker.read_text() == "ran"
@@ -173,34 +184,33 @@ def test_fid_weights_that_would_run_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_shape_mismatch_on_resume_lists_the_tensors(tmp_path):
+def test_shape_mismatch_on_resume_lists_the_tensors(tmp_path, tiny_run):
     run = tmp_path / "run"
-    train(run, extra=["train.steps=2", "train.save_every=2"])
+    shutil.copytree(tiny_run, run)
     config = (run / "config.yaml").read_text()
-    proc = run_script([TRAIN, "-r", "latest", "-e", str(run), "model.z_dim=8", "train.steps=4"])
-    assert proc.returncode == 2
-    (line,) = proc.stderr.strip().splitlines()
+    res = train_cli(["-r", "latest", "-e", str(run), "model.z_dim=8", "train.steps=4"])
+    assert res.returncode == 2
+    (line,) = res.stderr.strip().splitlines()
     assert "does not fit the model of this config" in line and "encoder.net.3.weight (32, 400) vs (16, 400)" in line
     assert "resume without overriding model.*" in line and problem(checkpoints(run)[-1]) is None
     assert (run / "config.yaml").read_text() == config  # the run still describes its weights
 
 
-def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, real_data):
     run = tmp_path / "run"
     train(run, "configs/mnist_sigma_vae.yaml", ["train.steps=20", "train.save_every=10"])
     good = load_file(checkpoints(run)[-1] / "model.safetensors")
-    proc = run_script([TRAIN, "-r", "latest", "-e", str(run), "train.steps=200", "train.lr=1000",
-                       "train.max_bad_steps=5"])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]  # after the progress bar
+    res = train_cli(["-r", "latest", "-e", str(run), "train.steps=200", "train.lr=1000", "train.max_bad_steps=5"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]  # after the progress bar
     assert line.startswith("error: training diverged at step ") and "5 steps in a row had a non-finite loss" in line
     assert f"the last good checkpoint {run / 'checkpoints' / 'step_0000020'} is kept" in line
     assert "lower train.lr (now 1000)" in line and "train.mixed_precision=no" in line
     assert [c.name for c in checkpoints(run)] == ["step_0000010", "step_0000020"]
     assert all(torch.equal(good[k], v) for k, v in load_file(checkpoints(run)[-1] / "model.safetensors").items())
     assert read_metrics(run, "train")[-1]["bad_steps"] >= 1
-    ok = run_script([TRAIN, "-r", "latest", "-e", str(run), "train.steps=30", "train.lr=1e-3"])  # as advised
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    resume(run, "train.steps=30", "train.lr=1e-3")  # as advised
+    assert read_metrics(run, "train")[-1]["step"] == 30 and (run / "model.safetensors").is_file()
 
 
 def test_nan_step_is_skipped_on_the_device():
@@ -245,7 +255,7 @@ def test_nan_step_is_skipped_on_the_device():
     assert (guard.total.item(), guard.streak.item(), guard.worst.item()) == (2, 0, 2)
 
 
-def test_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path):
+def test_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path, real_data):
     run = tmp_path / "run"
     proc = launch([TRAIN, "-c", MNIST, "-e", str(run), *FAST, "train.steps=100000", "train.save_every=100",
                    "train.log_every=50", "train.keep_checkpoints=0"], tmp_path / "t")
@@ -259,11 +269,11 @@ def test_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path):
     assert f"the last complete checkpoint {good[-1]} is intact" in line
     assert all(problem(c) is None for c in good)
     assert not list((run / "checkpoints").glob("*.tmp"))
-    resumed = run_script([TRAIN, "-r", "latest", "-e", str(run), f"train.steps={int(good[-1].name[5:]) + 10}"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    last = int(good[-1].name[5:])
+    assert f"at step {last}" in resume(run, f"train.steps={last + 10}").stdout
 
 
-def test_failing_final_weights_write_is_one_line_and_resume_finishes_it(tmp_path):
+def test_failing_final_weights_write_is_one_line_and_resume_finishes_it(tmp_path, real_data):
     run = tmp_path / "run"
     proc = launch([TRAIN, "-c", MNIST, "-e", str(run), *FAST, "train.steps=400", "train.log_every=50"],
                   tmp_path / "t")
@@ -274,13 +284,13 @@ def test_failing_final_weights_write_is_one_line_and_resume_finishes_it(tmp_path
     assert line.startswith(f"error: could not write {run / 'model.safetensors'} (") and "-r latest" in line
     assert not (run / "model.safetensors").exists() and problem(checkpoints(run)[-1]) is None
     (run / "model.safetensors.tmp").rmdir()
-    done = run_script([TRAIN, "-r", "latest", "-e", str(run)])
-    assert done.returncode == 0, done.stderr[-2000:]
+    resume(run)
     final, ckpt = load_file(run / "model.safetensors"), load_file(checkpoints(run)[-1] / "model.safetensors")
+    assert checkpoints(run)[-1].name == "step_0000400"
     assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
 
 
-def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path):
+def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path, monkeypatch, real_data):
     from utils.config import DataConfig
     from utils.data import load_data
 
@@ -290,35 +300,44 @@ def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path):
     for i, img in enumerate(images):
         Image.fromarray(img[0].numpy()).save(root / f"{i:03d}.png")
     run = tmp_path / "run"
-    args = [TRAIN, "-c", MNIST, "-e", str(run), *FAST, "data.name=image_folder", f"data.root={root}",
+    args = ["-c", MNIST, "-e", str(run), *FAST, "data.name=image_folder", f"data.root={root}",
             "data.channels=1", "data.img_size=28", "data.num_workers=2", "data.test_fraction=0.1",
             "train.steps=100000", "train.save_every=20", "train.log_every=20"]
-    proc = launch(args, tmp_path / "t")
-    wait_until(lambda: bool(checkpoints(run)), proc)
-    root.rename(tmp_path / "moved")
-    assert proc.wait(timeout=120) == 2
-    line = (tmp_path / "t.err").read_text().strip().splitlines()[-1]
+    save = utils.trainer.save_checkpoint
+
+    def save_then_move(*a, **kw):  # the folder goes away right after the first checkpoint, while workers read it
+        out = save(*a, **kw)
+        if root.exists():
+            root.rename(tmp_path / "moved")
+        return out
+
+    monkeypatch.setattr(utils.trainer, "save_checkpoint", save_then_move)
+    res = train_cli(args)
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error: image ") and "has vanished" in line and "-r latest" in line
-    assert all(problem(c) is None for c in checkpoints(run))
+    assert [c.name for c in checkpoints(run)] == ["step_0000020"] and problem(checkpoints(run)[0]) is None
+    monkeypatch.undo()
     (tmp_path / "moved").rename(root)
-    last = int(checkpoints(run)[-1].name[5:])
-    resumed = run_script([TRAIN, "-r", "latest", "-e", str(run), f"train.steps={last + 5}"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 20" in resume(run, "train.steps=25").stdout
+    assert read_metrics(run, "train")[-1]["step"] == 25
 
 
-def test_overwrite_replaces_a_run_only_when_asked_and_only_once_the_new_one_can_start(tmp_path):
+def test_overwrite_replaces_a_run_only_when_asked_and_only_once_the_new_one_can_start(tmp_path, tiny_run):
     run = tmp_path / "run"
-    train(run, extra=["train.steps=2"])
+    shutil.copytree(tiny_run, run)
     old = (run / "metrics.jsonl").read_text()
-    failing = run_script([TRAIN, "-c", MNIST, "-e", str(run), "--overwrite", f"data.root={tmp_path}/none",
-                          "data.download=false"])
-    assert failing.returncode == 2 and (run / "metrics.jsonl").read_text() == old  # bad start: old run untouched
-    proc = train(run, extra=["train.steps=3", "--overwrite"])
-    assert "--overwrite: replacing the run" in proc.stdout
+    failing = train_cli(["-c", MNIST, "-e", str(run), "--overwrite", f"data.root={tmp_path}/none",
+                         "data.download=false"])
+    assert failing.returncode == 2 and "MNIST not found in" in failing.stderr
+    assert (run / "metrics.jsonl").read_text() == old  # bad start: old run untouched
+    res = train(run, extra=["train.steps=3", "--overwrite"])
+    assert "--overwrite: replacing the run" in res.stdout
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3]
+    assert [c.name for c in checkpoints(run)] == ["step_0000003"]  # nothing of the old run is left
 
 
-def test_two_processes_agree_on_the_step_to_save_when_signalled(tmp_path):
+def test_two_processes_agree_on_the_step_to_save_when_signalled(tmp_path, real_data):
     from test_train import CPU, accel_2
 
     run = tmp_path / "ddp"
@@ -335,3 +354,4 @@ def test_two_processes_agree_on_the_step_to_save_when_signalled(tmp_path):
     resumed = run_script([TRAIN, "-r", "latest", "-e", str(run), f"train.steps={step + 10}"], launcher=accel_2(),
                          env=CPU)
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-2000:]
+    assert "processes=2" in resumed.stdout and read_metrics(run, "train")[-1]["step"] == step + 10

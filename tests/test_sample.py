@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import sample
-from conftest import REPO, run_script, train
-from utils.data import TensorImages
+from conftest import cli, train
+from utils.data import TensorImages, load_data
 from utils.errors import run_cli
-from utils.latents import interpolate, traversal_codes
+from utils.images import LABEL_MARGIN, grid, to_pil
+from utils.latents import interpolate, posterior_stats, traversal_codes
 from utils.loading import load_run
 
 
@@ -36,6 +41,11 @@ def call(argv: list[str]) -> None:
 def size(path: Path) -> tuple[int, int]:
     with Image.open(path) as im:
         return im.size
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def tiles(n: int, tile: int = 28, pad: int = 2) -> int:
@@ -60,8 +70,26 @@ def test_every_mode_writes_images_of_the_expected_size(runs, mode, files, tmp_pa
 
 def test_traverse_top_dimensions_by_kl(runs, tmp_path):
     call(["--exp_dir", str(runs[5]), "--mode", "traverse", "--n_dims", "2", "--n_traverse", "5",
-          "--save_dir", str(tmp_path), "--kl_samples", "300"])
-    assert size(tmp_path / "traverse.png") == (90 + tiles(5), tiles(2))
+          "--save_dir", str(tmp_path), "--kl_samples", "300", "--seed", "7"])
+    assert size(tmp_path / "traverse.png") == (LABEL_MARGIN + tiles(5), tiles(2))
+    written = pixels(tmp_path / "traverse.png")[:, LABEL_MARGIN:]
+    # the same picture rebuilt independently: KL per dimension over the same 300 test images, and the base code
+    # that sample.py takes (the posterior mean of the test image its seeded generator picks)
+    cfg, model, _, _ = load_run(str(runs[5]), None, None)
+    test = load_data(cfg.data)[1]
+    _, kl = posterior_stats(model, test, 100, 300)
+    with torch.no_grad():
+        base = model.encode(test.batch(sample.pick(1, len(test), torch.Generator().manual_seed(7))))[0][0]
+
+    def picture(dims: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            x = model.decode(traversal_codes(base, dims, torch.linspace(-3, 3, 5)).flatten(0, 1))
+        return np.asarray(to_pil(grid(x, per_row=5)).convert("RGB"))
+
+    descending = torch.argsort(kl, descending=True).tolist()
+    assert np.array_equal(written, picture(descending[:2]))  # rows: the two most informative, most first
+    for other in (descending[:2][::-1], descending[::-1][:2]):  # swapped, or the least informative ones
+        assert not np.array_equal(written, picture(other)), other
 
 
 def test_default_save_dir_and_individual_pngs(runs):
@@ -69,6 +97,14 @@ def test_default_save_dir_and_individual_pngs(runs):
     names = sorted(p.name for p in (runs[2] / "sample").iterdir())
     assert names == ["sample_0000.png", "sample_0001.png", "sample_0002.png", "sample_0003.png", "samples.png"]
     assert size(runs[2] / "sample" / "sample_0000.png") == (28, 28)
+    # each individual PNG is its tile of the grid (2 x 2 here)
+    whole = pixels(runs[2] / "sample" / "samples.png")
+    for i in range(4):
+        r, c = divmod(i, 2)
+        tile = whole[2 + r * 30:2 + r * 30 + 28, 2 + c * 30:2 + c * 30 + 28]
+        assert np.array_equal(pixels(runs[2] / "sample" / f"sample_{i:04d}.png"), tile), i
+    assert not np.array_equal(pixels(runs[2] / "sample" / "sample_0000.png"),
+                              pixels(runs[2] / "sample" / "sample_0001.png"))
 
 
 def test_latent_plane_for_two_dimensions(runs, tmp_path):
@@ -102,33 +138,61 @@ def test_traversal_changes_only_its_coordinate():
         assert torch.equal(diff[:, others], torch.zeros(7, 5))
 
 
-@pytest.mark.parametrize("method", ["linear", "slerp"])
-def test_interpolation_endpoints_decode_to_the_endpoints(runs, method):
-    _, model, _, _ = load_run(str(runs[5]), None, None)
+def test_linear_interpolation_is_the_straight_line():
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
-    codes = interpolate(z0, z1, 6, method)
-    assert torch.equal(codes[:, 0], z0) and torch.equal(codes[:, -1], z1)
-    with torch.no_grad():
-        assert torch.equal(model.decode(codes[:, 0]), model.decode(z0))
-        assert torch.equal(model.decode(codes[:, -1]), model.decode(z1))
-    if method == "slerp":  # on the great circle: norms interpolate between the endpoints' norms, not below
-        n0, n1, mid = z0.norm(dim=1), z1.norm(dim=1), codes[:, 3].norm(dim=1)
-        assert torch.all(mid >= torch.minimum(n0, n1) - 1e-5)
-    else:
-        assert torch.allclose(codes[:, 3], z0 + 0.6 * (z1 - z0))
+    codes = interpolate(z0, z1, 6, "linear")
+    assert codes.shape == (4, 6, 5)
+    for k in range(6):
+        t = k / 5
+        assert torch.allclose(codes[:, k], z0 + t * (z1 - z0), atol=1e-6), k
 
 
-def test_newest_run_is_used_and_named(runs):
-    proc = run_script([str(REPO / "sample.py"), "--mode", "sample", "--n_samples", "4"], cwd=runs[5].parent.parent)
-    assert proc.returncode == 0, proc.stderr
-    assert "using the newest run: runs/z" in proc.stdout
+def test_slerp_follows_the_great_circle():
+    g = torch.Generator().manual_seed(0)
+    # pairs of orthogonal codes of equal norm r: every code has norm r, and consecutive codes are equal angles apart
+    a = torch.randn(3, 6, generator=g)
+    b = torch.randn(3, 6, generator=g)
+    b = b - (b * a).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True) * a  # orthogonal to a
+    r = torch.tensor([[0.5], [1.0], [3.0]])
+    z0, z1 = r * a / a.norm(dim=1, keepdim=True), r * b / b.norm(dim=1, keepdim=True)
+    codes = interpolate(z0, z1, 7, "slerp")
+    assert torch.allclose(codes.norm(dim=2), r.expand(3, 7), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(codes[:, :-1], codes[:, 1:], dim=2).clamp(-1, 1)
+    assert torch.allclose(torch.acos(cos), torch.full((3, 6), math.pi / 2 / 6), atol=1e-3)
+    # unit vectors: the midpoint is (z0 + z1) / sqrt(2), not the linear midpoint (of norm 1 / sqrt(2))
+    e0, e1 = torch.eye(5)[:1], torch.eye(5)[3:4]
+    mid = interpolate(e0, e1, 3, "slerp")[0, 1]
+    assert torch.allclose(mid, (e0[0] + e1[0]) / math.sqrt(2), atol=1e-6)
+    assert not torch.allclose(mid, interpolate(e0, e1, 3, "linear")[0, 1], atol=1e-2)
+    # parallel codes (no great circle): the straight line
+    p0 = torch.randn(2, 5, generator=g)
+    p1 = 2.5 * p0
+    assert torch.allclose(interpolate(p0, p1, 5, "slerp"), interpolate(p0, p1, 5, "linear"), atol=1e-6)
+    assert torch.isfinite(interpolate(p0, p1, 5, "slerp")).all()
+
+
+def test_newest_run_is_used_and_named(runs, monkeypatch):
+    monkeypatch.chdir(runs[5].parent.parent)  # where runs/ is
+    now = time.time()
+    for newest, older in ((2, 5), (5, 2)):
+        os.utime(runs[older], (now - 100, now - 100))
+        os.utime(runs[newest], (now, now))
+        res = cli(sample.main, ["--mode", "sample", "--n_samples", "4", "--save_dir", f"out{newest}"])
+        assert res.returncode == 0, res.stderr
+        assert f"using the newest run: runs/z{newest} (pass --exp_dir" in res.stdout
 
 
 def test_config_and_weights_form(runs, tmp_path):
-    call(["-c", str(runs[5] / "config.yaml"), "--weights", str(runs[5] / "model.safetensors"), "--mode",
-          "reconstruct", "--n_samples", "8", "--save_dir", str(tmp_path)])
-    assert size(tmp_path / "reconstructions.png") == (tiles(8), tiles(2))
+    common = ["--mode", "reconstruct", "--n_samples", "8", "--seed", "2"]
+    call(["-c", str(runs[5] / "config.yaml"), "--weights", str(runs[5] / "model.safetensors"), *common,
+          "--save_dir", str(tmp_path / "cw")])
+    assert size(tmp_path / "cw" / "reconstructions.png") == (tiles(8), tiles(2))
+    call(["--exp_dir", str(runs[5]), *common, "--save_dir", str(tmp_path / "run")])
+    assert digest(tmp_path / "cw") == digest(tmp_path / "run")  # the same model, the same picture
+    call(["-c", str(runs[2] / "config.yaml"), "--weights", str(runs[2] / "model.safetensors"), *common,
+          "--save_dir", str(tmp_path / "other")])
+    assert digest(tmp_path / "other") != digest(tmp_path / "cw")  # another model's weights: another picture
 
 
 def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, monkeypatch):
@@ -164,6 +228,9 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "has no labels" in capsys.readouterr().err
 
 
-def test_no_run_found(tmp_path):
-    proc = run_script([str(REPO / "sample.py")], cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: no run with model.safetensors found under runs/")
+def test_no_run_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = cli(sample.main, [])
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: no run with model.safetensors found under runs/")
+    assert res.stderr.count("\n") == 1
