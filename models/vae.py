@@ -34,7 +34,8 @@ class VAE(nn.Module):
         self.z_dim = cfg.model.z_dim
         self.likelihood = build_likelihood(cfg.model)
         self.encoder, self.decoder = build_networks(cfg.model, self.img_shape, self.likelihood.n_params)
-        self.prior = build_prior(cfg.model)
+        self.prior = build_prior(cfg.model, self.img_shape)
+        self.prior.bind(self.encoder)
         self.regulariser = build_regulariser(cfg.loss)
         self.objective = build_objective(cfg.loss)
 

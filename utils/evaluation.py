@@ -174,7 +174,7 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
         x = data.batch(idx)
         mu, logvar = vae.encode(x)
         means.append(mu.float())
-        kls.append(vae.prior.kl_per_dim(mu.float(), logvar.float()))
+        kls.append(vae.prior.dimension_kl(mu.float(), logvar.float()))
         err = (vae.decode(mu) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
@@ -184,4 +184,5 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
     variance = means.var(0)
     return {"active_units": int((variance > threshold).sum()), "z_dim": vae.z_dim,
             "variance": variance.tolist(), "kl_per_dim": kl.tolist(), "kl": kl.sum().item(),
+            "kl_to": "prior" if vae.prior.kl_per_dim(mu[:1].float(), logvar[:1].float()) is not None else "N(0, I)",
             "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item()}
