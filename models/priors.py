@@ -102,8 +102,10 @@ class VampPrior(Prior):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         mu, logvar = self.components()
-        diff = z.unsqueeze(-2) - mu                                            # (..., K, z)
-        log_n = (-0.5 * (diff.pow(2) * torch.exp(-logvar) + logvar) - HALF_LOG_2PI).sum(-1)  # (..., K)
+        precision = torch.exp(-logvar)                                         # (K, z)
+        # Σ_d (z_d − μ_kd)² / σ²_kd expanded into matrix products: no (..., K, z) tensor is formed
+        quad = z.pow(2) @ precision.T - 2.0 * z @ (mu * precision).T + (mu.pow(2) * precision).sum(-1)  # (..., K)
+        log_n = -0.5 * (quad + logvar.sum(-1)) - self.z_dim * HALF_LOG_2PI
         return torch.logsumexp(log_n, -1) - math.log(mu.shape[0])
 
     def sample(self, n: int, generator: torch.Generator | None = None,
