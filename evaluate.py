@@ -54,7 +54,8 @@ def table(results: dict) -> str:
                      + (f", sigma {results['sigma']:.4f}" if results.get("sigma") else "")))
     if "au" in results:
         u = results["au"]
-        rows.append(("active units", f"{u['active_units']} of {u['z_dim']} (Var_x E[z] > 0.01); KL {u['kl']:.2f}"))
+        to = "" if u.get("kl_to", "prior") == "prior" else f" to {u['kl_to']}"
+        rows.append(("active units", f"{u['active_units']} of {u['z_dim']} (Var_x E[z] > 0.01); KL{to} {u['kl']:.2f}"))
     if "recon" in results:
         rows.append(("reconstruction", f"MSE {results['recon']['mse']:.5f}, PSNR {results['recon']['psnr']:.2f} dB"))
     if "fid" in results:
@@ -132,7 +133,8 @@ def main(argv: list[str]) -> None:
     if "au" in metrics or "recon" in metrics:
         usage = latent_usage(vae, test, accelerator, args.batch_size, args.n_test)
         if "au" in metrics:
-            results["au"] = {key: usage[key] for key in ("active_units", "z_dim", "variance", "kl_per_dim", "kl")}
+            results["au"] = {key: usage[key] for key in ("active_units", "z_dim", "variance", "kl_per_dim", "kl",
+                                                         "kl_to")}
         if "recon" in metrics:
             results["recon"] = {"mse": usage["mse"], "psnr": usage["psnr"]}
     if "fid" in metrics:

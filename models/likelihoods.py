@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from utils.config import ModelConfig
+    from utils.config import Config
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -58,8 +59,8 @@ class Likelihood(nn.Module):
     continuous = True   # a density on [0,1] (False: a probability mass, bernoulli)
 
     @classmethod
-    def from_config(cls, m: ModelConfig) -> Likelihood:
-        """The likelihood a config asks for; override to read its own ``model.*`` keys."""
+    def from_config(cls, cfg: Config) -> Likelihood:
+        """The likelihood a config asks for; override to read its own keys (``model.sigma``, say)."""
         return cls()
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -88,8 +89,8 @@ class FixedGaussian(Likelihood):
         self.register_buffer("log_sigma", torch.tensor(math.log(sigma)), persistent=False)
 
     @classmethod
-    def from_config(cls, m: ModelConfig) -> FixedGaussian:
-        return cls(m.sigma)
+    def from_config(cls, cfg: Config) -> FixedGaussian:
+        return cls(cfg.model.sigma)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         nll = gaussian_nll(x, self.mean(out), self.log_sigma)
@@ -97,20 +98,42 @@ class FixedGaussian(Likelihood):
 
 
 class AveragedMSE(Likelihood):
-    """BASELINE, not a likelihood: per-pixel *averaged* MSE (the σ-VAE paper's mse_vae).
+    """BASELINE, not a likelihood: the squared error *averaged* over each image's pixels, the KL summed.
 
-    It trains on mean((x − x̂)²) over pixels while the KL stays summed: the same
-    optimum as a Gaussian with σ² = D/2, i.e. a fixed σ of about 20 for MNIST —
-    an implicit β of D/2 on a σ=1 Gaussian. Its reported NLL is that implied
-    Gaussian's, so the ELBO is honest about what was trained.
+    That is the optimum of a Gaussian with σ² = D/2 (σ ≈ 20 on MNIST): an implicit
+    β of D/2 (392 on MNIST) on a σ = 1 Gaussian. Its reported NLL is that implied
+    Gaussian's, so the ELBO is honest about what was trained. ``mse_batch`` is the
+    σ-VAE authors' ``mse_vae``, which also averages over the batch.
     """
+
+    def implied_log_sigma(self, d: int) -> float:
+        """log σ of the Gaussian whose NLL this objective is, up to a constant."""
+        return 0.5 * math.log(d / 2)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         mean = self.mean(out)
         d = x[0].numel()
-        rec = (x - mean).pow(2).flatten(1).mean(1)
-        log_sigma = torch.tensor(0.5 * math.log(d / 2), device=x.device)
+        log_sigma = self.implied_log_sigma(d)
+        rec = (x - mean).pow(2).flatten(1).sum(1) * (0.5 * math.exp(-2 * log_sigma))  # the Gaussian's quadratic term
+        log_sigma = torch.tensor(log_sigma, device=x.device)
         return LikelihoodTerms(rec, gaussian_nll(x, mean, log_sigma), log_sigma)
+
+
+class BatchAveragedMSE(AveragedMSE):
+    """BASELINE: the σ-VAE authors' ``mse_vae`` (Rybkin et al. 2021's code): ``MSELoss()`` averaged over the
+    batch *and* the pixels, plus the KL summed over the batch. Per image that is a Gaussian with
+    σ² = B·D/2, B the global ``train.batch_size``: an implicit β of B·D/2 (50,176 on MNIST at B = 128)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> BatchAveragedMSE:
+        return cls(cfg.train.batch_size)
+
+    def implied_log_sigma(self, d: int) -> float:
+        return 0.5 * math.log(self.batch_size * d / 2)
 
 
 class LearnedSigma(Likelihood):
@@ -129,10 +152,13 @@ class LearnedSigma(Likelihood):
 class OptimalSigma(Likelihood):
     """Optimal σ-VAE: σ² = the batch's mean squared error over all pixels, channels and images.
 
-    σ is the closed-form maximiser of the batch's Gaussian likelihood, so its own
-    gradient contribution is zero (envelope theorem) and it is detached. Under
-    DDP the squared error and the count are all-reduced first, so σ is the
-    global batch's: 2 processes give the same σ as 1. (Every process must call
+    σ is not detached, as in the authors' code: without the soft floor it would be the
+    closed-form maximiser and its gradient zero (envelope theorem), but with the floor
+    σ² > MSE and the gradient through σ is real (×1.05 at MSE 0.008; far larger below
+    the floor). Under DDP the squared error and the count are all-reduced first, so σ
+    is the global batch's (2 processes give the σ of 1); the all-reduce is the
+    differentiable one, whose backward all-reduces the gradients, so each process's
+    share also gets the other processes' gradient through σ. (Every process must call
     this; only loss computations do.)
     """
 
@@ -143,9 +169,9 @@ class OptimalSigma(Likelihood):
         if self.fixed_log_sigma is not None:
             nll = gaussian_nll(x, mean, self.fixed_log_sigma)
             return LikelihoodTerms(nll, nll, self.fixed_log_sigma)
-        sse_n = torch.stack([(x - mean).detach().pow(2).sum(), torch.tensor(float(x.numel()), device=x.device)])
+        sse_n = torch.stack([(x - mean).pow(2).sum(), torch.tensor(float(x.numel()), device=x.device)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sse_n)
+            sse_n = dist_nn.all_reduce(sse_n)
         log_sigma = softclip_log_sigma(0.5 * torch.log(sse_n[0] / sse_n[1]))
         nll = gaussian_nll(x, mean, log_sigma)
         return LikelihoodTerms(nll, nll, log_sigma)
@@ -167,11 +193,12 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
     "bernoulli": Bernoulli,
     "gaussian": FixedGaussian,
     "mse": AveragedMSE,
+    "mse_batch": BatchAveragedMSE,
     "sigma": LearnedSigma,
     "optimal_sigma": OptimalSigma,
     "per_pixel_sigma": PerPixelSigma,
 }
 
 
-def build_likelihood(m: ModelConfig) -> Likelihood:
-    return LIKELIHOODS[m.likelihood].from_config(m)
+def build_likelihood(cfg: Config) -> Likelihood:
+    return LIKELIHOODS[cfg.model.likelihood].from_config(cfg)

@@ -25,13 +25,32 @@ if TYPE_CHECKING:
     from utils.config import ModelConfig
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,       # Burda et al. 2016's VAE and IWAE
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+}
+
+
+def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
+    """Linear layers through ``sizes``, the activation between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return layers
+
+
 class MLPEncoder(nn.Module):
-    """The classic 784-400-z encoder (Kingma & Welling 2014), for any image shape."""
+    """Fully connected, ``model.hidden`` units per layer: [400] is the classic 784-400-z of Kingma & Welling
+    2014, [200, 200] with tanh Burda et al. 2016's. For any image shape."""
 
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig):
         super().__init__()
-        d, hidden = math.prod(img_shape), m.hidden
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
+        self.net = nn.Sequential(nn.Flatten(), *_mlp([math.prod(img_shape), *m.hidden, 2 * z_dim], m.activation))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.net(x).chunk(2, dim=1)  # (B, z) each
@@ -39,12 +58,13 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
+    """The encoder's mirror: ``model.hidden`` reversed."""
+
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, m: ModelConfig):
         super().__init__()
         c, h, w = img_shape
-        hidden = m.hidden
         self.out_shape = (c * n_params, h, w)
-        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(self.out_shape)))
+        self.net = nn.Sequential(*_mlp([z_dim, *reversed(m.hidden), math.prod(self.out_shape)], m.activation))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, *self.out_shape)

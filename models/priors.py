@@ -15,6 +15,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -31,8 +32,11 @@ class Prior(nn.Module):
         self.z_dim = z_dim
 
     @classmethod
-    def from_config(cls, m: ModelConfig) -> Prior:
+    def from_config(cls, m: ModelConfig, img_shape: tuple[int, int, int]) -> Prior:
         return cls(m.z_dim)
+
+    def bind(self, encoder: nn.Module) -> None:
+        """Told the model's encoder (a prior made of posteriors needs it); kept out of this module's parameters."""
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z) per code, (...,) for z (..., z_dim)."""
@@ -47,6 +51,12 @@ class Prior(nn.Module):
     def kl_per_dim(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor | None:
         """KL(q(z|x) || p(z)) per image and dimension (B, z) in closed form, or None where there is none."""
         return None
+
+    def dimension_kl(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """A per-dimension KL for ranking and reporting dimensions (B, z): the closed form where there is one,
+        else each dimension's KL to N(0, 1), which a prior without one per dimension leaves as the yardstick."""
+        per_dim = self.kl_per_dim(mu, logvar)
+        return per_dim if per_dim is not None else StandardNormal(self.z_dim).kl_per_dim(mu, logvar)
 
 
 class StandardNormal(Prior):
@@ -66,10 +76,53 @@ class StandardNormal(Prior):
         return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+class VampPrior(Prior):
+    """p(z) = (1/K) Σ_k q(z | u_k): the encoder's posteriors at K learned pseudo-inputs u_k (Tomczak & Welling
+    2018). The pseudo-inputs are ``hardtanh(θ, 0, 1)`` of a parameter θ initialised at N(0.05, 0.01²), as in
+    the authors' code for binary images; K is ``model.vamp_components``. Its KL to a posterior has no closed
+    form, so the objective estimates it by Monte Carlo.
+    """
+
+    def __init__(self, z_dim: int, components: int, img_shape: tuple[int, int, int]):
+        super().__init__(z_dim)
+        self.pseudo = nn.Parameter(torch.randn(components, *img_shape) * 0.01 + 0.05)
+        self._encoder: list[nn.Module] = []
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, img_shape: tuple[int, int, int]) -> VampPrior:
+        return cls(m.z_dim, m.vamp_components, img_shape)
+
+    def bind(self, encoder: nn.Module) -> None:
+        self._encoder = [encoder]  # a list: not registered twice in the state dict
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of the K mixture components, each (K, z)."""
+        mu, logvar = self._encoder[0](F.hardtanh(self.pseudo, 0.0, 1.0))
+        return mu.float(), logvar.float()
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.components()
+        precision = torch.exp(-logvar)                                         # (K, z)
+        # Σ_d (z_d − μ_kd)² / σ²_kd expanded into matrix products: no (..., K, z) tensor is formed
+        quad = z.pow(2) @ precision.T - 2.0 * z @ (mu * precision).T + (mu.pow(2) * precision).sum(-1)  # (..., K)
+        log_n = -0.5 * (quad + logvar.sum(-1)) - self.z_dim * HALF_LOG_2PI
+        return torch.logsumexp(log_n, -1) - math.log(mu.shape[0])
+
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        mu, logvar = self.components()
+        where = generator.device if generator is not None else mu.device
+        pick = torch.randint(mu.shape[0], (n,), generator=generator, device=where).to(mu.device)
+        eps = torch.randn(n, self.z_dim, generator=generator, device=where).to(mu.device)
+        z = mu[pick] + eps * torch.exp(0.5 * logvar[pick])
+        return z if device is None else z.to(device)
+
+
 PRIORS: dict[str, type[Prior]] = {
     "normal": StandardNormal,
+    "vamp": VampPrior,
 }
 
 
-def build_prior(m: ModelConfig) -> Prior:
-    return PRIORS[m.prior].from_config(m)
+def build_prior(m: ModelConfig, img_shape: tuple[int, int, int]) -> Prior:
+    return PRIORS[m.prior].from_config(m, img_shape)

@@ -95,6 +95,44 @@ def test_mse_baseline_is_mean_squared_error(batch):
     assert torch.allclose(terms.log_sigma.exp(), torch.tensor(math.sqrt(d / 2)))
 
 
+def test_mse_batch_is_the_reference_mse_vae(batch):
+    """The σ-VAE authors' mse_vae: MSELoss() over batch and pixels plus the KL summed over the batch. Our loss
+    averages every term over the batch, so it is theirs divided by B."""
+    x, out = batch
+    cfg = load_config(None, ["model.likelihood=mse_batch", "train.batch_size=4", "model.z_dim=3", "model.hidden=8"])
+    model = VAE(cfg, (1, 6, 5))
+    torch.manual_seed(0)
+    t = model(x, step=0)
+    torch.manual_seed(0)
+    mu, logvar = model.encode(x)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    reference = F.mse_loss(model.decode(z), x) - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    assert (t["loss"] * len(x)).item() == pytest.approx(reference.item(), rel=1e-5)
+    d = x[0].numel()
+    assert t["sigma"].item() == pytest.approx(math.sqrt(4 * d / 2), rel=1e-6)  # implied σ² = B·D/2
+
+
+def test_optimal_sigma_gradient_matches_the_reference(batch):
+    """The authors' optimal σ is not detached; with the soft floor its gradient is not zero."""
+    x, out = batch
+    mine = out.clone().requires_grad_(True)
+    OptimalSigma()(x, mine).nll.sum().backward()
+    ref = out.clone().requires_grad_(True)
+    mean = torch.sigmoid(ref)
+    log_sigma = softclip_log_sigma(((x - mean) ** 2).mean().sqrt().log())  # as in the reference code
+    (0.5 * ((x - mean) / log_sigma.exp()) ** 2 + log_sigma + 0.5 * LOG_2PI).sum().backward()
+    assert torch.allclose(mine.grad, ref.grad, rtol=1e-5, atol=1e-7)
+    # below the floor the gradient through σ dominates: a detached σ would be far off
+    tiny = out.clone().requires_grad_(True)
+    near = torch.sigmoid(out).detach() + 1e-4 * torch.randn_like(x)
+    OptimalSigma()(near, tiny).nll.sum().backward()
+    detached = tiny.detach().clone().requires_grad_(True)
+    mean_d = torch.sigmoid(detached)
+    ls = softclip_log_sigma(((near - mean_d) ** 2).mean().sqrt().log()).detach()
+    (0.5 * ((near - mean_d) / ls.exp()) ** 2 + ls).sum().backward()
+    assert (tiny.grad - detached.grad).abs().max() > 0.5 * detached.grad.abs().max()
+
+
 def test_learned_sigma_uses_its_parameter(batch):
     x, out = batch
     lik = LearnedSigma()

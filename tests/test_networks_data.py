@@ -18,7 +18,7 @@ from utils.errors import UserError
 @pytest.mark.parametrize("n_params", [1, 2])
 def test_network_shapes(net, size, channels, n_params):
     mults = [1, 2, 4] if size < 64 else [1, 2, 4, 8]
-    m = ModelConfig(net=net, z_dim=5, hidden=32, base_width=8, channel_mults=mults)
+    m = ModelConfig(net=net, z_dim=5, hidden=[32], base_width=8, channel_mults=mults)
     enc, dec = build_networks(m, (channels, size, size), n_params)
     mu, logvar = enc(torch.rand(2, channels, size, size))
     assert mu.shape == logvar.shape == (2, 5)

@@ -20,22 +20,25 @@ from typing import Any
 import yaml
 
 from models.likelihoods import LIKELIHOODS
-from models.networks import NETWORKS
+from models.networks import ACTIVATIONS, NETWORKS
 from models.objectives import OBJECTIVES
 from models.priors import PRIORS
 from models.regularisers import KERNELS, REGULARISERS
 from utils.data import DATASETS
 from utils.errors import UserError
+from utils.schedules import SCHEDULES
 
 # the config keys that name a part, and the registry whose keys are their choices (one list per kind)
 REGISTRIES: dict[str, dict] = {
     "data.name": DATASETS,
     "model.net": NETWORKS,
+    "model.activation": ACTIVATIONS,
     "model.likelihood": LIKELIHOODS,
     "model.prior": PRIORS,
     "loss.objective": OBJECTIVES,
     "loss.regulariser": REGULARISERS,
     "loss.mmd_kernel": KERNELS,
+    "train.lr_schedule": SCHEDULES,
 }
 
 
@@ -74,16 +77,21 @@ class ModelConfig:
     z_dim: int = opt(16, "size of the latent code z", min=1, max=4096)
     likelihood: str = opt("bernoulli", "decoder likelihood p(x|z)", choices=LIKELIHOODS)
     sigma: float = opt(1.0, "fixed decoder std for likelihood=gaussian", min=0.0, min_exclusive=True)
-    prior: str = opt("normal", "prior p(z): normal is N(0, I)", choices=PRIORS)
-    hidden: int = opt(400, "mlp: hidden units (the classic 784-400-z)", min=1)
+    prior: str = opt("normal", "prior p(z): normal is N(0, I), vamp the VampPrior (Tomczak & Welling 2018)",
+                     choices=PRIORS)
+    vamp_components: int = opt(500, "prior=vamp: pseudo-inputs K (the paper's 500 for MNIST)", min=1)
+    hidden: list[int] = opt([400], "mlp: units of each hidden layer, encoder order (the classic 784-400-z); "
+                                   "the decoder mirrors them")
+    activation: str = opt("relu", "mlp: activation between its layers", choices=ACTIVATIONS)
     base_width: int = opt(32, "conv: channels of the first conv layer", min=1)
     channel_mults: list[int] = opt([1, 2, 4], "conv: width multipliers, one per 4x4 stride-2 layer")
 
 
 @dataclass
 class LossConfig:
-    objective: str = opt("elbo", "how the loss is estimated: elbo (one reparameterised sample per image)",
-                         choices=OBJECTIVES)
+    objective: str = opt("elbo", "elbo (one reparameterised sample per image) or iwae (importance-weighted "
+                                 "bound with loss.k samples)", choices=OBJECTIVES)
+    k: int = opt(1, "objective=iwae: importance samples per image (Burda et al. 2016: 5 or 50)", min=1, max=5000)
     regulariser: str = opt("kl", "latent term: kl (beta * KL) or mmd (beta * KL + mmd_weight * MMD, InfoVAE)",
                            choices=REGULARISERS)
     beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
@@ -96,7 +104,13 @@ class LossConfig:
 class TrainConfig:
     steps: int = opt(5000, "optimizer steps in total", min=1)
     batch_size: int = opt(128, "global batch size, split evenly across processes", min=1)
-    lr: float = opt(1e-3, "Adam learning rate", min=0.0, min_exclusive=True)
+    lr: float = opt(1e-3, "Adam learning rate (the peak, with a schedule)", min=0.0, min_exclusive=True)
+    lr_schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    warmup_steps: int = opt(0, "linear learning-rate warm-up from 0 over this many steps (0: off)", min=0)
+    lr_min_ratio: float = opt(0.0, "cosine: the final learning rate as a fraction of train.lr", min=0.0, max=1.0)
+    lr_decay: float = opt(0.1, "exponential, step: factor per train.lr_decay_steps", min=0.0, max=1.0,
+                          min_exclusive=True)
+    lr_decay_steps: int = opt(1000, "exponential, step: steps per factor of train.lr_decay", min=1)
     weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", min=0.0)
     seed: int = opt(0, "seed for initialisation, noise and data order", min=0)
@@ -182,7 +196,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     elif t is str:
         if not isinstance(value, str):
             raise bad
-    else:  # list[int]
+    else:  # list[int]; a single integer is a list of one (model.hidden: 400, as configs wrote it before lists)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
         if not isinstance(value, list) or not value or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
             raise UserError(f"{key}: got {value!r}, expected a non-empty list of positive integers")
@@ -222,6 +238,11 @@ def build_config(tree: dict[str, Any]) -> Config:
 def _check_together(cfg: Config) -> None:
     """Keys that only make sense together: a weight for a term that the chosen regulariser does not have."""
     loss = cfg.loss
+    if loss.objective == "iwae" and loss.regulariser != "kl":
+        raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
+                        f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
+    if loss.objective != "iwae" and loss.k > 1:
+        raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
     if loss.regulariser == "mmd" and loss.mmd_weight == 0:
         raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
                         "loss.regulariser=kl")
@@ -309,6 +330,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         node = tree.setdefault(section, {})
         if node is None:
             node = tree[section] = {}
+        if not isinstance(node, dict):
+            raise UserError(f"config section '{section}' must be a mapping of keys, got {node!r}")
         node[name] = value
     return build_config(tree)
 

@@ -5,11 +5,13 @@ the given factor classes (N, 5) — a model's posterior means, or, for the
 known-answer tests, the factors themselves or noise. Defaults are the sample
 sizes of the papers (as in disentanglement_lib); smaller ones make them cheap.
 
-- β-VAE metric (Higgins et al. 2017): accuracy of a linear classifier that
-  predicts which factor was held fixed from the mean |z1 − z2| over pairs of
-  images sharing that factor. Chance is 1/5.
+- β-VAE metric (Higgins et al. 2017): accuracy of a linear classifier
+  (scikit-learn's logistic regression with its defaults, as disentanglement_lib)
+  that predicts which factor was held fixed from the mean |z1 − z2| over pairs
+  of images; the two images of a pair share that factor's value, which differs
+  from pair to pair. Chance is 1/5.
 - FactorVAE metric (Kim & Mnih 2018): with codes scaled by their global std and
-  collapsed dimensions (variance < 0.05) dropped, the dimension of least variance
+  collapsed dimensions (std < 0.05) dropped, the dimension of least variance
   among images sharing a factor votes for that factor; accuracy of the
   majority-vote classifier.
 - MIG (Chen et al. 2018): per factor, the gap between the two largest mutual
@@ -19,9 +21,12 @@ sizes of the papers (as in disentanglement_lib); smaller ones make them cheap.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 
 from utils.dsprites import FACTOR_SIZES
 
@@ -35,7 +40,8 @@ def random_classes(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _fixed_factor_batches(n_points: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(factor index per point (P,), classes (P, batch, 5) sharing that factor's value within each point)."""
+    """(factor index per point (P,), classes (P, batch, 5) sharing that factor's value within each point): the
+    FactorVAE metric's batches."""
     k = torch.randint(N_FACTORS, (n_points,), generator=g)
     classes = random_classes(n_points * batch, g).view(n_points, batch, N_FACTORS)
     value = torch.stack([torch.randint(FACTOR_SIZES[f], (1,), generator=g)[0] for f in k.tolist()])
@@ -44,45 +50,44 @@ def _fixed_factor_batches(n_points: int, batch: int, g: torch.Generator) -> tupl
 
 
 def _linear_classifier_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_eval: torch.Tensor,
-                                y_eval: torch.Tensor, n_classes: int) -> tuple[float, float]:
-    """Multinomial logistic regression (L-BFGS, light L2), as the β-VAE metric prescribes a linear classifier."""
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-8)
-    xt, xe = (x_train - mean) / std, (x_eval - mean) / std
-    w = torch.zeros(xt.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+                                y_eval: torch.Tensor, seed: int) -> tuple[float, float]:
+    """(train, eval) accuracy of scikit-learn's default logistic regression, as disentanglement_lib fits it."""
+    model = LogisticRegression(random_state=seed)
+    with warnings.catch_warnings():  # its default 100 iterations may stop short of convergence, as there
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x_train.double().numpy(), y_train.numpy())
+    return (float(model.score(x_train.double().numpy(), y_train.numpy())),
+            float(model.score(x_eval.double().numpy(), y_eval.numpy())))
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xt @ w + b, y_train) + 1e-4 * w.pow(2).sum()
-        loss.backward()
-        return loss
 
-    opt.step(closure)
-    with torch.no_grad():
-        return ((xt @ w + b).argmax(1) == y_train).float().mean().item(), \
-            ((xe @ w + b).argmax(1) == y_eval).float().mean().item()
+def beta_vae_pairs(n: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fixed factor per point (n,), first and second classes (n, batch, 5)): in each of the batch pairs the two
+    images share the fixed factor's value; the other factors, and that value, are drawn anew for every pair."""
+    k = torch.randint(N_FACTORS, (n,), generator=g)
+    first = random_classes(n * batch, g).view(n, batch, N_FACTORS)
+    second = random_classes(n * batch, g).view(n, batch, N_FACTORS)
+    second[torch.arange(n), :, k] = first[torch.arange(n), :, k]
+    return k, first, second
 
 
 def beta_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
                     n_eval: int = 5_000) -> dict[str, float]:
     def points(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, first = _fixed_factor_batches(n, batch, g)
-        second = random_classes(n * batch, g).view(n, batch, N_FACTORS)
-        second[torch.arange(n), :, k] = first[torch.arange(n), :, k]
+        k, first, second = beta_vae_pairs(n, batch, g)
         z1, z2 = codes(first.flatten(0, 1)), codes(second.flatten(0, 1))
         return (z1 - z2).abs().view(n, batch, -1).mean(1), k
 
     x_tr, y_tr = points(n_train)
     x_ev, y_ev = points(n_eval)
-    train_acc, eval_acc = _linear_classifier_accuracy(x_tr, y_tr, x_ev, y_ev, N_FACTORS)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+    train_acc, eval_acc = _linear_classifier_accuracy(x_tr, y_tr, x_ev, y_ev, seed)
     return {"train_accuracy": train_acc, "eval_accuracy": eval_acc}
 
 
 def factor_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
                       n_eval: int = 5_000, n_variance: int = 10_000, prune: float = 0.05) -> dict[str, float]:
     global_var = codes(random_classes(n_variance, g)).var(0)
-    active = global_var >= prune
+    active = global_var.sqrt() >= prune  # disentanglement_lib prunes by standard deviation
     if not active.any():
         return {"train_accuracy": 0.0, "eval_accuracy": 0.0, "active_dims": 0}
     scale = global_var.sqrt()

@@ -50,7 +50,10 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
     Used by the trainer every ``eval_every`` steps: each global batch is split
     across processes exactly as in training, so a batch's optimal σ is the same
     for any number of processes. Noise comes from a forked RNG: evaluating never
-    changes the training run's random stream. (evaluate.py adds dequantisation.)
+    changes the training run's random stream. Continuous likelihoods see the
+    dequantised images and their ``elbo``, ``nll`` and ``bpd`` are moved to the
+    8-bit scale, the bound evaluate.py reports (``rec``, ``kl`` and ``loss`` are the
+    training terms on those images).
     """
     rank = accelerator.process_index
     n = len(data) if limit <= 0 else min(limit, len(data))
@@ -58,11 +61,13 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    continuous = accelerator.unwrap_model(model).likelihood.continuous
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + rank)
+        g = torch.Generator(device=accelerator.device).manual_seed(seed + 7919 * (rank + 1))
         for idx in _shares(n, batch_size, accelerator):
-            terms = model(data.batch(idx))
+            terms = model(_prepare(data.batch(idx), continuous, g, binarize=False))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             count += len(idx)
@@ -72,9 +77,10 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
                                                                                     device=accelerator.device)]))
     out = dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))
     d = math.prod(data.shape)
-    likelihood = accelerator.unwrap_model(model).likelihood
-    # bits per dimension; continuous densities on [0, 1] are moved to the 8-bit scale (+ log2 256 = 8)
-    out["bpd"] = -out["elbo"] / (d * math.log(2)) + (8.0 if likelihood.continuous else 0.0)
+    if continuous:  # a density on [0, 1]: onto the 8-bit scale, an upper bound on the 8-bit image's NLL
+        out["elbo"] -= d * LOG_256
+        out["nll"] += d * LOG_256
+    out["bpd"] = -out["elbo"] / (d * math.log(2))
     return out
 
 
@@ -174,7 +180,7 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
         x = data.batch(idx)
         mu, logvar = vae.encode(x)
         means.append(mu.float())
-        kls.append(vae.prior.kl_per_dim(mu.float(), logvar.float()))
+        kls.append(vae.prior.dimension_kl(mu.float(), logvar.float()))
         err = (vae.decode(mu) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
@@ -184,4 +190,5 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
     variance = means.var(0)
     return {"active_units": int((variance > threshold).sum()), "z_dim": vae.z_dim,
             "variance": variance.tolist(), "kl_per_dim": kl.tolist(), "kl": kl.sum().item(),
+            "kl_to": "prior" if vae.prior.kl_per_dim(mu[:1].float(), logvar[:1].float()) is not None else "N(0, I)",
             "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item()}

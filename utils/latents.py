@@ -52,7 +52,7 @@ def posterior_stats(model: VAE, data: Images, batch_size: int = 500, limit: int 
         x = data.batch(torch.arange(start, min(start + batch_size, n))).to(device)
         mu, logvar = model.encode(x)
         means.append(mu.float())
-        kl_sum += model.prior.kl_per_dim(mu.float(), logvar.float()).sum(0)
+        kl_sum += model.prior.dimension_kl(mu.float(), logvar.float()).sum(0)
     return torch.cat(means), kl_sum / n
 
 

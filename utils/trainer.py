@@ -36,6 +36,7 @@ from utils.evaluation import elbo_terms
 from utils.images import save_grid, save_pairs
 from utils.optim import StepGuard, clip_and_norm, make_optimizer
 from utils.run import MetricsLog, create_run_dir, save_weights, write_atomic
+from utils.schedules import Schedule, build_schedule
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Session:
     train_set: Images
     test_set: Images
     memory_format: torch.memory_format
-    fixed_z: torch.Tensor           # (64, z) prior draws for the sample grids, the same at every step
+    schedule: Schedule              # the learning rate of each step, a pure function of the step
     fixed_x: torch.Tensor           # (32, C, H, W) test images for the reconstruction grids
     log: MetricsLog | None          # metrics.jsonl, on the main process
     start: int                      # the first step to run (the checkpoint's, on resume)
@@ -82,6 +83,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             norm = clip_and_norm(acc, s.model, t.grad_clip)
             bad = guard.check(terms["loss"], norm, acc)  # decided on the device: no host sync
             guard.skip_if(s.optimizer, bad, acc.scaler)
+            set_lr(s.optimizer, t.lr * s.schedule.factor(step))
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             meter.add(terms, bad)
@@ -92,7 +94,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 log_train(s, meter, guard, bar, done)
             check_divergence(s, guard, done)
             if every(done, t.sample_every, t.steps) and acc.is_main_process:
-                save_grids(s.vae, s.fixed_z, s.fixed_x, run_dir / "samples", done)
+                save_grids(s.vae, t.seed, s.fixed_x, run_dir / "samples", done)
             if every(done, t.eval_every, t.steps):
                 log_test(s, bar, done)
             if every(done, t.save_every, t.steps):
@@ -123,7 +125,6 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     acc.wait_for_everyone()
     device = acc.device
     train_set, test_set = train_set.to(device), test_set.to(device)
-    fixed_z = vae.prior.sample(64, torch.Generator().manual_seed(t.seed)).to(device)
     fixed_x = test_set.batch(torch.arange(min(32, len(test_set)), device=device))
     set_seed(t.seed, device_specific=True)  # different reparameterisation noise on each process
     start = 0
@@ -139,7 +140,13 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
               f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
-    return Session(cfg, run_dir, acc, vae, model, optimizer, train_set, test_set, fmt, fixed_z, fixed_x, log, start)
+    return Session(cfg, run_dir, acc, vae, model, optimizer, train_set, test_set, fmt, build_schedule(t), fixed_x, log,
+                   start)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def every(done: int, k: int, last: int) -> bool:
@@ -184,6 +191,7 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
     """Training terms since the last log to the progress bar, the trackers and metrics.jsonl."""
     stats = meter.read(s.accelerator)
     stats["kl_weight"] = s.vae.kl_weight(done - 1)
+    stats["lr"] = s.cfg.train.lr * s.schedule.factor(done - 1)
     stats["bad_steps"] = int(guard.total)
     memory = peak_memory_mb(s.accelerator.device)
     if memory is not None:
@@ -205,11 +213,13 @@ def log_test(s: Session, bar: tqdm, done: int) -> None:
 
 
 @torch.no_grad()
-def save_grids(vae: VAE, z: torch.Tensor, test_x: torch.Tensor, out_dir: Path, step: int) -> None:
-    """Prior samples from fixed noise, and test images above their posterior-mean reconstructions."""
+def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, out_dir: Path, step: int) -> None:
+    """64 prior samples drawn with the same seed at every step (a learned prior is asked anew), and test
+    images above their posterior-mean reconstructions."""
     was_training = vae.training
     vae.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    z = vae.prior.sample(64, torch.Generator().manual_seed(seed)).to(test_x.device)
     save_grid(vae.decode(z), out_dir / f"step_{step:07d}_samples.png", per_row=8)
     save_pairs(test_x, vae.decode(vae.encode(test_x)[0]), out_dir / f"step_{step:07d}_recon.png")
     vae.train(was_training)
