@@ -102,7 +102,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, needles", CASES, ids=[" ".join(map(str, a))[:40] for a, _ in CASES])
-def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path):
+def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path, real_data):
     (tmp_path / "bad.yaml").write_text("model:\n  z_dim: 4\n likelihood: [\n")
     (tmp_path / "list.yaml").write_text("- train\n- model\n")
     (tmp_path / "scalar.yaml").write_text("train: 5\n")

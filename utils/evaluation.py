@@ -44,7 +44,7 @@ def _prepare(x: torch.Tensor, continuous: bool, g: torch.Generator | None, binar
 
 @torch.no_grad()
 def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerator: Accelerator,
-               limit: int = 0, seed: int = 0) -> dict[str, float]:
+               limit: int = 0, seed: int = 0, binarize: bool = False) -> dict[str, float]:
     """The model's loss terms on held-out data, and ELBO in nats per image and bits per dimension.
 
     Used by the trainer every ``eval_every`` steps: each global batch is split
@@ -53,7 +53,8 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
     changes the training run's random stream. Continuous likelihoods see the
     dequantised images and their ``elbo``, ``nll`` and ``bpd`` are moved to the
     8-bit scale, the bound evaluate.py reports (``rec``, ``kl`` and ``loss`` are the
-    training terms on those images).
+    training terms on those images). ``binarize`` (a run on ``data.binarize``) binarises
+    the test images with a fixed seed, as ``evaluate.py --binarize``.
     """
     rank = accelerator.process_index
     n = len(data) if limit <= 0 else min(limit, len(data))
@@ -61,13 +62,13 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    continuous = accelerator.unwrap_model(model).likelihood.continuous
+    continuous = accelerator.unwrap_model(model).likelihood.continuous and not binarize
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + rank)
         g = torch.Generator(device=accelerator.device).manual_seed(seed + 7919 * (rank + 1))
         for idx in _shares(n, batch_size, accelerator):
-            terms = model(_prepare(data.batch(idx), continuous, g, binarize=False))
+            terms = model(_prepare(data.batch(idx), continuous, g, binarize))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             count += len(idx)

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     batches = train_batches(s.train_set, BatchOrder(len(s.train_set), t.batch_size, t.seed), s.start, t.steps,
                             acc.process_index, acc.num_processes, acc.device, cfg.data.num_workers)
     bar = tqdm(total=t.steps, initial=s.start, disable=not acc.is_main_process, mininterval=2.0)
-    with GracefulStop(announce=acc.is_main_process) as stop, bar:  # the bar closes before any error
+    # the bar closes before any error; closing the batches stops DataLoader workers at once when the loop fails
+    with GracefulStop(announce=acc.is_main_process) as stop, bar, closing(batches):
         for step in range(s.start, t.steps):
             # Forward and loss.
             x = to_inputs(next(batches), cfg.data, s.memory_format)  # (B/processes, C, H, W) in [0, 1]
@@ -205,7 +207,8 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
 def log_test(s: Session, bar: tqdm, done: int) -> None:
     """The held-out ELBO (nats per image, bits per dimension) to the trackers and metrics.jsonl."""
     t = s.cfg.train
-    stats = elbo_terms(s.model, s.test_set, t.batch_size, s.accelerator, t.eval_samples, t.seed)
+    stats = elbo_terms(s.model, s.test_set, t.batch_size, s.accelerator, t.eval_samples, t.seed,
+                       binarize=s.cfg.data.binarize)
     s.accelerator.log({f"test/{k}": v for k, v in stats.items()}, step=done)
     if s.log:
         s.log.write({"step": done, "split": "test", **stats})
