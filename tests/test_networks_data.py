@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.networks import build_networks
+from models.networks import ResBlock, build_networks
 from utils.batching import BatchOrder, shard
 from utils.config import DataConfig, ModelConfig
 from utils.data import load_data
 from utils.errors import UserError
 
 
-@pytest.mark.parametrize("net", ["mlp", "conv"])
+@pytest.mark.parametrize("net", ["mlp", "conv", "resconv"])
 @pytest.mark.parametrize("size", [28, 32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("n_params", [1, 2])
@@ -23,6 +23,33 @@ def test_network_shapes(net, size, channels, n_params):
     mu, logvar = enc(torch.rand(2, channels, size, size))
     assert mu.shape == logvar.shape == (2, 5)
     assert dec(mu).shape == (2, channels * n_params, size, size)
+
+
+def test_residual_block_starts_as_the_identity_and_learns_away_from_it():
+    torch.manual_seed(0)
+    block, x = ResBlock(4, "relu"), torch.randn(3, 4, 8, 8)
+    assert torch.equal(block(x), x)
+    target = torch.randn(3, 4, 8, 8)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    before = (block(x) - target).square().mean().item()
+    for _ in range(5):
+        opt.zero_grad()
+        (block(x) - target).square().mean().backward()
+        opt.step()
+    assert (block(x) - target).square().mean().item() < before
+
+
+def test_residual_network_codes_one_image_independently_of_its_batch():
+    """No batch norm in resconv: an image's code and decoding are the same alone or in a batch of 8."""
+    torch.manual_seed(0)
+    enc, dec = build_networks(ModelConfig(net="resconv", z_dim=3, base_width=4, channel_mults=[1, 2], res_blocks=2),
+                              (1, 28, 28), 1)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        mu, _ = enc(x)
+        alone, _ = enc(x[:1])
+        torch.testing.assert_close(alone, mu[:1])
+        torch.testing.assert_close(dec(mu[:1]), dec(mu)[:1])
 
 
 def test_conv_geometry_error_names_the_fix():

@@ -1,16 +1,19 @@
 """The parts strong recipes are made of, against known answers: the importance-weighted objective, the VampPrior,
-learning-rate schedules (also across a resume), and deeper fully connected networks."""
+learning-rate schedules (also across a resume), deeper fully connected networks, and the moving average of the
+weights (also across a resume)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from conftest import DATA, FAST, REPO, run_script
+from conftest import DATA, FAST, REPO, run_script, train, train_cli
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.objectives import gaussian_log_density
 from models.priors import VampPrior
@@ -171,3 +174,34 @@ def test_deeper_mlp_and_its_activation():
     classic = VAE(load_config(None, []), (1, 28, 28))  # the weights' names of the classic MLP are unchanged
     assert {k for k in classic.state_dict() if k.startswith("encoder")} == {
         "encoder.net.1.weight", "encoder.net.1.bias", "encoder.net.3.weight", "encoder.net.3.bias"}
+
+
+def test_moving_average_of_the_weights_by_hand_and_across_a_resume(tmp_path, real_data):
+    """With decay 0.5 the saved weights after 3 steps are θ1/4 + θ2/4 + θ3/2 of the raw weights θt (which each
+    step's checkpoint holds); a run stopped at step 2 and resumed ends bit-identical to the unbroken one."""
+    common = ["train.ema_decay=0.5", "model.hidden=32", "train.keep_checkpoints=0", "train.save_every=1",
+              "train.eval_every=3", "train.sample_every=3"]
+    train(tmp_path / "full", extra=[*common, "train.steps=3"])
+    raw = [load_file(tmp_path / "full" / "checkpoints" / f"step_{t:07d}" / "model.safetensors") for t in (1, 2, 3)]
+    saved = load_file(tmp_path / "full" / "model.safetensors")
+    assert saved.keys() == raw[0].keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], raw[0][k] / 4 + raw[1][k] / 4 + raw[2][k] / 2)
+    assert not torch.equal(saved["decoder.net.0.weight"], raw[2]["decoder.net.0.weight"])
+    ema = load_file(tmp_path / "full" / "checkpoints" / "step_0000003" / "ema.safetensors")
+    assert all(torch.equal(ema[f"module.{k}"], saved[k]) for k in saved) and int(ema["n_averaged"]) == 3
+
+    train(tmp_path / "part", extra=[*common, "train.steps=2"])
+    res = train_cli(["-r", "latest", "-e", str(tmp_path / "part"), "train.steps=3"])
+    assert res.returncode == 0 and "at step 2" in res.stdout, res.stderr[-2000:]
+    resumed = load_file(tmp_path / "part" / "model.safetensors")
+    assert all(torch.equal(resumed[k], saved[k]) for k in saved)
+
+
+def test_moving_average_cannot_appear_on_resume(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    res = train_cli(["-r", "latest", "-e", str(run), "train.steps=4", "train.ema_decay=0.9"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {run / 'checkpoints' / 'step_0000002'} has no moving average of the weights "
+        f"(ema.safetensors): resume with train.ema_decay=0, as the run was started")

@@ -82,9 +82,10 @@ class ModelConfig:
     vamp_components: int = opt(500, "prior=vamp: pseudo-inputs K (the paper's 500 for MNIST)", min=1)
     hidden: list[int] = opt([400], "mlp: units of each hidden layer, encoder order (the classic 784-400-z); "
                                    "the decoder mirrors them")
-    activation: str = opt("relu", "mlp: activation between its layers", choices=ACTIVATIONS)
-    base_width: int = opt(32, "conv: channels of the first conv layer", min=1)
-    channel_mults: list[int] = opt([1, 2, 4], "conv: width multipliers, one per 4x4 stride-2 layer")
+    activation: str = opt("relu", "mlp, resconv: activation between layers", choices=ACTIVATIONS)
+    base_width: int = opt(32, "conv, resconv: channels of the first conv layer", min=1)
+    channel_mults: list[int] = opt([1, 2, 4], "conv, resconv: width multipliers, one per 4x4 stride-2 layer")
+    res_blocks: int = opt(1, "resconv: residual blocks at each resolution", min=0, max=64)
 
 
 @dataclass
@@ -112,6 +113,9 @@ class TrainConfig:
                           min_exclusive=True)
     lr_decay_steps: int = opt(1000, "exponential, step: steps per factor of train.lr_decay", min=1)
     weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
+    ema_decay: float = opt(0.0, "exponential moving average of the weights with this decay per step (0: off; "
+                                "0.999 is common): the test ELBO, grids and model.safetensors use the average",
+                           min=0.0, max=0.999999)
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", min=0.0)
     seed: int = opt(0, "seed for initialisation, noise and data order", min=0)
     mixed_precision: str = opt("launcher", "no, fp16, bf16, or launcher: take accelerate's setting",

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 try:
@@ -57,6 +58,12 @@ class Session:
     fixed_x: torch.Tensor           # (32, C, H, W) test images for the reconstruction grids
     log: MetricsLog | None          # metrics.jsonl, on the main process
     start: int                      # the first step to run (the checkpoint's, on resume)
+    ema: AveragedModel | None       # the weights' moving average (train.ema_decay), or None
+
+    @property
+    def final(self) -> VAE:
+        """The model that is evaluated, drawn from and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.vae
 
 
 def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: bool = False) -> None:
@@ -88,6 +95,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             set_lr(s.optimizer, t.lr * s.schedule.factor(step))
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+            if s.ema is not None:
+                s.ema.update_parameters(s.vae)
             meter.add(terms, bad)
             done = step + 1
             bar.update(1)
@@ -96,11 +105,11 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 log_train(s, meter, guard, bar, done)
             check_divergence(s, guard, done)
             if every(done, t.sample_every, t.steps) and acc.is_main_process:
-                save_grids(s.vae, t.seed, s.fixed_x, run_dir / "samples", done)
+                save_grids(s.final, t.seed, s.fixed_x, run_dir / "samples", done)
             if every(done, t.eval_every, t.steps):
                 log_test(s, bar, done)
             if every(done, t.save_every, t.steps):
-                save_checkpoint(acc, run_dir, done, t.keep_checkpoints)
+                save_checkpoint(acc, run_dir, done, t.keep_checkpoints, s.ema)
                 saved_at = done
             if stop_agreed(stop, acc, done):
                 break
@@ -118,10 +127,13 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     set_seed(t.seed)  # same initial weights on every process and for any process count
     train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     vae = VAE(cfg, train_set.shape)
-    fmt = torch.channels_last if t.channels_last and cfg.model.net == "conv" else torch.contiguous_format
+    fmt = torch.channels_last if t.channels_last and cfg.model.net in ("conv", "resconv") else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
     optimizer = make_optimizer(vae.parameters(), t)
     model, optimizer = acc.prepare(torch.compile(vae) if t.compile else vae, optimizer)
+    ema = None
+    if t.ema_decay > 0:  # a copy on the device; its first update copies the weights, later ones interpolate
+        ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     if acc.is_main_process and resume is None:  # only now, with data and model known good:
         create_run_dir(run_dir, config_yaml(cfg), overwrite)  # a failed start leaves nothing behind
     acc.wait_for_everyone()
@@ -131,7 +143,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     set_seed(t.seed, device_specific=True)  # different reparameterisation noise on each process
     start = 0
     if resume is not None:
-        start = load_checkpoint(acc, resume, vae)
+        start = load_checkpoint(acc, resume, vae, ema)
         if acc.is_main_process:  # the run's config changes only once its checkpoint has loaded
             write_atomic(run_dir / "config.yaml", config_yaml(cfg))
             supersede_newer(run_dir, start)
@@ -143,7 +155,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
               f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
     return Session(cfg, run_dir, acc, vae, model, optimizer, train_set, test_set, fmt, build_schedule(t), fixed_x, log,
-                   start)
+                   start, ema)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -207,7 +219,8 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
 def log_test(s: Session, bar: tqdm, done: int) -> None:
     """The held-out ELBO (nats per image, bits per dimension) to the trackers and metrics.jsonl."""
     t = s.cfg.train
-    stats = elbo_terms(s.model, s.test_set, t.batch_size, s.accelerator, t.eval_samples, t.seed,
+    model = s.model if s.ema is None else s.ema.module
+    stats = elbo_terms(model, s.test_set, t.batch_size, s.accelerator, t.eval_samples, t.seed,
                        binarize=s.cfg.data.binarize)
     s.accelerator.log({f"test/{k}": v for k, v in stats.items()}, step=done)
     if s.log:
@@ -250,13 +263,14 @@ def finish(s: Session, stop: GracefulStop, done: int, saved_at: int) -> None:
     acc = s.accelerator
     if done < s.cfg.train.steps:
         keep = s.cfg.train.keep_checkpoints
-        ckpt = checkpoint_dir(s.run_dir, done) if saved_at == done else save_checkpoint(acc, s.run_dir, done, keep)
+        ckpt = checkpoint_dir(s.run_dir, done) if saved_at == done else save_checkpoint(acc, s.run_dir, done, keep,
+                                                                                         s.ema)
         acc.end_training()
         signum = stop.signum or signal.SIGTERM  # a process may stop because another one was signalled
         raise Interrupted(f"{signal.Signals(signum).name} at step {done}: saved {ckpt}; resume with "
                           f"python train_vae.py -r latest -e {s.run_dir}", signum)
     if acc.is_main_process:
-        save_weights(s.vae, s.run_dir, done)
+        save_weights(s.final, s.run_dir, done)
         acc.print(f"done: {s.run_dir / 'model.safetensors'}")
     acc.end_training()
 
