@@ -46,7 +46,8 @@ def table(results: dict) -> str:
     if "nll" in results or "elbo" in results:
         b = results.get("nll") or results["elbo"]
         rows.append(("ELBO", f"{b['elbo']:.2f} nats  ({b['elbo_bpd']:.4f} bits/dim)  rec {b['rec']:.2f}, "
-                             f"KL {b['kl']:.2f}"))
+                             f"KL {b['kl']:.2f}" + ("" if b["kl_estimate"] == "closed form" else
+                                                    f" ({b['kl_estimate']})")))
         if "nll" in results:
             rows.append((f"NLL (IWAE, k={b['k']})", f"{b['nll']:.2f} nats  ({b['nll_bpd']:.4f} bits/dim)"))
         how = "dequantised, 8-bit scale" if b["dequantised"] else ("binarised" if b["binarised"] else "as is")
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> None:
             bounds = likelihood_bounds(vae, test, k, accelerator, args.batch_size, limit=args.n_test,
                                        seed=args.seed, binarize=args.binarize, progress=bar)
         results["elbo"] = {key: bounds[key] for key in ("elbo", "rec", "kl", "elbo_bpd", "n", "dequantised",
-                                                         "binarised")}
+                                                         "binarised", "kl_estimate")}
         if "nll" in metrics:
             results["nll"] = bounds
     if "au" in metrics or "recon" in metrics:

@@ -19,6 +19,7 @@ from models.objectives import gaussian_log_density
 from models.priors import VampPrior
 from models.vae import VAE
 from utils.config import load_config
+from utils.evaluation import kl_estimate
 from utils.schedules import build_schedule
 
 
@@ -123,6 +124,9 @@ def test_vamp_prior_in_a_vae_is_trained_and_estimates_the_kl():
     assert terms["kl"].item() == pytest.approx(mc.item(), rel=1e-5)
     terms["loss"].backward()
     assert vae.prior.pseudo.grad is not None and vae.prior.pseudo.grad.abs().sum() > 0
+    # evaluate.py says which KL it reports
+    assert kl_estimate(vae) == "Monte Carlo, one sample per image"
+    assert kl_estimate(VAE(load_config(None, ["model.z_dim=3", "model.hidden=8"]), (1, 4, 4))) == "closed form"
 
 
 def lr_by_hand(schedule: str, step: int) -> float:

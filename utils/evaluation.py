@@ -168,7 +168,14 @@ def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, 
     d_ln2 = math.prod(data.shape) * math.log(2)
     return {"elbo": -(rec + kl), "rec": rec, "kl": kl, "nll": nll, "elbo_bpd": (rec + kl) / d_ln2,
             "nll_bpd": nll / d_ln2, "k": k, "n": int(sums[3].item()), "dequantised": continuous,
-            "binarised": binarize}
+            "binarised": binarize, "kl_estimate": kl_estimate(vae)}
+
+
+def kl_estimate(vae: VAE) -> str:
+    """How the reported KL was computed: in closed form, or (a prior without one, the VampPrior) from one
+    sample z ~ q(z|x) per image, log q(z|x) − log p(z)."""
+    z = torch.zeros(1, vae.prior.z_dim)
+    return "closed form" if vae.prior.kl_per_dim(z, z) is not None else "Monte Carlo, one sample per image"
 
 
 @torch.no_grad()
