@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models.regularisers import Codes
+
 if TYPE_CHECKING:
     from models.vae import VAE
     from utils.config import LossConfig
@@ -67,7 +69,7 @@ class ELBO(Objective):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             lik = vae.likelihood(x, out)                             # (B,) terms
             kl = kl_divergence(vae, mu, logvar, z)                   # (B,)
-            penalty, extra = vae.regulariser(kl, z, vae.prior, step)
+            penalty, extra = vae.regulariser(kl, Codes(z, mu, logvar), vae.prior, step)
             terms = {"rec": lik.rec.mean(), "kl": kl.mean(), "nll": lik.nll.mean(),
                      "elbo": -(lik.nll + kl).mean(), **extra}
             if lik.log_sigma is not None:

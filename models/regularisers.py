@@ -1,22 +1,29 @@
 """Latent regularisers, chosen by ``loss.regulariser``: the term the objective adds to the reconstruction.
 
-    kl    β_t · KL(q(z|x) || p(z))                          VAE (β = 1), β-VAE (Higgins et al. 2017)
-    mmd   β_t · KL(q(z|x) || p(z)) + λ · MMD(q(z) || p(z))   InfoVAE (Zhao et al. 2019); β = 0 is the MMD-VAE
+    kl      β_t · KL(q(z|x) || p(z))                          VAE (β = 1), β-VAE (Higgins et al. 2017)
+    mmd     β_t · KL(q(z|x) || p(z)) + λ · MMD(q(z) || p(z))   InfoVAE (Zhao et al. 2019); β = 0 is the MMD-VAE
+    tcvae   w_t · (KL + (β − 1) · TC)                           β-TCVAE (Chen et al. 2018), models/tcvae.py
+    dip_i   β_t · KL + λ_od Σ_i≠j C_ij² + λ_d Σ_i (C_ii − 1)²   DIP-VAE-I (Kumar et al. 2018), C = Cov[E[z|x]]
+    dip_ii  as dip_i with C = Cov_q(z)[z]                       DIP-VAE-II
 
 β_t is ``loss.beta`` after the linear warm-up of ``loss.kl_warmup_steps``. The
 objective hands each regulariser the per-image KL it already computed (closed
-form where the prior has one, else a Monte Carlo estimate), the sampled codes and
-the prior, so a new regulariser is one class and one ``REGULARISERS`` entry.
+form where the prior has one, else a Monte Carlo estimate), the sampled codes with
+their posterior's parameters, and the prior, so a new regulariser is one class and
+one ``REGULARISERS`` entry.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from models.priors import Prior
+from utils.errors import UserError
 
 if TYPE_CHECKING:
     from utils.config import LossConfig
@@ -38,6 +45,7 @@ def rbf_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 KERNELS = {"imq": imq_kernel, "rbf": rbf_kernel}
+TC_ESTIMATORS = ("mss", "mws")  # see log_importance_weights
 
 
 def mmd(z: torch.Tensor, prior: torch.Tensor, kind: str = "imq") -> torch.Tensor:
@@ -51,6 +59,15 @@ def mmd(z: torch.Tensor, prior: torch.Tensor, kind: str = "imq") -> torch.Tensor
     k_zz = (kernel(z, z) * off).sum() / (n * (n - 1))
     k_pp = (kernel(prior, prior) * off).sum() / (n * (n - 1))
     return k_zz + k_pp - 2.0 * kernel(z, prior).mean()
+
+
+@dataclass
+class Codes:
+    """What the objective drew for a batch: z ~ q(z|x) and the posterior's parameters, each (B, z), fp32."""
+
+    z: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
 
 
 class Regulariser(nn.Module):
@@ -70,7 +87,7 @@ class Regulariser(nn.Module):
             return self.beta
         return self.beta * min(1.0, step / self.warmup)
 
-    def forward(self, kl: torch.Tensor, z: torch.Tensor, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.kl_weight(step) * kl.mean(), {}
 
@@ -86,16 +103,123 @@ class MMD(Regulariser):
         super().__init__(loss)
         self.weight, self.kernel = loss.mmd_weight, loss.mmd_kernel
 
-    def forward(self, kl: torch.Tensor, z: torch.Tensor, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        penalty, _ = super().forward(kl, z, prior, step)
+        penalty, _ = super().forward(kl, codes, prior, step)
+        z = codes.z
         value = mmd(z, prior.sample(len(z), device=z.device).to(z.dtype), self.kernel)
         return penalty + self.weight * value, {"mmd": value}
+
+
+def covariance(x: torch.Tensor) -> torch.Tensor:
+    """E[x xᵀ] − E[x] E[x]ᵀ over the batch (the biased estimate, as disentanglement_lib), (d, d) for x (B, d)."""
+    centred = x - x.mean(0)
+    return centred.T @ centred / len(x)
+
+
+class DIP(Regulariser):
+    """β_t · KL + λ_od · Σ_i≠j C_ij² + λ_d · Σ_i (C_ii − 1)² (Kumar et al. 2018): pushes a covariance of the
+    codes towards the identity, the prior's. DIP-VAE-I takes C = Cov[E_q[z|x]] (the means' covariance),
+    DIP-VAE-II C = Cov_q(z)[z] = E[Σ(x)] + Cov[E_q[z|x]]; both over the batch, as disentanglement_lib."""
+
+    second_moment = False
+
+    def __init__(self, loss: LossConfig):
+        super().__init__(loss)
+        self.lambda_od, self.lambda_d = loss.dip_lambda_od, loss.dip_lambda_d
+
+    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+                step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        penalty, _ = super().forward(kl, codes, prior, step)
+        c = covariance(codes.mu)
+        if self.second_moment:
+            c = c + torch.diag(codes.logvar.exp().mean(0))
+        diag = torch.diagonal(c)
+        off = (c.pow(2).sum() - diag.pow(2).sum())
+        on = (diag - 1).pow(2).sum()
+        return penalty + self.lambda_od * off + self.lambda_d * on, {"dip_off_diagonal": off, "dip_diagonal": on}
+
+
+class DIPII(DIP):
+    """DIP-VAE-II: the aggregate posterior's covariance."""
+
+    second_moment = True
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_q_matrix(codes: Codes) -> torch.Tensor:
+    """log q(z_i,d | x_j) for every code i and posterior j of the batch, per dimension d: (B, B, z)."""
+    z, mu, logvar = codes.z[:, None], codes.mu[None], codes.logvar[None]
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)
+
+
+def log_importance_weights(b: int, n: int, estimator: str, device: torch.device | None = None) -> torch.Tensor:
+    """log r_ij, the weight of posterior j in the estimate q(z_i) ≈ Σ_j r_ij q(z_i|x_j), (B, B), for a batch of
+    b drawn from n training images (Chen et al. 2018, appendix C).
+
+    mws (minibatch-weighted sampling): r_ij = 1/(n·b), as the paper writes it; log q(z) is then low by log n,
+        a constant, so the gradients are right and the logged parts are offset.
+    mss (minibatch-stratified sampling): r_ii = 1/n, one other posterior (j = i + 1, cyclically) (n − m)/(n·m)
+        and the rest 1/m, m = b − 1; each row sums to 1. The authors' code (beta-tcvae, vae_quant.py) strides
+        the flattened matrix by m + 1 = b, which walks down column 0 instead of the diagonal (a known bug,
+        reported in its pull request #1): its 1/n weights every code's first posterior instead of its own.
+        This is the matrix that code means, with the diagonal stride b + 1.
+    """
+    if estimator == "mws":
+        return torch.full((b, b), -math.log(n * b), device=device)
+    m = b - 1
+    w = torch.full((b, b), 1.0 / m, device=device, dtype=torch.float64)
+    idx = torch.arange(b, device=device)
+    w[idx, idx] = 1.0 / n
+    w[idx, (idx + 1) % b] = (n - m) / (n * m)
+    return w.log().float()
+
+
+def tc_parts(codes: Codes, prior: Prior, n: int, estimator: str) -> dict[str, torch.Tensor]:
+    """The KL's three parts per code (B,), Chen et al. 2018: index-code mutual information
+    log q(z|x) − log q(z), total correlation log q(z) − log Π_d q(z_d) and dimension-wise KL
+    log Π_d q(z_d) − log p(z). They sum to the one-sample estimate log q(z|x) − log p(z) exactly."""
+    lq = log_q_matrix(codes)                                        # (B, B, z)
+    lw = log_importance_weights(len(lq), n, estimator, lq.device)  # (B, B)
+    log_qz = torch.logsumexp(lw + lq.sum(2), 1)
+    log_prod = torch.logsumexp(lw[:, :, None] + lq, 1).sum(1)
+    log_qzx = torch.diagonal(lq.sum(2))
+    log_pz = prior.log_prob(codes.z)
+    return {"mi": log_qzx - log_qz, "tc": log_qz - log_prod, "dwkl": log_prod - log_pz}
+
+
+class TCVAE(Regulariser):
+    """β-TCVAE (Chen et al. 2018): w_t · (KL + (β − 1) · TC), the total correlation weighted by β and the mutual
+    information and dimension-wise KL by 1 (the paper's α = γ = 1), with the KL in closed form as
+    disentanglement_lib. TC is estimated on the batch each process sees (``loss.tc_estimator``, with the
+    training set's size ``loss.tc_dataset_size``); w_t is the warm-up alone. Logs mi, tc and dwkl."""
+
+    def __init__(self, loss: LossConfig):
+        super().__init__(loss)
+        self.n, self.estimator = loss.tc_dataset_size, loss.tc_estimator
+        if self.n < 2:
+            raise UserError("loss.tc_dataset_size must be the number of training images (the trainer fills it in "
+                            "when it is 0): set it")
+
+    def kl_weight(self, step: int | None) -> float:
+        """w_t, the warm-up from 0 to 1 (β weighs the TC here, not the KL)."""
+        return 1.0 if step is None or self.warmup <= 0 else min(1.0, step / self.warmup)
+
+    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+                step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {k: v.mean() for k, v in tc_parts(codes, prior, self.n, self.estimator).items()}
+        w = self.kl_weight(step)
+        return w * (kl.mean() + (self.beta - 1.0) * parts["tc"]), parts
 
 
 REGULARISERS: dict[str, type[Regulariser]] = {
     "kl": KL,
     "mmd": MMD,
+    "tcvae": TCVAE,
+    "dip_i": DIP,
+    "dip_ii": DIPII,
 }
 
 

@@ -212,9 +212,9 @@ def test_a_new_likelihood_and_regulariser_are_one_class_and_one_entry_each(batch
             return LikelihoodTerms(nll, nll, None)
 
     class L1Codes(KL):  # β·KL plus the mean absolute code
-        def forward(self, kl, z, prior, step):
-            penalty, _ = super().forward(kl, z, prior, step)
-            l1 = z.abs().sum(1).mean()
+        def forward(self, kl, codes, prior, step):
+            penalty, _ = super().forward(kl, codes, prior, step)
+            l1 = codes.z.abs().sum(1).mean()
             return penalty + l1, {"l1": l1}
 
     monkeypatch.setitem(LIKELIHOODS, "laplace", Laplace)

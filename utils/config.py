@@ -23,7 +23,7 @@ from models.likelihoods import LIKELIHOODS
 from models.networks import ACTIVATIONS, NETWORKS
 from models.objectives import OBJECTIVES
 from models.priors import PRIORS
-from models.regularisers import KERNELS, REGULARISERS
+from models.regularisers import KERNELS, REGULARISERS, TC_ESTIMATORS
 from utils.data import DATASETS
 from utils.errors import UserError
 from utils.schedules import SCHEDULES
@@ -93,12 +93,21 @@ class LossConfig:
     objective: str = opt("elbo", "elbo (one reparameterised sample per image) or iwae (importance-weighted "
                                  "bound with loss.k samples)", choices=OBJECTIVES)
     k: int = opt(1, "objective=iwae: importance samples per image (Burda et al. 2016: 5 or 50)", min=1, max=5000)
-    regulariser: str = opt("kl", "latent term: kl (beta * KL) or mmd (beta * KL + mmd_weight * MMD, InfoVAE)",
+    regulariser: str = opt("kl", "latent term: kl (beta * KL), mmd (beta * KL + mmd_weight * MMD, InfoVAE), tcvae "
+                                 "(KL + (beta - 1) * total correlation), dip_i or dip_ii (beta * KL + DIP penalty)",
                            choices=REGULARISERS)
     beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
     kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
     mmd_weight: float = opt(0.0, "regulariser=mmd: weight of MMD(q(z) || p(z)), > 0", min=0.0)
     mmd_kernel: str = opt("imq", "regulariser=mmd: inverse multiquadric or RBF kernel", choices=KERNELS)
+    tc_estimator: str = opt("mss", "regulariser=tcvae: minibatch-stratified or minibatch-weighted sampling "
+                                   "(Chen et al. 2018)", choices=TC_ESTIMATORS)
+    tc_dataset_size: int = opt(0, "regulariser=tcvae: training images N in the estimator (0: the training set's "
+                                  "size, written into the run's config.yaml)", min=0)
+    dip_lambda_od: float = opt(10.0, "regulariser=dip_i, dip_ii: weight of the off-diagonal covariance penalty",
+                               min=0.0)
+    dip_lambda_d: float = opt(100.0, "regulariser=dip_i, dip_ii: weight of the diagonal penalty (Kumar et al.: "
+                                     "10 x dip_lambda_od for dip_i, 1 x for dip_ii)", min=0.0)
 
 
 @dataclass
@@ -247,6 +256,9 @@ def _check_together(cfg: Config) -> None:
                         f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
     if loss.objective != "iwae" and loss.k > 1:
         raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
+    if loss.regulariser in ("tcvae", "dip_i", "dip_ii") and cfg.train.batch_size < 2:
+        raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
+                        f"train.batch_size >= 2: raise it")
     if loss.regulariser == "mmd" and loss.mmd_weight == 0:
         raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
                         "loss.regulariser=kl")

@@ -126,6 +126,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
                         f"use a multiple of {acc.num_processes}")
     set_seed(t.seed)  # same initial weights on every process and for any process count
     train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
+    if cfg.loss.regulariser == "tcvae" and cfg.loss.tc_dataset_size == 0:
+        cfg.loss.tc_dataset_size = len(train_set)  # into config.yaml: evaluation and resume use the same N
     vae = VAE(cfg, train_set.shape)
     fmt = torch.channels_last if t.channels_last and cfg.model.net in ("conv", "resconv") else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
@@ -210,7 +212,7 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
     memory = peak_memory_mb(s.accelerator.device)
     if memory is not None:
         stats["peak_mem_mb"] = memory
-    bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "rec", "kl", "mmd", "sigma") if k in stats})
+    bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "rec", "kl", "mmd", "tc", "sigma") if k in stats})
     s.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)
     if s.log:
         s.log.write({"step": done, "split": "train", **stats})
