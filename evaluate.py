@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from utils import dsprites
 from utils.data import DSpritesImages, load_data
-from utils.disentanglement import beta_vae_metric, factor_vae_metric, mig
+from utils.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
 from utils.errors import CliParser, UserError, run_cli
 from utils.evaluation import fix_optimal_sigma, latent_usage, likelihood_bounds
 from utils.fid import build_fid, fid_score
@@ -66,6 +66,9 @@ def table(results: dict) -> str:
         rows.append(("beta-VAE metric", f"{d['beta_vae']['eval_accuracy']:.3f}"))
         rows.append(("FactorVAE metric", f"{d['factor_vae']['eval_accuracy']:.3f}"))
         rows.append(("MIG", f"{d['mig']['mig']:.3f}"))
+        rows.append(("DCI", f"disentanglement {d['dci']['disentanglement']:.3f}, completeness "
+                            f"{d['dci']['completeness']:.3f}, informativeness {d['dci']['informativeness_test']:.3f}"))
+        rows.append(("SAP", f"{d['sap']['sap']:.3f}"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
 
@@ -92,11 +95,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--dis_eval", type=int, default=5_000, help="disentanglement: evaluation points (5,000)")
     p.add_argument("--dis_variance", type=int, default=10_000, help="FactorVAE: images for the global variance")
     p.add_argument("--mig_samples", type=int, default=10_000, help="MIG: images (10,000)")
+    p.add_argument("--dci_train", type=int, default=10_000, help="DCI and SAP: training images (10,000)")
+    p.add_argument("--dci_test", type=int, default=5_000, help="DCI and SAP: held-out images (5,000)")
     args, rest = p.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python evaluate.py --help")
     for name in ("k", "batch_size", "fid_samples", "dis_batch", "dis_train", "dis_eval", "dis_variance",
-                 "mig_samples"):
+                 "mig_samples", "dci_train", "dci_test"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
 
@@ -155,8 +160,11 @@ def main(argv: list[str]) -> None:
             "factor_vae": factor_vae_metric(codes, g, args.dis_batch, args.dis_train, args.dis_eval,
                                             args.dis_variance),
             "mig": mig(codes, g, args.mig_samples),
+            "dci": dci(codes, g, args.dci_train, args.dci_test, args.seed),
+            "sap": sap(codes, g, args.dci_train, args.dci_test),
             "sizes": {"batch": args.dis_batch, "train": args.dis_train, "eval": args.dis_eval,
-                      "variance": args.dis_variance, "mig": args.mig_samples}}
+                      "variance": args.dis_variance, "mig": args.mig_samples, "dci_train": args.dci_train,
+                      "dci_test": args.dci_test}}
 
     if main_bar:
         out = Path(args.out) if args.out else run / "eval.json"

@@ -19,7 +19,7 @@ from models.vae import VAE
 from utils import dsprites
 from utils.config import DataConfig, load_config
 from utils.data import DSpritesImages, Images, load_data
-from utils.disentanglement import beta_vae_metric, factor_vae_metric, mig
+from utils.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
 from utils.dsprites import FACTOR_SIZES
 from utils.errors import run_cli
 from utils.evaluation import latent_usage, likelihood_bounds
@@ -228,12 +228,13 @@ def test_evaluate_dsprites_disentanglement(tmp_path, real_data):
     train(run, "configs/dsprites.yaml", ["train.steps=10", "model.base_width=4", "train.batch_size=16"])
     res = cli(evaluate.main, ["--exp_dir", str(run), "--k", "2", "--n_test", "64", "--dis_train", "60",
                               "--dis_eval", "40", "--dis_variance", "300", "--mig_samples", "300",
-                              "--dis_batch", "8", "--seed", "3"])
+                              "--dis_batch", "8", "--dci_train", "80", "--dci_test", "40", "--seed", "3"])
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads((run / "eval.json").read_text())["disentanglement"]
-    assert d["sizes"] == {"batch": 8, "train": 60, "eval": 40, "variance": 300, "mig": 300}
+    assert d["sizes"] == {"batch": 8, "train": 60, "eval": 40, "variance": 300, "mig": 300, "dci_train": 80,
+                          "dci_test": 40}
     # the same numbers as the metrics called directly on the model's codes, in evaluate.py's order (one
-    # generator, seeded with --seed, shared by the three)
+    # generator, seeded with --seed, shared by the five)
     cfg, vae, _, _ = load_run(str(run), None, None)
     test = load_data(cfg.data)[1]
     codes = evaluate.model_codes(vae, DSpritesImages(torch.arange(dsprites.N_IMAGES), getattr(test, "official", None),
@@ -242,6 +243,8 @@ def test_evaluate_dsprites_disentanglement(tmp_path, real_data):
     assert d["beta_vae"] == beta_vae_metric(codes, g, 8, 60, 40)
     assert d["factor_vae"] == factor_vae_metric(codes, g, 8, 60, 40, 300)
     assert d["mig"] == mig(codes, g, 300)
+    assert d["dci"] == dci(codes, g, 80, 40, 3)
+    assert d["sap"] == sap(codes, g, 80, 40)
     assert row(res.stdout, "MIG") == f"{d['mig']['mig']:.3f}"
     assert row(res.stdout, "beta-VAE metric") == f"{d['beta_vae']['eval_accuracy']:.3f}"
 

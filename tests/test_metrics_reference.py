@@ -1,14 +1,15 @@
 """The disentanglement scores where they follow disentanglement_lib's definitions: how the β-VAE metric draws its
-pairs, how the FactorVAE metric prunes dimensions, and codes of any float type."""
+pairs, how the FactorVAE metric prunes dimensions, codes of any float type, and DCI and SAP on known answers."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from utils.disentanglement import beta_vae_metric, beta_vae_pairs, factor_vae_metric
+from utils.disentanglement import beta_vae_metric, beta_vae_pairs, dci, dci_scores, factor_vae_metric, sap, top_two_gap
 from utils.dsprites import FACTOR_SIZES
 
 
@@ -73,3 +74,38 @@ def test_trainer_test_bound_is_evaluate_bound_on_dequantised_images():
     # by hand: each pixel's NLL is −log σ... with y ~ U(0, 1/256): E[(y/σ)²]/2 = e^12 / (6 · 256²), plus the shift
     per_pixel = -6 + 0.5 * math.log(2 * math.pi) + math.exp(12) / (6 * 256**2) + math.log(256)
     assert bound["elbo_bpd"] == pytest.approx((per_pixel * 784 + logged["kl"]) / (784 * math.log(2)), abs=0.01)
+
+
+def noise(classes: torch.Tensor) -> torch.Tensor:
+    return torch.randn(len(classes), 5, generator=torch.Generator().manual_seed(len(classes)))
+
+
+def test_dci_scores_by_hand():
+    assert dci_scores(np.eye(5)) == pytest.approx((1.0, 1.0), abs=1e-6)
+    assert dci_scores(np.ones((4, 5))) == pytest.approx((0.0, 0.0), abs=1e-6)
+    # two codes, two factors: code 0 informs only factor 0 (weight 3); code 1 splits 1:1 between both
+    r = np.array([[3.0, 0.0], [1.0, 1.0]])
+    d = (1 - 0) * 3 / 5 + (1 - 1) * 2 / 5  # code 0 is pure (entropy 0), code 1 is uniform (entropy 1 bit, base 2)
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))  # factor 0's column 3:1
+    c = (1 - h) * 4 / 5 + (1 - 0) * 1 / 5
+    assert dci_scores(r) == pytest.approx((d, c), abs=1e-6)
+
+
+def test_dci_on_true_factors_and_on_noise():
+    """Codes that are the factors: each tree uses its own factor's code only (D = C = 1) and predicts the class
+    exactly; noise: no code structure, and held-out accuracy at chance, mean over factors of 1/size."""
+    truth = dci(standardised, torch.Generator().manual_seed(0), n_train=300, n_test=200)
+    assert truth["disentanglement"] > 0.98 and truth["completeness"] > 0.98
+    assert truth["informativeness_test"] == pytest.approx(1.0, abs=0.02)
+    assert np.argmax(np.array(truth["importance"]), 0).tolist() == [0, 1, 2, 3, 4]
+    chance = dci(noise, torch.Generator().manual_seed(0), n_train=300, n_test=200)
+    assert chance["disentanglement"] < 0.05 and chance["completeness"] < 0.05
+    assert chance["informativeness_test"] == pytest.approx(np.mean([1 / s for s in FACTOR_SIZES]), abs=0.05)
+
+
+def test_sap_on_true_factors_and_on_noise():
+    assert top_two_gap(np.array([[0.9, 0.2], [0.5, 0.3], [0.1, 0.25]])) == pytest.approx((0.4 + 0.05) / 2)
+    truth = sap(standardised, torch.Generator().manual_seed(0), n_train=2000, n_test=1000)
+    assert np.argmax(np.array(truth["scores"]), 0).tolist() == [0, 1, 2, 3, 4]  # each factor's own code is best
+    chance = sap(noise, torch.Generator().manual_seed(0), n_train=2000, n_test=1000)
+    assert chance["sap"] < 0.02 < truth["sap"] / 5

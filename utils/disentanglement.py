@@ -17,6 +17,16 @@ sizes of the papers (as in disentanglement_lib); smaller ones make them cheap.
 - MIG (Chen et al. 2018): per factor, the gap between the two largest mutual
   informations with single (20-bin discretised) code dimensions, divided by the
   factor's entropy; averaged over factors.
+- DCI (Eastwood & Williams 2018): one gradient-boosted tree classifier per factor
+  (scikit-learn's defaults, as disentanglement_lib) on all code dimensions; the
+  trees' feature importances form a (codes x factors) matrix R. Disentanglement:
+  1 − the entropy (base: number of factors) of each code's row, weighted by the
+  code's share of R; completeness: the same down each factor's column (base:
+  number of codes); informativeness: the classifiers' accuracy on held-out points.
+- SAP (Kumar et al. 2018): a linear SVM (C = 0.01, balanced classes) per code
+  dimension and factor predicts the factor from that dimension alone; per
+  factor, the gap between the two best dimensions' held-out accuracies,
+  averaged over factors.
 """
 
 from __future__ import annotations
@@ -24,9 +34,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from scipy.stats import entropy
+from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
 
 from utils.dsprites import FACTOR_SIZES
 
@@ -133,3 +147,52 @@ def mig(codes: Codes, g: torch.Generator, n: int = 10_000, bins: int = 20) -> di
         gap = (mi[0] - (mi[1] if len(mi) > 1 else 0.0)) / entropy
         per_factor.append(gap)
     return {"mig": sum(per_factor) / N_FACTORS, "per_factor": per_factor}
+
+
+def _train_test(codes: Codes, g: torch.Generator, n_train: int, n_test: int) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) as float64 codes (N, d) and integer factor classes (N, 5)."""
+    train, test = random_classes(n_train, g), random_classes(n_test, g)
+    return (codes(train).double().numpy(), train.numpy(), codes(test).double().numpy(), test.numpy())
+
+
+def dci_scores(importance: np.ndarray) -> tuple[float, float]:
+    """(disentanglement, completeness) of a (codes x factors) importance matrix, as Eastwood & Williams define
+    them (with disentanglement_lib's 1e-11 guard against empty rows)."""
+    per_code = 1.0 - entropy(importance.T + 1e-11, base=importance.shape[1])
+    per_factor = 1.0 - entropy(importance + 1e-11, base=importance.shape[0])
+    w = importance if importance.sum() > 0 else np.ones_like(importance)
+    return float(np.sum(per_code * w.sum(1) / w.sum())), float(np.sum(per_factor * w.sum(0) / w.sum()))
+
+
+def dci(codes: Codes, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000,
+        seed: int = 0) -> dict[str, float | list]:
+    x, y, x_test, y_test = _train_test(codes, g, n_train, n_test)
+    importance = np.zeros((x.shape[1], y.shape[1]))
+    train_acc, test_acc = [], []
+    for k in range(y.shape[1]):
+        model = GradientBoostingClassifier(random_state=seed).fit(x, y[:, k])
+        importance[:, k] = np.abs(model.feature_importances_)
+        train_acc.append(float(np.mean(model.predict(x) == y[:, k])))
+        test_acc.append(float(np.mean(model.predict(x_test) == y_test[:, k])))
+    d, c = dci_scores(importance)
+    return {"disentanglement": d, "completeness": c, "informativeness_train": float(np.mean(train_acc)),
+            "informativeness_test": float(np.mean(test_acc)), "importance": importance.tolist()}
+
+
+def top_two_gap(scores: np.ndarray) -> float:
+    """Mean over factors (columns) of the best minus the second-best code's score."""
+    top = np.sort(scores, axis=0)[::-1]
+    return float(np.mean(top[0] - top[1])) if len(top) > 1 else float(np.mean(top[0]))
+
+
+def sap(codes: Codes, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000) -> dict[str, float | list]:
+    x, y, x_test, y_test = _train_test(codes, g, n_train, n_test)
+    scores = np.zeros((x.shape[1], y.shape[1]))
+    for i in range(x.shape[1]):
+        for k in range(y.shape[1]):
+            svm = LinearSVC(C=0.01, class_weight="balanced")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                svm.fit(x[:, i:i + 1], y[:, k])
+            scores[i, k] = np.mean(svm.predict(x_test[:, i:i + 1]) == y_test[:, k])
+    return {"sap": top_two_gap(scores), "scores": scores.tolist()}
