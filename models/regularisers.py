@@ -2,7 +2,8 @@
 
     kl      β_t · KL(q(z|x) || p(z))                          VAE (β = 1), β-VAE (Higgins et al. 2017)
     mmd     β_t · KL(q(z|x) || p(z)) + λ · MMD(q(z) || p(z))   InfoVAE (Zhao et al. 2019); β = 0 is the MMD-VAE
-    tcvae   w_t · (KL + (β − 1) · TC)                           β-TCVAE (Chen et al. 2018), models/tcvae.py
+    tcvae      w_t · (KL + (β − 1) · TC)                        β-TCVAE (Chen et al. 2018)
+    factorvae  β_t · KL + γ · TC, TC from a critic network         FactorVAE (Kim & Mnih 2018)
     dip_i   β_t · KL + λ_od Σ_i≠j C_ij² + λ_d Σ_i (C_ii − 1)²   DIP-VAE-I (Kumar et al. 2018), C = Cov[E[z|x]]
     dip_ii  as dip_i with C = Cov_q(z)[z]                       DIP-VAE-II
 
@@ -10,7 +11,9 @@
 objective hands each regulariser the per-image KL it already computed (closed
 form where the prior has one, else a Monte Carlo estimate), the sampled codes with
 their posterior's parameters, and the prior, so a new regulariser is one class and
-one ``REGULARISERS`` entry.
+one ``REGULARISERS`` entry. A regulariser with a network of its own (FactorVAE's
+critic) lists it in ``auxiliary_parameters`` (kept out of the VAE's optimizer),
+trains it in ``after_step`` and hands its optimizer's state to checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.priors import Prior
@@ -78,8 +82,23 @@ class Regulariser(nn.Module):
         self.beta, self.warmup = loss.beta, loss.kl_warmup_steps
 
     @classmethod
-    def from_config(cls, loss: LossConfig) -> Regulariser:
+    def from_config(cls, loss: LossConfig, z_dim: int) -> Regulariser:
         return cls(loss)
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by ``after_step``, not by the VAE's optimizer."""
+        return []
+
+    def after_step(self, accelerator, bad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train what the regulariser owns after the VAE's step (skipped with it when ``bad``); terms to log."""
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Training state beyond the parameters (an optimizer's moments), for checkpoints."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        pass
 
     def kl_weight(self, step: int | None) -> float:
         """β_t: linear warm-up from 0 to β; ``None`` (evaluation) means fully warmed up."""
@@ -214,14 +233,97 @@ class TCVAE(Regulariser):
         return w * (kl.mean() + (self.beta - 1.0) * parts["tc"]), parts
 
 
+def permute_dims(z: torch.Tensor) -> torch.Tensor:
+    """Each column of z (B, d) shuffled on its own: samples of Π_d q(z_d) from samples of q(z)."""
+    order = torch.argsort(torch.rand(z.shape, device=z.device), dim=0)
+    return torch.gather(z, 0, order)
+
+
+class Critic(nn.Module):
+    """Tells codes z ~ q(z) (class 0) from permuted codes (class 1): an MLP with LeakyReLU(0.2), two logits."""
+
+    def __init__(self, z_dim: int, hidden: list[int]):
+        super().__init__()
+        sizes = [z_dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class FactorVAE(Regulariser):
+    """β_t · KL + γ · TC (Kim & Mnih 2018), TC = KL(q(z) ‖ Π_d q(z_d)) estimated by the density-ratio trick:
+    mean(logit_0 − logit_1) of a critic trained to tell codes from permuted codes. The critic is trained after
+    each VAE step on that step's codes, detached, and their permutation (disentanglement_lib's one-batch
+    variant; the paper permutes a second batch), with its own Adam (lr ``loss.factor_critic_lr``, β = (0.5,
+    0.9), as the paper). Under several processes its gradients are averaged over them, so every process
+    keeps the same critic. Logs tc, critic_loss and critic_accuracy."""
+
+    def __init__(self, loss: LossConfig, z_dim: int):
+        super().__init__(loss)
+        self.gamma = loss.factor_gamma
+        self.critic = Critic(z_dim, loss.factor_critic_hidden)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=loss.factor_critic_lr,
+                                                 betas=(0.5, 0.9), fused=True)
+        self._codes: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, loss: LossConfig, z_dim: int) -> FactorVAE:
+        return cls(loss, z_dim)
+
+    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+                step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        penalty, _ = super().forward(kl, codes, prior, step)
+        logits = self.critic(codes.z)
+        tc = (logits[:, 0] - logits[:, 1]).mean()
+        if self.training:
+            self._codes = codes.z.detach()
+        return penalty + self.gamma * tc, {"tc": tc}
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
+
+    def after_step(self, accelerator, bad: torch.Tensor) -> dict[str, torch.Tensor]:
+        z, self._codes = self._codes, None
+        self.critic_optimizer.zero_grad(set_to_none=True)  # drops what the VAE's backward left on the critic
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            real, fake = self.critic(z.float()), self.critic(permute_dims(z.float()))
+            ones = torch.ones(len(z), dtype=torch.long, device=z.device)
+            loss = 0.5 * (F.cross_entropy(real, 0 * ones) + F.cross_entropy(fake, ones))
+        loss.backward()
+        if accelerator.num_processes > 1:
+            for p in self.critic.parameters():
+                p.grad = accelerator.reduce(p.grad, "mean")
+        # skipped on the device, as the VAE's step: when the VAE's step was, or the critic's loss is not finite
+        self.critic_optimizer.found_inf = ((bad > 0) | ~torch.isfinite(loss)).float()
+        self.critic_optimizer.step()
+        accuracy = 0.5 * ((real.argmax(1) == 0).float().mean() + (fake.argmax(1) == 1).float().mean())
+        return {"critic_loss": loss.detach(), "critic_accuracy": accuracy}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, st in self.critic_optimizer.state_dict()["state"].items() for k, v in st.items()}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.critic_optimizer.state_dict()
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in state.items():
+            i, k = key.split(".", 1)
+            moments.setdefault(int(i), {})[k] = v
+        self.critic_optimizer.load_state_dict({"state": moments, "param_groups": own["param_groups"]})
+
+
 REGULARISERS: dict[str, type[Regulariser]] = {
     "kl": KL,
     "mmd": MMD,
     "tcvae": TCVAE,
+    "factorvae": FactorVAE,
     "dip_i": DIP,
     "dip_ii": DIPII,
 }
 
 
-def build_regulariser(loss: LossConfig) -> Regulariser:
-    return REGULARISERS[loss.regulariser].from_config(loss)
+def build_regulariser(loss: LossConfig, z_dim: int) -> Regulariser:
+    return REGULARISERS[loss.regulariser].from_config(loss, z_dim)

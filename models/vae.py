@@ -36,7 +36,7 @@ class VAE(nn.Module):
         self.encoder, self.decoder = build_networks(cfg.model, self.img_shape, self.likelihood.n_params)
         self.prior = build_prior(cfg.model, self.img_shape)
         self.prior.bind(self.encoder)
-        self.regulariser = build_regulariser(cfg.loss)
+        self.regulariser = build_regulariser(cfg.loss, cfg.model.z_dim)
         self.objective = build_objective(cfg.loss)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +46,11 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean."""
         return self.likelihood.mean(self.decoder(z).float())
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the VAE's optimizer trains: everything but a regulariser's own network (FactorVAE's critic)."""
+        aux = {id(p) for p in self.regulariser.auxiliary_parameters()}
+        return [p for p in self.parameters() if id(p) not in aux]
 
     def kl_weight(self, step: int | None) -> float:
         return self.regulariser.kl_weight(step)

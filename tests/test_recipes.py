@@ -207,5 +207,5 @@ def test_moving_average_cannot_appear_on_resume(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     res = train_cli(["-r", "latest", "-e", str(run), "train.steps=4", "train.ema_decay=0.9"])
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint {run / 'checkpoints' / 'step_0000002'} has no moving average of the weights "
-        f"(ema.safetensors): resume with train.ema_decay=0, as the run was started")
+        f"error: checkpoint {run / 'checkpoints' / 'step_0000002'} has no ema.safetensors: the run kept no moving "
+        f"average of the weights; resume with train.ema_decay=0, as it was started")

@@ -27,6 +27,7 @@ import pickle
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -138,13 +139,13 @@ def _generator_states(device: torch.device) -> dict[str, torch.Tensor]:
     return states
 
 
-EMA_FILE = "ema.safetensors"
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int,
+                    extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write the full training state for ``step`` atomically; keep only the newest ``keep`` (0: all).
 
-
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, ema: torch.nn.Module | None = None) -> Path:
-    """Write the full training state for ``step`` atomically; keep only the newest ``keep`` (0: all). The moving
-    average of the weights (``ema``), when there is one, goes into ``ema.safetensors``: Accelerate would pickle
-    it and unpickle it with ``weights_only=False``, which could run code."""
+    ``extras`` (file name -> tensors) is state beyond Accelerate's (the weights' moving average, a critic's
+    optimizer), written by the main process as safetensors: Accelerate's own hook for such state pickles it
+    and unpickles it with ``weights_only=False``, which could run code."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -153,8 +154,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, ema: torch
     try:
         accelerator.save_state(str(tmp))
         save_file(_generator_states(accelerator.device), str(tmp / _rng_file(accelerator.process_index)))
-        if ema is not None and accelerator.is_main_process:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+        for name, tensors in (extras or {}).items():
+            if accelerator.is_main_process:
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_manifest(tmp, step)
@@ -206,9 +208,10 @@ def _shape_problems(ckpt: Path, model: torch.nn.Module) -> list[str]:
     return tensor_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()}, found)
 
 
-def load_checkpoint(accelerator, ckpt: Path, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> int:
-    """Restore model, optimizer, scaler, generators and the weights' moving average from ``ckpt``; return its
-    step."""
+def load_checkpoint(accelerator, ckpt: Path, model: torch.nn.Module,
+                    extras: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str]] | None = None) -> int:
+    """Restore model, optimizer, scaler and generators from ``ckpt``, and each of ``extras`` (file name ->
+    (its loader, what to do when the checkpoint lacks it)); return its step."""
     mismatch = _shape_problems(ckpt, model)
     if mismatch:
         shown = "; ".join(mismatch[:4]) + (f"; and {len(mismatch) - 4} more" if len(mismatch) > 4 else "")
@@ -223,11 +226,10 @@ def load_checkpoint(accelerator, ckpt: Path, model: torch.nn.Module, ema: torch.
     except (RuntimeError, ValueError, KeyError, EOFError, OSError, SafetensorError) as e:
         raise UserError(f"checkpoint {ckpt} cannot be loaded ({str(e).strip().splitlines()[0]}): resume from "
                         f"another checkpoint with -r PATH") from None
-    if ema is not None:
-        if not (ckpt / EMA_FILE).is_file():
-            raise UserError(f"checkpoint {ckpt} has no moving average of the weights ({EMA_FILE}): resume with "
-                            f"train.ema_decay=0, as the run was started")
-        ema.load_state_dict({k: v.to(accelerator.device) for k, v in load_file(str(ckpt / EMA_FILE)).items()})
+    for name, (load, fix) in (extras or {}).items():
+        if not (ckpt / name).is_file():
+            raise UserError(f"checkpoint {ckpt} has no {name}: {fix}")
+        load({k: v.to(accelerator.device) for k, v in load_file(str(ckpt / name)).items()})
     rng = ckpt / _rng_file(accelerator.process_index)
     if rng.is_file():
         states = load_file(str(rng))

@@ -94,7 +94,8 @@ class LossConfig:
                                  "bound with loss.k samples)", choices=OBJECTIVES)
     k: int = opt(1, "objective=iwae: importance samples per image (Burda et al. 2016: 5 or 50)", min=1, max=5000)
     regulariser: str = opt("kl", "latent term: kl (beta * KL), mmd (beta * KL + mmd_weight * MMD, InfoVAE), tcvae "
-                                 "(KL + (beta - 1) * total correlation), dip_i or dip_ii (beta * KL + DIP penalty)",
+                                 "(KL + (beta - 1) * total correlation), factorvae (beta * KL + factor_gamma * "
+                                 "critic's TC), dip_i or dip_ii (beta * KL + DIP penalty)",
                            choices=REGULARISERS)
     beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
     kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
@@ -104,6 +105,12 @@ class LossConfig:
                                    "(Chen et al. 2018)", choices=TC_ESTIMATORS)
     tc_dataset_size: int = opt(0, "regulariser=tcvae: training images N in the estimator (0: the training set's "
                                   "size, written into the run's config.yaml)", min=0)
+    factor_gamma: float = opt(10.0, "regulariser=factorvae: weight of the critic's total correlation estimate "
+                                    "(disentanglement_lib sweeps 10-100)", min=0.0)
+    factor_critic_hidden: list[int] = opt([1000] * 6, "regulariser=factorvae: the critic's hidden layers (the "
+                                                      "paper's 6 x 1000)")
+    factor_critic_lr: float = opt(1e-4, "regulariser=factorvae: the critic's Adam learning rate (the paper's)",
+                                  min=0.0, min_exclusive=True)
     dip_lambda_od: float = opt(10.0, "regulariser=dip_i, dip_ii: weight of the off-diagonal covariance penalty",
                                min=0.0)
     dip_lambda_d: float = opt(100.0, "regulariser=dip_i, dip_ii: weight of the diagonal penalty (Kumar et al.: "
@@ -256,7 +263,7 @@ def _check_together(cfg: Config) -> None:
                         f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
     if loss.objective != "iwae" and loss.k > 1:
         raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
-    if loss.regulariser in ("tcvae", "dip_i", "dip_ii") and cfg.train.batch_size < 2:
+    if loss.regulariser in ("tcvae", "factorvae", "dip_i", "dip_ii") and cfg.train.batch_size < 2:
         raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
                         f"train.batch_size >= 2: raise it")
     if loss.regulariser == "mmd" and loss.mmd_weight == 0:

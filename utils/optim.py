@@ -59,16 +59,17 @@ class StepGuard:
             inner.found_inf = bad
 
 
-def clip_and_norm(accelerator, model: torch.nn.Module, max_norm: float) -> torch.Tensor | None:
-    """Clip the gradients to ``max_norm`` (0: no clipping) and return their global norm for the guard.
+def clip_and_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor | None:
+    """Clip the gradients of ``params`` to ``max_norm`` (0: no clipping) and return their global norm for the
+    guard.
 
     None under fp16: overflowing gradients are normal while the GradScaler calibrates its
     scale, and it skips those steps itself.
     """
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0 else None
+    norm = accelerator.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
     if accelerator.scaler is not None:
         return None
-    return norm if norm is not None else grad_norm(model.parameters())
+    return norm if norm is not None else grad_norm(params)
 
 
 def grad_norm(parameters) -> torch.Tensor:

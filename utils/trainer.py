@@ -50,6 +50,7 @@ class Session:
     accelerator: Accelerator
     vae: VAE                        # the plain module (sampling, saving)
     model: torch.nn.Module          # the same, prepared by Accelerate (DDP, autocast), for training steps
+    trained: list[torch.nn.Parameter]  # what the optimizer trains (not a regulariser's own network)
     optimizer: torch.optim.Optimizer
     train_set: Images
     test_set: Images
@@ -59,6 +60,12 @@ class Session:
     log: MetricsLog | None          # metrics.jsonl, on the main process
     start: int                      # the first step to run (the checkpoint's, on resume)
     ema: AveragedModel | None       # the weights' moving average (train.ema_decay), or None
+
+    def extras(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Checkpointed state beyond Accelerate's: the weights' moving average, a regulariser's optimizer."""
+        out = {"ema.safetensors": self.ema.state_dict()} if self.ema is not None else {}
+        reg = self.vae.regulariser
+        return out | ({"regulariser.safetensors": reg.state_tensors()} if reg.auxiliary_parameters() else {})
 
     @property
     def final(self) -> VAE:
@@ -89,12 +96,13 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             terms = s.model(x, step)
             # Backward, clip, and a step that the fused Adam kernel skips when anything is not finite.
             acc.backward(terms["loss"])
-            norm = clip_and_norm(acc, s.model, t.grad_clip)
+            norm = clip_and_norm(acc, s.trained, t.grad_clip)
             bad = guard.check(terms["loss"], norm, acc)  # decided on the device: no host sync
             guard.skip_if(s.optimizer, bad, acc.scaler)
             set_lr(s.optimizer, t.lr * s.schedule.factor(step))
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+            terms |= s.vae.regulariser.after_step(acc, bad)  # a regulariser's own network (FactorVAE's critic)
             if s.ema is not None:
                 s.ema.update_parameters(s.vae)
             meter.add(terms, bad)
@@ -109,7 +117,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             if every(done, t.eval_every, t.steps):
                 log_test(s, bar, done)
             if every(done, t.save_every, t.steps):
-                save_checkpoint(acc, run_dir, done, t.keep_checkpoints, s.ema)
+                save_checkpoint(acc, run_dir, done, t.keep_checkpoints, s.extras())
                 saved_at = done
             if stop_agreed(stop, acc, done):
                 break
@@ -131,7 +139,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     vae = VAE(cfg, train_set.shape)
     fmt = torch.channels_last if t.channels_last and cfg.model.net in ("conv", "resconv") else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
-    optimizer = make_optimizer(vae.parameters(), t)
+    trained = vae.trained_parameters()
+    optimizer = make_optimizer(trained, t)
     model, optimizer = acc.prepare(torch.compile(vae) if t.compile else vae, optimizer)
     ema = None
     if t.ema_decay > 0:  # a copy on the device; its first update copies the weights, later ones interpolate
@@ -145,7 +154,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     set_seed(t.seed, device_specific=True)  # different reparameterisation noise on each process
     start = 0
     if resume is not None:
-        start = load_checkpoint(acc, resume, vae, ema)
+        start = load_checkpoint(acc, resume, vae, resume_extras(vae, ema))
         if acc.is_main_process:  # the run's config changes only once its checkpoint has loaded
             write_atomic(run_dir / "config.yaml", config_yaml(cfg))
             supersede_newer(run_dir, start)
@@ -156,8 +165,21 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
               f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
-    return Session(cfg, run_dir, acc, vae, model, optimizer, train_set, test_set, fmt, build_schedule(t), fixed_x, log,
-                   start, ema)
+    return Session(cfg, run_dir, acc, vae, model, trained, optimizer, train_set, test_set, fmt, build_schedule(t),
+                   fixed_x, log, start, ema)
+
+
+def resume_extras(vae: VAE, ema: AveragedModel | None) -> dict:
+    """The loaders of the checkpointed state beyond Accelerate's (Session.extras), with the fix when it is
+    missing."""
+    extras = {}
+    if ema is not None:
+        extras["ema.safetensors"] = (ema.load_state_dict, "the run kept no moving average of the weights; resume "
+                                                          "with train.ema_decay=0, as it was started")
+    if vae.regulariser.auxiliary_parameters():
+        extras["regulariser.safetensors"] = (vae.regulariser.load_state_tensors, "the run had another "
+                                             "loss.regulariser; resume with that one")
+    return extras
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -266,7 +288,7 @@ def finish(s: Session, stop: GracefulStop, done: int, saved_at: int) -> None:
     if done < s.cfg.train.steps:
         keep = s.cfg.train.keep_checkpoints
         ckpt = checkpoint_dir(s.run_dir, done) if saved_at == done else save_checkpoint(acc, s.run_dir, done, keep,
-                                                                                         s.ema)
+                                                                                         s.extras())
         acc.end_training()
         signum = stop.signum or signal.SIGTERM  # a process may stop because another one was signalled
         raise Interrupted(f"{signal.Signals(signum).name} at step {done}: saved {ckpt}; resume with "
