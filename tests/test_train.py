@@ -167,7 +167,7 @@ def accel_2() -> list[str]:
 CPU = {"ACCELERATE_USE_CPU": "1"}
 
 
-def test_ddp_two_processes_train_and_agree_on_optimal_sigma(tmp_path, real_data):
+def test_ddp_two_processes_train_and_agree_on_optimal_sigma_and_the_critic(tmp_path, real_data):
     run = tmp_path / "ddp"
     proc = run_script([str(REPO / "train_vae.py"), "-c", str(REPO / "configs/mnist_optimal_sigma_vae.yaml"), "-e",
                        str(run), *FAST, "train.steps=6", "train.eval_every=6", "model.base_width=8"],
@@ -192,6 +192,10 @@ def test_ddp_two_processes_train_and_agree_on_optimal_sigma(tmp_path, real_data)
     halves = [ddp_optimal_sigma.optimal_sigma(str(DATA), r, 2) for r in (0, 1)]
     assert all(abs(h - s1) > 1e-4 for h in halves)
     assert 0.3 < s1 < 0.7
+    # FactorVAE's critic, trained outside the VAE's DDP wrapper, stays the same on both processes
+    p = run_script([str(REPO / "tests" / "ddp_critic.py")], launcher=accel_2(), env=CPU)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "processes=2 same=True moved=True local_same=False" in p.stdout
 
 
 def test_batch_not_divisible_by_processes(tmp_path, real_data):
