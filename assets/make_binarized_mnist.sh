@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"
-rows="${ROWS:-vae iwae vamp}"
+rows="${ROWS:-vae iwae vamp vamp_ema}"
 for row in $rows; do
   run="runs/binarized-mnist-$row"
   t0=$SECONDS

@@ -45,6 +45,8 @@ PUBLISHED = {
              84.78),
     "vamp": ("784-300-300-40 tanh, VampPrior (500 pseudo-inputs), ELBO", "VAE (L = 1) + VampPrior",
              "Tomczak & Welling 2018, Table 2", 85.57),
+    "vamp_ema": ("as `vamp`, with a moving average of the weights (decay 0.999)", "VAE (L = 1) + VampPrior",
+                 "Tomczak & Welling 2018, Table 2", 85.57),
 }
 
 
