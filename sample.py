@@ -5,6 +5,8 @@
     python sample.py -c configs/mnist.yaml --weights runs/X/model.safetensors --mode reconstruct
 
 Outputs go to <run>/<mode>/ (or --save_dir). The same --seed gives the same bytes.
+A conditional VAE (model.conditional) draws the class --label, or, in sample mode
+without one, a grid with one row per class in which each column shares its code z.
 Runs on the GPU when there is one, under `accelerate launch` as well as plain python.
 """
 
@@ -29,9 +31,20 @@ MODES = ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent")
 
 
 @torch.no_grad()
-def decode(model, z: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Images in [0, 1] for codes (N, z), decoded in batches."""
-    return torch.cat([model.decode(chunk) for chunk in z.split(batch_size)]).float().cpu()
+def decode(model, z: torch.Tensor, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Images in [0, 1] for codes (N, z) and, for a conditional model, their labels (N,), decoded in batches."""
+    ys = [None] * len(z) if y is None else y.to(z.device).split(batch_size)
+    return torch.cat([model.decode(chunk, c) for chunk, c in zip(z.split(batch_size), ys)]).float().cpu()
+
+
+def labels_for(model, args, n: int, g: torch.Generator, given: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Labels of n codes for a conditional model (None otherwise): --label, else ``given`` (the test images'
+    own), else classes drawn uniformly."""
+    if not model.n_classes:
+        return None
+    if args.label is not None:
+        return torch.full((n,), args.label, dtype=torch.long)
+    return given.cpu() if given is not None else torch.randint(model.n_classes, (n,), generator=g)
 
 
 def test_set(cfg: Config) -> Images:
@@ -44,9 +57,16 @@ def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
 
 
 def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
-    z = model.prior.sample(args.n_samples, g).to(args.device)
-    x = decode(model, z, args.batch_size)
     path = out / "samples.png"
+    if model.n_classes and args.label is None:  # one row per class, the same code z down each column
+        per = max(1, args.n_samples // model.n_classes)
+        z = model.prior.sample(per, g).to(args.device).repeat(model.n_classes, 1)
+        y = torch.arange(model.n_classes).repeat_interleave(per)
+        x = decode(model, z, args.batch_size, y)
+        labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]).save(path)
+        return [path]
+    z = model.prior.sample(args.n_samples, g).to(args.device)
+    x = decode(model, z, args.batch_size, labels_for(model, args, len(z), g))
     save_grid(x, path, per_row=math.ceil(math.sqrt(len(x))))
     paths = [path]
     if args.individual:
@@ -61,11 +81,15 @@ def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
     prior = model.prior.sample(2 * p, g).view(2, p, model.z_dim).to(args.device)
     test = test_set(cfg)
     idx = pick(2 * p, len(test), g)
-    mu, _ = model.encode(test.batch(idx).to(args.device))
+    y = labels_for(model, args, 2 * p, g, test.labels_at(idx))
+    mu, _ = model.encode(test.batch(idx).to(args.device), y)
+    # a conditional model decodes each row with one label: --label, else drawn (prior) or the first image's (test)
+    rows = {"prior": ((prior[0], prior[1]), labels_for(model, args, p, g)), "test": ((mu[:p], mu[p:]), y)}
     paths = []
-    for name, (z0, z1) in (("prior", (prior[0], prior[1])), ("test", (mu[:p], mu[p:]))):
+    for name, ((z0, z1), row_y) in rows.items():
         codes = interpolate(z0, z1, args.n_interpolate, args.interp)  # (P, steps, z)
-        x = decode(model, codes.flatten(0, 1), args.batch_size)
+        y_codes = None if row_y is None else row_y[:p].repeat_interleave(args.n_interpolate)
+        x = decode(model, codes.flatten(0, 1), args.batch_size, y_codes)
         paths.append(out / f"interpolate_{name}_{args.interp}.png")
         save_grid(x, paths[-1], per_row=args.n_interpolate)
     return paths
@@ -77,12 +101,16 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     dims = dims_by_kl(kl, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
     if args.from_ == "prior":
         base = model.prior.sample(1, g)[0].to(args.device)
+        y = labels_for(model, args, 1, g)
     else:
-        mu, _ = model.encode(test.batch(pick(1, len(test), g)).to(args.device))
+        idx = pick(1, len(test), g)
+        y = labels_for(model, args, 1, g, test.labels_at(idx))
+        mu, _ = model.encode(test.batch(idx).to(args.device), y)
         base = mu[0]
     values = torch.linspace(-args.traverse_range, args.traverse_range, args.n_traverse, device=args.device)
     codes = traversal_codes(base, dims, values)  # (rows, cols, z)
-    x = decode(model, codes.flatten(0, 1), args.batch_size)
+    x = decode(model, codes.flatten(0, 1), args.batch_size, None if y is None else y.repeat(codes.shape[0] *
+                                                                                            codes.shape[1]))
     path = out / "traverse.png"
     labelled_rows(x, args.n_traverse, [f"z{d}  KL {kl[d]:.2f}" for d in dims]).save(path)
     # animation: frame j shows every traversed dimension at values[j], there and back
@@ -97,8 +125,9 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
 
 def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
     test = test_set(cfg)
-    x = test.batch(pick(args.n_samples, len(test), g)).to(args.device)
-    recon = decode(model, model.encode(x)[0], args.batch_size)
+    idx = pick(args.n_samples, len(test), g)
+    x, y = test.batch(idx).to(args.device), labels_for(model, args, len(idx), g, test.labels_at(idx))
+    recon = decode(model, model.encode(x, y)[0], args.batch_size, y)
     path = out / "reconstructions.png"
     save_pairs(x.cpu(), recon, path, per_row=min(8, len(x)))
     return [path]
@@ -155,6 +184,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n_samples", type=int, default=64, help="images for sample and reconstruct")
     p.add_argument("--individual", action="store_true", help="sample: also one PNG per image")
+    p.add_argument("--label", type=int, help="a conditional model: draw this class (default: sample, one row per "
+                                             "class; other modes, the test images' own classes)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--n_pairs", type=int, default=6, help="interpolate: rows of each kind")
     p.add_argument("--n_interpolate", type=int, default=10, help="interpolate: codes per row, endpoints included")
@@ -189,6 +220,10 @@ def main(argv: list[str]) -> None:
         if not args.traverse_dim.isdigit() or int(args.traverse_dim) >= model.z_dim:
             raise UserError(f"--traverse_dim {args.traverse_dim}: the model has z_dim={model.z_dim}; "
                             f"pass 0..{model.z_dim - 1} or all")
+    if args.label is not None and not 0 <= args.label < max(model.n_classes, 1):
+        raise UserError(f"--label {args.label}: " + (f"the model has {model.n_classes} classes; pass "
+                        f"0..{model.n_classes - 1}" if model.n_classes else "the model is not conditional "
+                        "(model.conditional=false); drop --label"))
     if not state.is_main_process:
         return  # one process does the (small) work; the others have nothing to add
     if auto:

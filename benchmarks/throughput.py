@@ -55,9 +55,10 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     t0 = time.perf_counter()
     for step in range(steps):
         start = (step * b) % (n - b)
-        x = images[perm[start:start + b]]
+        idx = perm[start:start + b]
+        x, y = images[idx], train.labels_at(idx)  # labels: read by a conditional model only
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(x, step)["loss"]
+            loss = model(x, step, y)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -142,7 +143,7 @@ def loader_speed(config: str, overrides: list[str], steps: int, window: int, war
     batches = train_batches(train, order, 0, steps, 0, 1, device, cfg.data.num_workers)
     speeds, t0 = [], time.perf_counter()
     for step in range(steps):
-        x = next(batches).float().div_(255)
+        x = next(batches)[0].float().div_(255)
         if (step + 1) % window == 0:
             if device.type == "cuda":
                 torch.cuda.synchronize()

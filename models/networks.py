@@ -5,9 +5,12 @@ A decoder maps z (B, z) to raw per-pixel parameters (B, C·n_params, H, W); what
 they mean (logits, means, log-variances) is the likelihood's business.
 
 A network is an encoder class and its mirror decoder class, constructed as
-``Encoder(img_shape, z_dim, m)`` and ``Decoder(img_shape, z_dim, n_params, m)``
+``Encoder(img_shape, z_dim, m, n_cond)`` and ``Decoder(img_shape, z_dim, n_params, m)``
 with ``m`` the ``model`` config section, from which each reads its own keys;
-adding one is that pair plus one ``NETWORKS`` entry.
+adding one is that pair plus one ``NETWORKS`` entry. A conditional VAE gives the
+encoder a one-hot label c (B, n_cond) beside the image (``forward(x, c)``): an MLP
+reads it with the flattened pixels, a convolutional encoder as n_cond constant
+input channels. Its decoder is built for z_dim + n_cond inputs and reads [z, c].
 """
 
 from __future__ import annotations
@@ -44,16 +47,26 @@ def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
     return layers
 
 
+def label_maps(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """Images (B, C, H, W) with a one-hot label (B, n) appended as n constant channels (B, C + n, H, W)."""
+    if c is None:
+        return x
+    maps = c.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+    return torch.cat([x, maps], 1)
+
+
 class MLPEncoder(nn.Module):
     """Fully connected, ``model.hidden`` units per layer: [400] is the classic 784-400-z of Kingma & Welling
     2014, [200, 200] with tanh Burda et al. 2016's. For any image shape."""
 
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), *_mlp([math.prod(img_shape), *m.hidden, 2 * z_dim], m.activation))
+        sizes = [math.prod(img_shape) + n_cond, *m.hidden, 2 * z_dim]
+        self.net = nn.Sequential(nn.Flatten(), *_mlp(sizes, m.activation))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.net(x).chunk(2, dim=1)  # (B, z) each
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x if c is None else torch.cat([x.flatten(1), c.to(x.dtype)], 1)  # the label beside the pixels
+        mu, logvar = self.net(h).chunk(2, dim=1)  # (B, z) each
         return mu, logvar
 
 
@@ -91,15 +104,16 @@ def _conv_geometry(img_size: int, n_layers: int) -> tuple[int, int]:
 class ConvEncoder(nn.Module):
     """4x4 stride-2 convolutions + batch norm + LeakyReLU, halving the image at each layer."""
 
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
         super().__init__()
         c, size, _ = img_shape
         widths = [m.base_width * k for k in m.channel_mults]
         self.pad, bottom = _conv_geometry(size, len(widths))
-        self.convs = nn.Sequential(*[_down(a, b) for a, b in zip([c] + widths[:-1], widths)])
+        self.convs = nn.Sequential(*[_down(a, b) for a, b in zip([c + n_cond] + widths[:-1], widths)])
         self.fc = nn.Linear(widths[-1] * bottom * bottom, 2 * z_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = label_maps(x, c)
         if self.pad:
             p = self.pad // 2
             x = F.pad(x, (p, self.pad - p, p, self.pad - p))
@@ -156,19 +170,20 @@ class ResConvEncoder(nn.Module):
     stride-2 convolution to the next width. No normalisation layers, so a batch's images do not influence each
     other's codes (batch norm does, which the IWAE bound and per-image evaluation do not assume)."""
 
-    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig):
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
         super().__init__()
         c, size, _ = img_shape
         widths, self.pad, bottom = _res_widths(m, size)
-        layers: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, 1, 1)]
+        layers: list[nn.Module] = [nn.Conv2d(c + n_cond, widths[0], 3, 1, 1)]
         for i, w in enumerate(widths):
             layers += [ResBlock(w, m.activation) for _ in range(m.res_blocks)]
             layers.append(nn.Conv2d(w, widths[min(i + 1, len(widths) - 1)], 4, 2, 1))
         self.convs = nn.Sequential(*layers, ACTIVATIONS[m.activation](), nn.Flatten())
         self.fc = nn.Linear(widths[-1] * bottom * bottom, 2 * z_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pad // 2
+        x = label_maps(x, c)
         mu, logvar = self.fc(self.convs(F.pad(x, (p, self.pad - p, p, self.pad - p)))).chunk(2, dim=1)
         return mu, logvar
 
@@ -201,7 +216,8 @@ NETWORKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
 }
 
 
-def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: int) -> tuple[nn.Module, nn.Module]:
-    """(encoder, decoder) for ``model.net``."""
+def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: int,
+                   n_cond: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) for ``model.net``; with ``n_cond`` > 0 both also read a one-hot label of that size."""
     encoder, decoder = NETWORKS[m.net]
-    return encoder(img_shape, m.z_dim, m), decoder(img_shape, m.z_dim, n_params, m)
+    return encoder(img_shape, m.z_dim, m, n_cond), decoder(img_shape, m.z_dim + n_cond, n_params, m)

@@ -45,7 +45,7 @@ def kl_divergence(vae: VAE, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Ten
 
 
 class Objective:
-    """Computes the training loss of a batch; ``__call__(vae, x, step) -> terms``."""
+    """Computes the training loss of a batch; ``__call__(vae, x, step, y) -> terms`` (y: labels, or None)."""
 
     def __init__(self, loss: LossConfig):
         self.cfg = loss
@@ -54,17 +54,19 @@ class Objective:
     def from_config(cls, loss: LossConfig) -> Objective:
         return cls(loss)
 
-    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None) -> dict[str, torch.Tensor]:
+    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
 class ELBO(Objective):
     """The evidence lower bound with one reparameterised sample per image (Kingma & Welling 2014)."""
 
-    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None) -> dict[str, torch.Tensor]:
-        mu, logvar = vae.encode(x)                                   # (B, z) each
+    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        mu, logvar = vae.encode(x, y)                                # (B, z) each
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)      # reparameterisation
-        out = vae.decoder(z)                                         # (B, C·n_params, H, W)
+        out = vae.decoder_out(z, y)                                  # (B, C·n_params, H, W)
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             lik = vae.likelihood(x, out)                             # (B,) terms
@@ -88,11 +90,12 @@ class IWAE(Objective):
     is the bound trained on.
     """
 
-    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None) -> dict[str, torch.Tensor]:
+    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         k = self.cfg.k
-        mu, logvar = vae.encode(x)                                              # (B, z) each
+        mu, logvar = vae.encode(x, y)                                           # (B, z) each
         z = mu + torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype) * torch.exp(0.5 * logvar)  # (k, B, z)
-        out = vae.decoder(z.flatten(0, 1))                                      # (k·B, C·n_params, H, W)
+        out = vae.decoder_out(z.flatten(0, 1), None if y is None else y.repeat(k))  # (k·B, C·n_params, H, W)
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             x_k = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)

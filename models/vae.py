@@ -8,6 +8,11 @@ chosen by name, each from its registry:
     model.prior        priors.PRIORS              p(z)
     loss.objective     objectives.OBJECTIVES      how the loss is estimated (ELBO)
     loss.regulariser   regularisers.REGULARISERS  the latent term (β·KL, + MMD)
+
+With ``model.conditional`` it is a conditional VAE (Sohn et al. 2015): q(z|x, y)
+and p(x|z, y) also read the one-hot class label y, the prior stays p(z), and every
+method that takes images or codes takes their labels ``y`` too. An unconditional
+model ignores ``y``, so callers pass labels wherever a data set has them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from models.networks import build_networks
 from models.objectives import build_objective
 from models.priors import build_prior
 from models.regularisers import build_regulariser
+from utils.errors import UserError
 
 if TYPE_CHECKING:
     from utils.config import Config
@@ -32,20 +38,47 @@ class VAE(nn.Module):
         super().__init__()
         self.img_shape = tuple(img_shape)
         self.z_dim = cfg.model.z_dim
+        self.n_classes = cfg.model.n_classes if cfg.model.conditional else 0  # 0: unconditional
+        if cfg.model.conditional and self.n_classes < 2:
+            raise UserError(f"model.conditional=true with model.n_classes={cfg.model.n_classes}: set the number of "
+                            f"classes (training sets it from the data set's labels)")
         self.likelihood = build_likelihood(cfg)
-        self.encoder, self.decoder = build_networks(cfg.model, self.img_shape, self.likelihood.n_params)
+        self.encoder, self.decoder = build_networks(cfg.model, self.img_shape, self.likelihood.n_params,
+                                                    self.n_classes)
         self.prior = build_prior(cfg.model, self.img_shape)
         self.prior.bind(self.encoder)
         self.regulariser = build_regulariser(cfg.loss, cfg.model.z_dim)
         self.objective = build_objective(cfg.loss)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters (mu, logvar), each (B, z)."""
-        return self.encoder(x)
+    def one_hot(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """The labels of the images or codes ``like`` as one-hot rows (B, n_classes) on their device, for a
+        conditional model; None for an unconditional one."""
+        if not self.n_classes:
+            return None
+        if y is None:
+            raise UserError("this is a conditional VAE (model.conditional=true): it needs the class label of each "
+                            "image or code; pass labels (sample.py --label)")
+        n = len(like)
+        if len(y) != n or (not self.training and (int(y.min()) < 0 or int(y.max()) >= self.n_classes)):
+            # (training reads the data set's labels, checked once when it loads: no host sync per step)
+            raise UserError(f"labels must be {n} class indices in 0..{self.n_classes - 1}, got {y.tolist()[:8]}: "
+                            f"pass labels of the classes the model was trained on")
+        y = y.to(like.device).long().view(-1, 1)
+        return torch.zeros(n, self.n_classes, device=like.device).scatter_(1, y, 1.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters (mu, logvar), each (B, z)."""
+        c = self.one_hot(y, x)
+        return self.encoder(x) if c is None else self.encoder(x, c)
+
+    def decoder_out(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's raw per-pixel parameters (B, C·n_params, H, W) for codes z (B, z)."""
+        c = self.one_hot(y, z)
+        return self.decoder(z if c is None else torch.cat([z, c.to(z.dtype)], 1))
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean."""
-        return self.likelihood.mean(self.decoder(z).float())
+        return self.likelihood.mean(self.decoder_out(z, y).float())
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the VAE's optimizer trains: everything but a regulariser's own network (FactorVAE's critic)."""
@@ -55,12 +88,14 @@ class VAE(nn.Module):
     def kl_weight(self, step: int | None) -> float:
         return self.regulariser.kl_weight(step)
 
-    def forward(self, x: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, step: int | None = None,
+                y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x in [0, 1], (B, C, H, W); each a batch-mean fp32 scalar.
 
         ``step`` sets the KL warm-up; ``None`` means fully warmed up (evaluation).
         Returns loss (the training objective), rec, kl, nll (-log p(x|z)), elbo
         (-(nll + kl), the evidence lower bound), and the regulariser's own terms
-        (mmd) and sigma (the decoder's σ) where they exist.
+        (mmd) and sigma (the decoder's σ) where they exist. ``y``: the images' labels (B,), for a
+        conditional model.
         """
-        return self.objective(self, x, step)
+        return self.objective(self, x, step, y)

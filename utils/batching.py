@@ -83,15 +83,17 @@ def _shelter_worker(worker_id: int) -> None:
 
 
 def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank: int, world: int,
-                  device: torch.device, num_workers: int) -> Iterator[torch.Tensor]:
-    """uint8 batches (B/world, C, H, W) on ``device`` for steps start..steps-1, in the order ``order`` fixes."""
+                  device: torch.device, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(uint8 images (B/world, C, H, W), labels (B/world,) or None) on ``device`` for steps start..steps-1, in
+    the order ``order`` fixes. Labels are indexed here, in the main process, from the same order."""
     if not data.workers_needed:
         for step in range(start, steps):
-            yield data.get(shard(order.indices(step), rank, world).to(device))
+            idx = shard(order.indices(step), rank, world).to(device)
+            yield data.get(idx), data.labels_at(idx)
         return
     workers = cpu_workers(num_workers)
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_shelter_worker)
-    for batch in loader:
-        yield batch.to(device, non_blocking=True)
+    for step, batch in zip(range(start, steps), loader):
+        yield batch.to(device, non_blocking=True), data.labels_at(shard(order.indices(step), rank, world).to(device))

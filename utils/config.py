@@ -86,6 +86,10 @@ class ModelConfig:
     base_width: int = opt(32, "conv, resconv: channels of the first conv layer", min=1)
     channel_mults: list[int] = opt([1, 2, 4], "conv, resconv: width multipliers, one per 4x4 stride-2 layer")
     res_blocks: int = opt(1, "resconv: residual blocks at each resolution", min=0, max=64)
+    conditional: bool = opt(False, "a conditional VAE (Sohn et al. 2015): encoder and decoder also see the image's "
+                                   "class label, one-hot; needs a data set with labels")
+    n_classes: int = opt(0, "conditional: number of classes (0: from the data set's labels, written into the run's "
+                            "config.yaml)", min=0)
 
 
 @dataclass
@@ -266,6 +270,9 @@ def _check_together(cfg: Config) -> None:
     if loss.regulariser in ("tcvae", "factorvae", "dip_i", "dip_ii") and cfg.train.batch_size < 2:
         raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
                         f"train.batch_size >= 2: raise it")
+    if cfg.model.conditional and cfg.model.prior == "vamp":
+        raise UserError("model.conditional=true and model.prior=vamp do not go together (the pseudo-inputs have no "
+                        "class label): use model.prior=normal, or model.conditional=false")
     if loss.regulariser == "mmd" and loss.mmd_weight == 0:
         raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
                         "loss.regulariser=kl")

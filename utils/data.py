@@ -73,6 +73,12 @@ class Images:
         """Images at ``idx`` as float in [0, 1]."""
         return self.get(idx).float().div_(255.0)
 
+    def labels_at(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Class labels (N,) of the images at ``idx``, on its device; None for a set without labels."""
+        if self.labels is None:
+            return None
+        return self.labels[idx.to(self.labels.device)].to(idx.device)
+
     def to(self, device: torch.device | str) -> Images:
         return self
 
@@ -387,3 +393,15 @@ def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[Images, Images, st
     c, h, w = train.shape
     summary = f"data: {cfg.name} train={len(train)} test={len(test)} shape={c}x{h}x{w} ({train.reading}) from {source}"
     return train, test, summary
+
+
+def class_count(train: Images, test: Images) -> int:
+    """The number of classes of a labelled data set, for a conditional VAE; a one-line error when it has none."""
+    labels = [s.labels for s in (train, test) if s.labels is not None]
+    if len(labels) < 2:
+        raise UserError("model.conditional=true needs class labels, and this data set has none: use mnist, "
+                        "fashion_mnist, cifar10 or an image_folder with one sub-folder per class")
+    if min(int(y.min()) for y in labels) < 0:
+        raise UserError("some images lie directly in data.root, outside any class sub-folder: move them into one, "
+                        "or set model.conditional=false")
+    return max(int(y.max()) for y in labels) + 1

@@ -68,7 +68,7 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
         torch.manual_seed(seed + rank)
         g = torch.Generator(device=accelerator.device).manual_seed(seed + 7919 * (rank + 1))
         for idx in _shares(n, batch_size, accelerator):
-            terms = model(_prepare(data.batch(idx), continuous, g, binarize))
+            terms = model(_prepare(data.batch(idx), continuous, g, binarize), None, data.labels_at(idx))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             count += len(idx)
@@ -100,8 +100,8 @@ def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Acce
     n = len(data) if limit <= 0 else min(limit, len(data))
     sse, count = torch.zeros((), device=accelerator.device), 0
     for idx in _shares(n, batch_size, accelerator):
-        x = data.batch(idx)
-        sse += (vae.decode(vae.encode(x)[0]) - x).pow(2).sum()
+        x, y = data.batch(idx), data.labels_at(idx)
+        sse += (vae.decode(vae.encode(x, y)[0], y) - x).pow(2).sum()
         count += x.numel()
     total = accelerator.reduce(torch.stack([sse, torch.tensor(float(count), device=accelerator.device)]))
     log_sigma = 0.5 * torch.log(total[0] / total[1])
@@ -110,17 +110,19 @@ def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Acce
 
 
 @torch.no_grad()
-def log_weights(vae: VAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def log_weights(vae: VAE, x: torch.Tensor, k: int,
+                y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log w, log p(x|z)) for k samples z ~ q(z|x), each (k, B), and the KL (B,) as training computes it.
 
     log w = log p(x|z) + log p(z) − log q(z|x), with the model's own prior; its mean
-    over samples is the ELBO and log mean exp of it the IWAE bound.
+    over samples is the ELBO and log mean exp of it the IWAE bound. A conditional
+    model is given the labels ``y``: the bounds are then on log p(x|y).
     """
-    mu, logvar = vae.encode(x)
+    mu, logvar = vae.encode(x, y)
     mu, logvar = mu.float(), logvar.float()
     std = torch.exp(0.5 * logvar)
     z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (k, B, z)
-    out = vae.decoder(z.flatten(0, 1)).float()
+    out = vae.decoder_out(z.flatten(0, 1), None if y is None else y.repeat(k)).float()
     x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
     log_px_z = -vae.likelihood(x_rep, out).nll.view(k, -1)
     log_pz = vae.prior.log_prob(z)
@@ -150,10 +152,10 @@ def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 7919 * accelerator.process_index)
         for idx in _shares(n, batch_size, accelerator):
-            x = _prepare(data.batch(idx), vae.likelihood.continuous, g, binarize)
+            x, y = _prepare(data.batch(idx), vae.likelihood.continuous, g, binarize), data.labels_at(idx)
             lse, rec = None, torch.zeros(len(x), device=x.device)
             for start in range(0, k, chunk):
-                w, log_px_z, kl = log_weights(vae, x, min(chunk, k - start))
+                w, log_px_z, kl = log_weights(vae, x, min(chunk, k - start), y)
                 rec -= log_px_z.sum(0) / k
                 part = torch.logsumexp(w, 0)
                 lse = part if lse is None else torch.logaddexp(lse, part)
@@ -185,11 +187,11 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
     n = len(data) if limit <= 0 else min(limit, len(data))
     means, kls, sse, psnr = [], [], torch.zeros((), device=accelerator.device), []
     for idx in _shares(n, batch_size, accelerator):
-        x = data.batch(idx)
-        mu, logvar = vae.encode(x)
+        x, y = data.batch(idx), data.labels_at(idx)
+        mu, logvar = vae.encode(x, y)
         means.append(mu.float())
         kls.append(vae.prior.dimension_kl(mu.float(), logvar.float()))
-        err = (vae.decode(mu) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
+        err = (vae.decode(mu, y) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
     means = accelerator.gather_for_metrics(torch.cat(means))

@@ -79,8 +79,8 @@ def fid_score(vae: VAE, data: Images, metric, n: int, batch_size: int, device: t
             continue
         idx = torch.arange(start, min(start + batch_size, n), device=device)
         metric.update(three(data.batch(idx).to(device)).clamp(0, 1), real=True)
-        z = vae.prior.sample(len(idx), g).to(device)
-        metric.update(three(vae.decode(z)).clamp(0, 1), real=False)
+        z = vae.prior.sample(len(idx), g).to(device)  # a conditional model: the held-out images' classes
+        metric.update(three(vae.decode(z, data.labels_at(idx))).clamp(0, 1), real=False)
         if progress is not None:
             progress.update(len(idx) * world)
     return float(metric.compute())

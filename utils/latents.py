@@ -49,8 +49,9 @@ def posterior_stats(model: VAE, data: Images, batch_size: int = 500, limit: int 
     n = len(data) if limit <= 0 else min(limit, len(data))
     means, kl_sum = [], torch.zeros(model.z_dim, device=device)
     for start in range(0, n, batch_size):
-        x = data.batch(torch.arange(start, min(start + batch_size, n))).to(device)
-        mu, logvar = model.encode(x)
+        idx = torch.arange(start, min(start + batch_size, n))
+        x, y = data.batch(idx).to(device), data.labels_at(idx.to(device))
+        mu, logvar = model.encode(x, y)
         means.append(mu.float())
         kl_sum += model.prior.dimension_kl(mu.float(), logvar.float()).sum(0)
     return torch.cat(means), kl_sum / n

@@ -32,7 +32,7 @@ from models.vae import VAE
 from utils.batching import BatchOrder, to_inputs, train_batches
 from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
 from utils.config import Config, config_yaml
-from utils.data import Images, load_data
+from utils.data import Images, class_count, load_data
 from utils.errors import Interrupted, UserError
 from utils.evaluation import elbo_terms
 from utils.images import save_grid, save_pairs
@@ -57,6 +57,7 @@ class Session:
     memory_format: torch.memory_format
     schedule: Schedule              # the learning rate of each step, a pure function of the step
     fixed_x: torch.Tensor           # (32, C, H, W) test images for the reconstruction grids
+    fixed_y: torch.Tensor | None    # their labels, or None
     log: MetricsLog | None          # metrics.jsonl, on the main process
     start: int                      # the first step to run (the checkpoint's, on resume)
     ema: AveragedModel | None       # the weights' moving average (train.ema_decay), or None
@@ -91,9 +92,10 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     with GracefulStop(announce=acc.is_main_process) as stop, bar, closing(batches):
         for step in range(s.start, t.steps):
             # Forward and loss.
-            x = to_inputs(next(batches), cfg.data, s.memory_format)  # (B/processes, C, H, W) in [0, 1]
+            images, y = next(batches)  # labels: read by a conditional model only
+            x = to_inputs(images, cfg.data, s.memory_format)  # (B/processes, C, H, W) in [0, 1]
             guard.before_forward()
-            terms = s.model(x, step)
+            terms = s.model(x, step, y)
             # Backward, clip, and a step that the fused Adam kernel skips when anything is not finite.
             acc.backward(terms["loss"])
             norm = clip_and_norm(acc, s.trained, t.grad_clip)
@@ -113,7 +115,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 log_train(s, meter, guard, bar, done)
             check_divergence(s, guard, done)
             if every(done, t.sample_every, t.steps) and acc.is_main_process:
-                save_grids(s.final, t.seed, s.fixed_x, run_dir / "samples", done)
+                save_grids(s.final, t.seed, s.fixed_x, s.fixed_y, run_dir / "samples", done)
             if every(done, t.eval_every, t.steps):
                 log_test(s, bar, done)
             if every(done, t.save_every, t.steps):
@@ -136,6 +138,13 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     if cfg.loss.regulariser == "tcvae" and cfg.loss.tc_dataset_size == 0:
         cfg.loss.tc_dataset_size = len(train_set)  # into config.yaml: evaluation and resume use the same N
+    if cfg.model.conditional:
+        classes = class_count(train_set, test_set)
+        if cfg.model.n_classes == 0:
+            cfg.model.n_classes = classes  # into config.yaml: sampling and evaluation build the same model
+        elif cfg.model.n_classes < classes:
+            raise UserError(f"model.n_classes={cfg.model.n_classes} but the data set has {classes} classes: "
+                            f"set model.n_classes={classes} or 0 (from the data)")
     vae = VAE(cfg, train_set.shape)
     fmt = torch.channels_last if t.channels_last and cfg.model.net in ("conv", "resconv") else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
@@ -150,7 +159,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     acc.wait_for_everyone()
     device = acc.device
     train_set, test_set = train_set.to(device), test_set.to(device)
-    fixed_x = test_set.batch(torch.arange(min(32, len(test_set)), device=device))
+    fixed_idx = torch.arange(min(32, len(test_set)), device=device)
+    fixed_x, fixed_y = test_set.batch(fixed_idx), test_set.labels_at(fixed_idx)
     set_seed(t.seed, device_specific=True)  # different reparameterisation noise on each process
     start = 0
     if resume is not None:
@@ -166,7 +176,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
               f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
     return Session(cfg, run_dir, acc, vae, model, trained, optimizer, train_set, test_set, fmt, build_schedule(t),
-                   fixed_x, log, start, ema)
+                   fixed_x, fixed_y, log, start, ema)
 
 
 def resume_extras(vae: VAE, ema: AveragedModel | None) -> dict:
@@ -253,15 +263,17 @@ def log_test(s: Session, bar: tqdm, done: int) -> None:
 
 
 @torch.no_grad()
-def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, out_dir: Path, step: int) -> None:
-    """64 prior samples drawn with the same seed at every step (a learned prior is asked anew), and test
-    images above their posterior-mean reconstructions."""
+def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, test_y: torch.Tensor | None, out_dir: Path,
+               step: int) -> None:
+    """64 prior samples drawn with the same seed at every step (a learned prior is asked anew; a conditional
+    model draws one class per row), and test images above their posterior-mean reconstructions."""
     was_training = vae.training
     vae.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     z = vae.prior.sample(64, torch.Generator().manual_seed(seed)).to(test_x.device)
-    save_grid(vae.decode(z), out_dir / f"step_{step:07d}_samples.png", per_row=8)
-    save_pairs(test_x, vae.decode(vae.encode(test_x)[0]), out_dir / f"step_{step:07d}_recon.png")
+    y = torch.arange(64, device=test_x.device) // 8 % vae.n_classes if vae.n_classes else None
+    save_grid(vae.decode(z, y), out_dir / f"step_{step:07d}_samples.png", per_row=8)
+    save_pairs(test_x, vae.decode(vae.encode(test_x, test_y)[0], test_y), out_dir / f"step_{step:07d}_recon.png")
     vae.train(was_training)
 
 
