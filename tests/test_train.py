@@ -55,7 +55,7 @@ def same_picture(written: Path, expected: torch.Tensor, write, tmp: Path) -> Non
 
 
 def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
-    (events,) = {p.parent for p in (run / "tb").rglob("events.out.tfevents.*")}
+    (events,) = {p.parent for p in (run / "tb").glob("events.out.tfevents.*")}  # (hyperparameters: below)
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}

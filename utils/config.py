@@ -27,6 +27,7 @@ from models.regularisers import KERNELS, REGULARISERS, TC_ESTIMATORS
 from utils.data import DATASETS
 from utils.errors import UserError
 from utils.schedules import SCHEDULES
+from utils.tracking import tracker_names
 
 # the config keys that name a part, and the registry whose keys are their choices (one list per kind)
 REGISTRIES: dict[str, dict] = {
@@ -141,6 +142,8 @@ class TrainConfig:
     mixed_precision: str = opt("launcher", "no, fp16, bf16, or launcher: take accelerate's setting",
                                choices=("launcher", "no", "fp16", "bf16"))
     log_every: int = opt(50, "steps between progress-bar / metrics.jsonl updates", min=1)
+    log_with: str = opt("tensorboard", "experiment trackers, comma-separated: any of Accelerate's (tensorboard, "
+                                       "wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), or none")
     sample_every: int = opt(1000, "steps between sample and reconstruction grids (0: only at the end)", min=0)
     eval_every: int = opt(1000, "steps between test-split ELBO evaluations (0: only at the end)", min=0)
     eval_samples: int = opt(0, "test images used by the periodic evaluation (0: all)", min=0)
@@ -270,6 +273,7 @@ def _check_together(cfg: Config) -> None:
     if loss.regulariser in ("tcvae", "factorvae", "dip_i", "dip_ii") and cfg.train.batch_size < 2:
         raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
                         f"train.batch_size >= 2: raise it")
+    tracker_names(cfg.train.log_with)  # an unknown tracker is an error now, not after the data loaded
     if cfg.model.conditional and cfg.model.prior == "vamp":
         raise UserError("model.conditional=true and model.prior=vamp do not go together (the pseudo-inputs have no "
                         "class label): use model.prior=normal, or model.conditional=false")

@@ -7,7 +7,7 @@
       samples/               step_0001000_samples.png, step_0001000_recon.png
       checkpoints/step_0001000/   full Accelerate state (model, optimizer, scaler, RNG), rng_R.safetensors,
                              trainer_state.json (step, each file's size and SHA-256); see utils/checkpoint.py
-      tb/                    TensorBoard events
+      tb/                    TensorBoard events (train.log_with)
 """
 
 from __future__ import annotations

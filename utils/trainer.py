@@ -10,6 +10,7 @@ epochs, and never reads sys.argv.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -31,7 +33,7 @@ except ImportError:
 from models.vae import VAE
 from utils.batching import BatchOrder, to_inputs, train_batches
 from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
-from utils.config import Config, config_yaml
+from utils.config import Config, config_to_dict, config_yaml
 from utils.data import Images, class_count, load_data
 from utils.errors import Interrupted, UserError
 from utils.evaluation import elbo_terms
@@ -39,6 +41,7 @@ from utils.images import save_grid, save_pairs
 from utils.optim import StepGuard, clip_and_norm, make_optimizer
 from utils.run import MetricsLog, create_run_dir, save_weights, write_atomic
 from utils.schedules import Schedule, build_schedule
+from utils.tracking import check_installed, hyperparameters, log_images, tracker_names
 
 
 @dataclass
@@ -115,7 +118,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
                 log_train(s, meter, guard, bar, done)
             check_divergence(s, guard, done)
             if every(done, t.sample_every, t.steps) and acc.is_main_process:
-                save_grids(s.final, t.seed, s.fixed_x, s.fixed_y, run_dir / "samples", done)
+                log_images(acc, save_grids(s.final, t.seed, s.fixed_x, s.fixed_y, run_dir / "samples", done), done)
             if every(done, t.eval_every, t.steps):
                 log_test(s, bar, done)
             if every(done, t.save_every, t.steps):
@@ -130,7 +133,11 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
     mp = None if t.mixed_precision == "launcher" else t.mixed_precision
-    acc = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=str(run_dir))
+    trackers = tracker_names(t.log_with)
+    check_installed(trackers)
+    # TensorBoard as an instance, so that its events go to <run>/tb whatever the other trackers' project is called
+    log_with = [TensorBoardTracker("tb", str(run_dir)) if n == "tensorboard" else n for n in trackers]
+    acc = Accelerator(mixed_precision=mp, log_with=log_with or None, project_dir=str(run_dir))
     if t.batch_size % acc.num_processes:
         raise UserError(f"train.batch_size={t.batch_size} is not divisible by the {acc.num_processes} processes: "
                         f"use a multiple of {acc.num_processes}")
@@ -171,12 +178,27 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
             group["lr"], group["weight_decay"] = t.lr, t.weight_decay
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if acc.is_main_process else None
-    acc.init_trackers("tb")
+    start_trackers(acc, cfg, run_dir, fresh=resume is None)
     acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
               f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
     return Session(cfg, run_dir, acc, vae, model, trained, optimizer, train_set, test_set, fmt, build_schedule(t),
                    fixed_x, fixed_y, log, start, ema)
+
+
+def start_trackers(acc: Accelerator, cfg: Config, run_dir: Path, fresh: bool) -> None:
+    """Start ``train.log_with``'s trackers with the config as hyperparameters. One that cannot start (a bad
+    tracking URI, no login) is a one-line error, and a run directory made for this start is removed again."""
+    try:
+        acc.init_trackers("vae-toolkit", config=hyperparameters(config_to_dict(cfg)),
+                          init_kwargs={"mlflow": {"run_name": run_dir.name}, "wandb": {"name": run_dir.name}})
+    except Exception as e:  # each tracker package raises its own kinds
+        if fresh and acc.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"train.log_with={cfg.train.log_with}: a tracker could not start ({e.__class__.__name__}: "
+                        f"{first[:200]}): fix its settings (see its documentation), or drop it from "
+                        f"train.log_with") from None
 
 
 def resume_extras(vae: VAE, ema: AveragedModel | None) -> dict:
@@ -264,17 +286,21 @@ def log_test(s: Session, bar: tqdm, done: int) -> None:
 
 @torch.no_grad()
 def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, test_y: torch.Tensor | None, out_dir: Path,
-               step: int) -> None:
+               step: int) -> dict[str, Path]:
     """64 prior samples drawn with the same seed at every step (a learned prior is asked anew; a conditional
-    model draws one class per row), and test images above their posterior-mean reconstructions."""
+    model draws one class per row), and test images above their posterior-mean reconstructions; returns the
+    files."""
     was_training = vae.training
     vae.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     z = vae.prior.sample(64, torch.Generator().manual_seed(seed)).to(test_x.device)
     y = torch.arange(64, device=test_x.device) // 8 % vae.n_classes if vae.n_classes else None
-    save_grid(vae.decode(z, y), out_dir / f"step_{step:07d}_samples.png", per_row=8)
-    save_pairs(test_x, vae.decode(vae.encode(test_x, test_y)[0], test_y), out_dir / f"step_{step:07d}_recon.png")
+    paths = {"samples": out_dir / f"step_{step:07d}_samples.png",
+             "reconstructions": out_dir / f"step_{step:07d}_recon.png"}
+    save_grid(vae.decode(z, y), paths["samples"], per_row=8)
+    save_pairs(test_x, vae.decode(vae.encode(test_x, test_y)[0], test_y), paths["reconstructions"])
     vae.train(was_training)
+    return paths
 
 
 def check_divergence(s: Session, guard: StepGuard, done: int) -> None:
