@@ -203,4 +203,4 @@ def test_batch_not_divisible_by_processes(tmp_path, real_data):
                        str(tmp_path / "r"), "data.root=" + str(DATA), "train.batch_size=33", "train.steps=1"],
                       launcher=accel_2(), env=CPU)
     assert proc.returncode != 0
-    assert "train.batch_size=33 is not divisible by the 2 processes" in proc.stderr
+    assert "train.batch_size=33 does not split into 2 processes x 1 micro-batches" in proc.stderr

@@ -126,6 +126,9 @@ class LossConfig:
 class TrainConfig:
     steps: int = opt(5000, "optimizer steps in total", min=1)
     batch_size: int = opt(128, "global batch size, split evenly across processes", min=1)
+    grad_accum_steps: int = opt(1, "micro-batches per step: each process's share of the batch is split into this "
+                                   "many, run in turn, their gradients averaged (the same batch on fewer devices)",
+                                min=1)
     lr: float = opt(1e-3, "Adam learning rate (the peak, with a schedule)", min=0.0, min_exclusive=True)
     lr_schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
     warmup_steps: int = opt(0, "linear learning-rate warm-up from 0 over this many steps (0: off)", min=0)
@@ -277,6 +280,9 @@ def _check_together(cfg: Config) -> None:
     if cfg.model.conditional and cfg.model.prior == "vamp":
         raise UserError("model.conditional=true and model.prior=vamp do not go together (the pseudo-inputs have no "
                         "class label): use model.prior=normal, or model.conditional=false")
+    if loss.regulariser == "factorvae" and cfg.train.grad_accum_steps > 1:
+        raise UserError("loss.regulariser=factorvae trains its critic on each step's whole batch of codes and does not "
+                        "accumulate: use train.grad_accum_steps=1")
     if loss.regulariser == "mmd" and loss.mmd_weight == 0:
         raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
                         "loss.regulariser=kl")

@@ -12,6 +12,7 @@ Where a tracker stores its runs is its own setting (``MLFLOW_TRACKING_URI``,
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return flat
+
+
+def start_trackers(accelerator: Accelerator, log_with: str, config: dict[str, Any], run_dir: Path,
+                   fresh: bool) -> None:
+    """Start the trackers with the config as hyperparameters. One that cannot start (a bad tracking URI, no
+    login) is a one-line error, and a run directory made for this start (``fresh``) is removed again."""
+    try:
+        accelerator.init_trackers("vae-toolkit", config=hyperparameters(config),
+                                  init_kwargs={"mlflow": {"run_name": run_dir.name}, "wandb": {"name": run_dir.name}})
+    except Exception as e:  # each tracker package raises its own kinds
+        if fresh and accelerator.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"train.log_with={log_with}: a tracker could not start ({e.__class__.__name__}: "
+                        f"{first[:200]}): fix its settings (see its documentation), or drop it from "
+                        f"train.log_with") from None
 
 
 def log_images(accelerator: Accelerator, paths: dict[str, Path], step: int) -> None:

@@ -10,11 +10,10 @@ epochs, and never reads sys.argv.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from utils.images import save_grid, save_pairs
 from utils.optim import StepGuard, clip_and_norm, make_optimizer
 from utils.run import MetricsLog, create_run_dir, save_weights, write_atomic
 from utils.schedules import Schedule, build_schedule
-from utils.tracking import check_installed, hyperparameters, log_images, tracker_names
+from utils.tracking import check_installed, log_images, start_trackers, tracker_names
 
 
 @dataclass
@@ -98,9 +97,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             images, y = next(batches)  # labels: read by a conditional model only
             x = to_inputs(images, cfg.data, s.memory_format)  # (B/processes, C, H, W) in [0, 1]
             guard.before_forward()
-            terms = s.model(x, step, y)
-            # Backward, clip, and a step that the fused Adam kernel skips when anything is not finite.
-            acc.backward(terms["loss"])
+            terms = forward_backward(s, x, y, step)  # (in train.grad_accum_steps micro-batches)
+            # Clip, and a step that the fused Adam kernel skips when anything is not finite.
             norm = clip_and_norm(acc, s.trained, t.grad_clip)
             bad = guard.check(terms["loss"], norm, acc)  # decided on the device: no host sync
             guard.skip_if(s.optimizer, bad, acc.scaler)
@@ -129,6 +127,26 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     finish(s, stop, done, saved_at)
 
 
+def forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
+    """The loss terms of this process's batch and their gradients. With ``train.grad_accum_steps`` = n, the
+    batch is run as n micro-batches in turn, each loss divided by n, so the gradients summed in .grad are
+    those of the mean; under DDP only the last backward all-reduces. Returns the terms' means."""
+    n = s.cfg.train.grad_accum_steps
+    if n == 1:
+        terms = s.model(x, step, y)
+        s.accelerator.backward(terms["loss"])
+        return terms
+    total: dict[str, torch.Tensor] = {}
+    ys = [None] * n if y is None else y.chunk(n)
+    for i, (xi, yi) in enumerate(zip(x.chunk(n), ys)):
+        with s.accelerator.no_sync(s.model) if i < n - 1 else nullcontext():
+            terms = s.model(xi, step, yi)
+            s.accelerator.backward(terms["loss"] / n)
+        for k, v in terms.items():
+            total[k] = total.get(k, 0.0) + v.detach() / n
+    return total
+
+
 def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> Session:
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
@@ -138,9 +156,10 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     # TensorBoard as an instance, so that its events go to <run>/tb whatever the other trackers' project is called
     log_with = [TensorBoardTracker("tb", str(run_dir)) if n == "tensorboard" else n for n in trackers]
     acc = Accelerator(mixed_precision=mp, log_with=log_with or None, project_dir=str(run_dir))
-    if t.batch_size % acc.num_processes:
-        raise UserError(f"train.batch_size={t.batch_size} is not divisible by the {acc.num_processes} processes: "
-                        f"use a multiple of {acc.num_processes}")
+    if t.batch_size % (acc.num_processes * t.grad_accum_steps):
+        parts = acc.num_processes * t.grad_accum_steps
+        raise UserError(f"train.batch_size={t.batch_size} does not split into {acc.num_processes} processes x "
+                        f"{t.grad_accum_steps} micro-batches: use a multiple of {parts}")
     set_seed(t.seed)  # same initial weights on every process and for any process count
     train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     if cfg.loss.regulariser == "tcvae" and cfg.loss.tc_dataset_size == 0:
@@ -178,27 +197,12 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
             group["lr"], group["weight_decay"] = t.lr, t.weight_decay
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if acc.is_main_process else None
-    start_trackers(acc, cfg, run_dir, fresh=resume is None)
+    start_trackers(acc, t.log_with, config_to_dict(cfg), run_dir, fresh=resume is None)
     acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
               f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
     return Session(cfg, run_dir, acc, vae, model, trained, optimizer, train_set, test_set, fmt, build_schedule(t),
                    fixed_x, fixed_y, log, start, ema)
-
-
-def start_trackers(acc: Accelerator, cfg: Config, run_dir: Path, fresh: bool) -> None:
-    """Start ``train.log_with``'s trackers with the config as hyperparameters. One that cannot start (a bad
-    tracking URI, no login) is a one-line error, and a run directory made for this start is removed again."""
-    try:
-        acc.init_trackers("vae-toolkit", config=hyperparameters(config_to_dict(cfg)),
-                          init_kwargs={"mlflow": {"run_name": run_dir.name}, "wandb": {"name": run_dir.name}})
-    except Exception as e:  # each tracker package raises its own kinds
-        if fresh and acc.is_main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"train.log_with={cfg.train.log_with}: a tracker could not start ({e.__class__.__name__}: "
-                        f"{first[:200]}): fix its settings (see its documentation), or drop it from "
-                        f"train.log_with") from None
 
 
 def resume_extras(vae: VAE, ema: AveragedModel | None) -> dict:
