@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 import traceback
@@ -119,6 +120,22 @@ def run_script(args: list[str], cwd: Path | None = None, launcher: list[str] | N
     cmd = (launcher or [sys.executable]) + args
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS), **(env or {})}
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def accel_2() -> list[str]:
+    """A two-process CPU launch on its own free port, so no other job's rendezvous (default 29500) can collide."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CPU = {"ACCELERATE_USE_CPU": "1"}  # the environment of a CPU launch
 
 
 # Runs shared by several tests, trained once per session. A test that changes a run works on a copy

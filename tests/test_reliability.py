@@ -338,7 +338,7 @@ def test_overwrite_replaces_a_run_only_when_asked_and_only_once_the_new_one_can_
 
 
 def test_two_processes_agree_on_the_step_to_save_when_signalled(tmp_path, real_data):
-    from test_train import CPU, accel_2
+    from conftest import CPU, accel_2
 
     run = tmp_path / "ddp"
     proc = launch([TRAIN, "-c", MNIST, "-e", str(run), *FAST, "train.steps=100000", "train.log_every=10"],

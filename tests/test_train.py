@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import DATA, FAST, REPO, run_script, train, train_cli
+from conftest import CPU, DATA, FAST, REPO, accel_2, run_script, train, train_cli
 from utils.images import save_grid, save_pairs
 from utils.loading import load_run
 from utils.run import read_metrics
@@ -154,17 +152,6 @@ def test_bf16_autocast_on_cpu(tmp_path, real_data):
     assert "precision=no" in fp32.stdout
 
 
-def accel_2() -> list[str]:
-    """A two-process CPU launch on its own free port, so no other job's rendezvous (default 29500) can collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]
-
-
-CPU = {"ACCELERATE_USE_CPU": "1"}
 
 
 def test_ddp_two_processes_train_and_agree_on_optimal_sigma_and_the_critic(tmp_path, real_data):

@@ -194,7 +194,7 @@ class FileImages(Images, torch.utils.data.Dataset):
         target = cache_dir / f"images-{len(self.paths)}-{'x'.join(map(str, self.shape))}-{key.hexdigest()[:12]}.npy"
         if not target.is_file():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # machines sharing the folder: each its own
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self), *self.shape))
             loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=cpu_workers(num_workers))
             start = 0

@@ -15,6 +15,7 @@ scale, shape.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -86,7 +87,7 @@ def official_images(npz: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]
     try:
         with zipfile.ZipFile(npz) as zf:
             if not target.is_file():
-                tmp = target.with_suffix(".tmp")
+                tmp = target.with_suffix(f".{os.getpid()}.tmp")  # machines sharing the folder: each its own
                 with zf.open("imgs.npy") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, length=16 << 20)
                 tmp.replace(target)

@@ -161,7 +161,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         raise UserError(f"train.batch_size={t.batch_size} does not split into {acc.num_processes} processes x "
                         f"{t.grad_accum_steps} micro-batches: use a multiple of {parts}")
     set_seed(t.seed)  # same initial weights on every process and for any process count
-    train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
+    with acc.local_main_process_first():  # one process per machine decodes a cache; the others then read it
+        train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     if cfg.loss.regulariser == "tcvae" and cfg.loss.tc_dataset_size == 0:
         cfg.loss.tc_dataset_size = len(train_set)  # into config.yaml: evaluation and resume use the same N
     if cfg.model.conditional:
