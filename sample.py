@@ -65,8 +65,8 @@ def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
         x = decode(model, z, args.batch_size, y)
         labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]).save(path)
         return [path]
-    z = model.prior.sample(args.n_samples, g).to(args.device)
-    x = decode(model, z, args.batch_size, labels_for(model, args, len(z), g))
+    labels = None if args.label is None else torch.full((args.n_samples,), args.label)
+    x = model.sample(args.n_samples, labels, g, args.batch_size).float().cpu()
     save_grid(x, path, per_row=math.ceil(math.sqrt(len(x))))
     paths = [path]
     if args.individual:

@@ -132,6 +132,25 @@ def log_weights(vae: VAE, x: torch.Tensor, k: int,
 
 
 @torch.no_grad()
+def image_bounds(vae: VAE, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
+                 chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image (B,): the IWAE bound log (1/k) Σ_i w_i, the reconstruction term −E log p(x|z) and the KL.
+
+    The k samples are drawn ``chunk`` at a time (0: all at once) and the log-sum-exp is
+    accumulated, so memory stays bounded for any k. The one computation behind
+    evaluate.py's bounds and ``TrainedVAE.log_likelihood``.
+    """
+    chunk = chunk or k
+    lse, rec, kl = None, torch.zeros(len(x), device=x.device), None
+    for start in range(0, k, chunk):
+        w, log_px_z, kl = log_weights(vae, x, min(chunk, k - start), y)
+        rec -= log_px_z.sum(0) / k
+        part = torch.logsumexp(w, 0)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    return lse - math.log(k), rec, kl
+
+
+@torch.no_grad()
 def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, batch_size: int = 100,
                       max_rows: int = 20_000, limit: int = 0, seed: int = 0, binarize: bool = False,
                       progress=None) -> dict[str, float]:
@@ -153,14 +172,8 @@ def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, 
         torch.manual_seed(seed + 7919 * accelerator.process_index)
         for idx in _shares(n, batch_size, accelerator):
             x, y = _prepare(data.batch(idx), vae.likelihood.continuous, g, binarize), data.labels_at(idx)
-            lse, rec = None, torch.zeros(len(x), device=x.device)
-            for start in range(0, k, chunk):
-                w, log_px_z, kl = log_weights(vae, x, min(chunk, k - start), y)
-                rec -= log_px_z.sum(0) / k
-                part = torch.logsumexp(w, 0)
-                lse = part if lse is None else torch.logaddexp(lse, part)
-            sums += torch.stack([rec.sum(), kl.sum(), -(lse - math.log(k)).sum(),
-                                 torch.tensor(float(len(x)), device=x.device)])
+            bound, rec, kl = image_bounds(vae, x, k, y, chunk)
+            sums += torch.stack([rec.sum(), kl.sum(), -bound.sum(), torch.tensor(float(len(x)), device=x.device)])
             if progress is not None:
                 progress.update(len(x) * accelerator.num_processes)
     sums = accelerator.reduce(sums)

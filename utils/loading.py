@@ -1,4 +1,5 @@
-"""Load a trained model from a run directory (config.yaml + model.safetensors), or a config and weights.
+"""Load a trained model from a run directory (config.yaml + model.safetensors), a Hub-format folder
+(config.json + model.safetensors, models/pretrained.py), or a config and weights.
 
 Weights are read with safetensors only: loading never executes code from the file.
 A file that does not fit the config's model gets an error listing what differs,
@@ -13,9 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.vae import VAE
-from utils.config import Config, load_config
-from utils.data import image_shape
+from models.pretrained import TrainedVAE
+from utils.config import Config, config_to_dict, load_config
 from utils.errors import UserError
 from utils.run import newest_run
 
@@ -24,8 +24,9 @@ def find_run(exp_dir: str | None) -> tuple[Path, bool]:
     """(run directory, whether it was picked automatically as the newest under runs/)."""
     if exp_dir:
         run = Path(exp_dir)
-        if not (run / "config.yaml").is_file():
-            raise UserError(f"{run} is not a run directory (no config.yaml): pass a run under runs/ to --exp_dir")
+        if not (run / "config.yaml").is_file() and not (run / "config.json").is_file():
+            raise UserError(f"{run} is not a run directory (no config.yaml) nor a Hub-format folder (no "
+                            f"config.json): pass a run under runs/ to --exp_dir")
         return run, False
     return newest_run(require="model.safetensors"), True
 
@@ -38,11 +39,16 @@ def tensor_mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> li
     return problems
 
 
-def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -> VAE:
+def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -> TrainedVAE:
     """Build the config's VAE and fill it from a safetensors file, checking every tensor first."""
     if not weights.is_file():
         raise UserError(f"weights '{weights}' not found: train first (python train_vae.py -c CONFIG) "
                         f"or pass an existing model.safetensors with --weights")
+    return fill_checked(TrainedVAE(config_to_dict(cfg)), weights).to(device)
+
+
+def fill_checked(model: TrainedVAE, weights: Path) -> TrainedVAE:
+    """Fill ``model`` from a safetensors file after checking every tensor's name and shape; eval mode."""
     if weights.suffix != ".safetensors":
         raise UserError(f"weights '{weights}' are not a .safetensors file: only safetensors are loaded "
                         f"(no pickles); use the run's model.safetensors")
@@ -51,7 +57,7 @@ def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"weights '{weights}' cannot be read as safetensors ({e}): the file is damaged or "
                         f"not safetensors") from None
-    model = VAE(cfg, image_shape(cfg.data))
+    cfg = model.config
     problems = tensor_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
                                  {k: tuple(v.shape) for k, v in state.items()})
     if problems:
@@ -60,11 +66,11 @@ def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -
                         f"net={cfg.model.net}, likelihood={cfg.model.likelihood}): {shown}; "
                         f"pass the config the weights were trained with")
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_run(exp_dir: str | None, config: str | None, weights: str | None,
-             device: torch.device | str = "cpu") -> tuple[Config, VAE, Path, bool]:
+             device: torch.device | str = "cpu") -> tuple[Config, TrainedVAE, Path, bool]:
     """(config, model, run directory, auto-picked) from --exp_dir, or -c with --weights."""
     if config or weights:
         if not (config and weights):
@@ -73,5 +79,8 @@ def load_run(exp_dir: str | None, config: str | None, weights: str | None,
         w = Path(weights)
         return cfg, load_model(cfg, w, device), w.parent, False
     run, auto = find_run(exp_dir)
+    if not (run / "config.yaml").is_file():  # a Hub-format folder
+        model = TrainedVAE.load(run, device)
+        return model.config, model, run, auto
     cfg = load_config(run / "config.yaml")
     return cfg, load_model(cfg, run / "model.safetensors", device), run, auto
