@@ -47,7 +47,7 @@ def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
     if cfg.name == "dsprites" and cfg.img_size not in (0, 64):
         raise UserError(f"dSprites images are 64x64, not data.img_size={cfg.img_size}: set data.img_size=64 or 0")
     if cfg.channels:
-        if cfg.name != "image_folder" and cfg.channels != channels:
+        if cfg.name not in ("image_folder", "hf") and cfg.channels != channels:
             kind = "greyscale (1 channel)" if channels == 1 else "RGB (3 channels)"
             raise UserError(f"{cfg.name} is {kind} but data.channels={cfg.channels}: "
                             f"set data.channels={channels} or leave it at 0 (the set's own)")
@@ -158,40 +158,43 @@ def decode(path: Path, size: int, channels: int, face_crop: bool) -> torch.Tenso
             w, h = img.size
             side = crop_box(w, h, face_crop)[2]
             img.draft("RGB" if channels == 3 else "L", (math.ceil(size * w / side), math.ceil(size * h / side)))
-            img = img.convert("RGB" if channels == 3 else "L")
-            left, top, side = crop_box(*img.size, face_crop)
-            img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
-            arr = np.asarray(img, dtype=np.uint8)
+            return fit(img, size, channels, face_crop)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if isinstance(e, FileNotFoundError):
             raise UserError(f"image {path} has vanished (data.root moved or unmounted?): restore it and rerun; "
                             f"a training run continues with -r latest") from None
         raise UserError(f"cannot read image {path} ({str(e).splitlines()[0]}): remove or replace the file") from None
+
+
+def fit(img, size: int, channels: int, face_crop: bool) -> torch.Tensor:
+    """A PIL image -> uint8 (C, size, size): grey or RGB, the square crop, an antialiased bicubic resize."""
+    from PIL import Image
+
+    img = img.convert("RGB" if channels == 3 else "L")
+    left, top, side = crop_box(*img.size, face_crop)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.reshape(size, size, channels).copy()).permute(2, 0, 1)
 
 
-@dataclass
-class FileImages(Images, torch.utils.data.Dataset):
-    paths: list[Path]
-    labels: torch.Tensor | None
-    shape: tuple[int, int, int]
-    face_crop: bool = False
+class DecodedImages(Images, torch.utils.data.Dataset):
+    """Images decoded one by one (``__getitem__``) in DataLoader workers; ``cache_key`` names their content and
+    decoded shape."""
+
     workers_needed = True
     reading = "decoded per batch by DataLoader workers"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return decode(self.paths[i], self.shape[1], self.shape[0], self.face_crop)
 
     def get(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([self[i] for i in idx.tolist()]).to(idx.device)
 
+    def cache_key(self) -> bytes:
+        raise NotImplementedError
+
     def cached(self, cache_dir: Path, num_workers: int) -> TensorImages:
-        """Decode every image once into a uint8 .npy (memory-mapped after); reused while the file list is the same."""
-        key = hashlib.sha1("\n".join(map(str, self.paths)).encode() + repr((self.shape, self.face_crop)).encode())
-        target = cache_dir / f"images-{len(self.paths)}-{'x'.join(map(str, self.shape))}-{key.hexdigest()[:12]}.npy"
+        """Decode every image once into a uint8 .npy (memory-mapped after); reused while the content key is the
+        same."""
+        key = hashlib.sha1(self.cache_key())
+        target = cache_dir / f"images-{len(self)}-{'x'.join(map(str, self.shape))}-{key.hexdigest()[:12]}.npy"
         if not target.is_file():
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # machines sharing the folder: each its own
@@ -206,6 +209,23 @@ class FileImages(Images, torch.utils.data.Dataset):
             tmp.replace(target)
         images = torch.from_numpy(np.load(target, mmap_mode="c"))
         return TensorImages(images, self.labels)
+
+
+@dataclass
+class FileImages(DecodedImages):
+    paths: list[Path]
+    labels: torch.Tensor | None
+    shape: tuple[int, int, int]
+    face_crop: bool = False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode(self.paths[i], self.shape[1], self.shape[0], self.face_crop)
+
+    def cache_key(self) -> bytes:
+        return "\n".join(map(str, self.paths)).encode() + repr((self.shape, self.face_crop)).encode()
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -365,6 +385,12 @@ def _dsprites(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Ima
     return train, test, f"{source}, split: seeded {cfg.test_fraction:g} fraction"
 
 
+def _hf(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Images, str]:
+    from utils.hf_data import load_hf  # (it builds on this module)
+
+    return load_hf(cfg, shape)
+
+
 @dataclass(frozen=True)
 class DataSet:
     """A registered data set: its channels and native size, and its loader (config, shape) -> (train, test, source)."""
@@ -381,6 +407,7 @@ DATASETS: dict[str, DataSet] = {
     "celeba": DataSet(3, 64, _celeba),
     "dsprites": DataSet(1, 64, _dsprites),
     "image_folder": DataSet(3, 64, _image_folder),  # channels and size as configured
+    "hf": DataSet(3, 64, _hf),  # Hugging Face datasets (utils/hf_data.py); channels and size as configured
 }
 
 
@@ -388,7 +415,7 @@ def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[Images, Images, st
     """(train, test, one-line summary) for ``cfg.name``."""
     train, test, source = DATASETS[cfg.name].load(cfg, image_shape(cfg))
     if cfg.cache:
-        train, test = (s.cached(Path(cfg.cache_dir), num_workers) if isinstance(s, FileImages) else s
+        train, test = (s.cached(Path(cfg.cache_dir), num_workers) if isinstance(s, DecodedImages) else s
                        for s in (train, test))
     c, h, w = train.shape
     summary = f"data: {cfg.name} train={len(train)} test={len(test)} shape={c}x{h}x{w} ({train.reading}) from {source}"
