@@ -34,6 +34,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
 
     import torch
 
+    from models.networks import CONVOLUTIONAL
     from models.vae import VAE
     from utils.config import load_config
     from utils.data import load_data
@@ -43,7 +44,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
     train, _, _ = load_data(cfg.data)
-    fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net == "conv" else torch.contiguous_format
+    fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net in CONVOLUTIONAL else torch.contiguous_format
     images = train.images.to(device).float().div_(255).contiguous(memory_format=fmt)
     vae = VAE(cfg, train.shape).to(device, memory_format=fmt)
     opt = make_optimizer(vae.parameters(), cfg.train)  # the trainer's: fused Adam

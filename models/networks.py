@@ -209,11 +209,55 @@ class ResConvDecoder(nn.Module):
         return out[:, :, p:p + self.size, p:p + self.size]
 
 
+def _need_64(img_shape: tuple[int, int, int]) -> None:
+    if img_shape[1:] != (64, 64):
+        raise UserError(f"model.net=dislib is the 64x64 architecture of the disentanglement literature; these images "
+                        f"are {img_shape[1]}x{img_shape[2]}: set data.img_size=64, or use model.net=conv")
+
+
+class DislibEncoder(nn.Module):
+    """The convolutional encoder of the disentanglement literature for 64x64 images (Higgins et al. 2017, Table 1
+    row 3; disentanglement_lib's ``conv_encoder``, which Locatello et al. 2019 train): 32-32 4x4 and 64-64 2x2
+    stride-2 convolutions with ReLU, a 256-unit layer, then the posterior's parameters. No batch norm."""
+
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
+        super().__init__()
+        _need_64(img_shape)
+        self.net = nn.Sequential(
+            nn.Conv2d(img_shape[0] + n_cond, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 64, 2, 2), nn.ReLU(), nn.Conv2d(64, 64, 2, 2), nn.ReLU(), nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 2 * z_dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(label_maps(x, c)).chunk(2, dim=1)
+        return mu, logvar
+
+
+class DislibDecoder(nn.Module):
+    """Its decoder (disentanglement_lib's ``deconv_decoder``): 256 and 1024 units, then 64-32-32 4x4 stride-2
+    transposed convolutions with ReLU and a last one to the likelihood's parameters."""
+
+    def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, m: ModelConfig):
+        super().__init__()
+        _need_64(img_shape)
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, 256), nn.ReLU(), nn.Linear(256, 1024), nn.ReLU(), nn.Unflatten(1, (64, 4, 4)),
+            nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, img_shape[0] * n_params, 4, 2, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
 NETWORKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mlp": (MLPEncoder, MLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),
     "resconv": (ResConvEncoder, ResConvDecoder),
+    "dislib": (DislibEncoder, DislibDecoder),
 }
+
+
+CONVOLUTIONAL = ("conv", "resconv", "dislib")  # networks that run faster on channels-last images
 
 
 def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: int,

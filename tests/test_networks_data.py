@@ -25,6 +25,24 @@ def test_network_shapes(net, size, channels, n_params):
     assert dec(mu).shape == (2, channels * n_params, size, size)
 
 
+def test_literature_network_for_64_px():
+    """disentanglement_lib's conv_encoder/deconv_decoder: its layer shapes and parameter count (encoder: convs
+    1·32·16+32, 32·32·16+32, 32·64·4+64, 64·64·4+64, then 1024·256+256 and 256·2z+2z; decoder mirrored), and
+    64 px only."""
+    m = ModelConfig(net="dislib", z_dim=10)
+    enc, dec = build_networks(m, (1, 64, 64), 1)
+    mu, _ = enc(torch.rand(2, 1, 64, 64))
+    assert mu.shape == (2, 10) and dec(mu).shape == (2, 1, 64, 64)
+    encoder = (16 * 32 + 32) + (32 * 32 * 16 + 32) + (32 * 64 * 4 + 64) + (64 * 64 * 4 + 64) + (1024 * 256 + 256) \
+        + (256 * 20 + 20)
+    decoder = (10 * 256 + 256) + (256 * 1024 + 1024) + (64 * 64 * 16 + 64) + (64 * 32 * 16 + 32) \
+        + (32 * 32 * 16 + 32) + (32 * 1 * 16 + 1)
+    assert sum(p.numel() for p in enc.parameters()) == encoder
+    assert sum(p.numel() for p in dec.parameters()) == decoder
+    with pytest.raises(UserError, match="64x64 architecture"):
+        build_networks(m, (1, 28, 28), 1)
+
+
 def test_residual_block_starts_as_the_identity_and_learns_away_from_it():
     torch.manual_seed(0)
     block, x = ResBlock(4, "relu"), torch.randn(3, 4, 8, 8)

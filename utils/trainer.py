@@ -29,6 +29,7 @@ try:
 except ImportError:
     resource = None
 
+from models.networks import CONVOLUTIONAL
 from models.vae import VAE
 from utils.batching import BatchOrder, to_inputs, train_batches
 from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
@@ -173,7 +174,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
             raise UserError(f"model.n_classes={cfg.model.n_classes} but the data set has {classes} classes: "
                             f"set model.n_classes={classes} or 0 (from the data)")
     vae = VAE(cfg, train_set.shape)
-    fmt = torch.channels_last if t.channels_last and cfg.model.net in ("conv", "resconv") else torch.contiguous_format
+    fmt = torch.channels_last if t.channels_last and cfg.model.net in CONVOLUTIONAL else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
     trained = vae.trained_parameters()
     optimizer = make_optimizer(trained, t)
