@@ -37,7 +37,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     from models.networks import CONVOLUTIONAL
     from models.vae import VAE
     from utils.config import load_config
-    from utils.data import load_data
+    from utils.data import TensorImages, load_data
     from utils.optim import make_optimizer
 
     cfg = load_config(config, overrides)
@@ -45,7 +45,11 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     torch.manual_seed(cfg.train.seed)
     train, _, _ = load_data(cfg.data)
     fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net in CONVOLUTIONAL else torch.contiguous_format
-    images = train.images.to(device).float().div_(255).contiguous(memory_format=fmt)
+    # data already decoded, on the device: a set held in memory as it is, any other (files, rendered dSprites)
+    # as a pool of 20 batches decoded once, so the loop measures the model alone
+    first = torch.arange(min(len(train), 20 * cfg.train.batch_size))
+    pool = train.images if isinstance(train, TensorImages) else train.get(first)
+    images = pool.to(device).float().div_(255).contiguous(memory_format=fmt)
     vae = VAE(cfg, train.shape).to(device, memory_format=fmt)
     opt = make_optimizer(vae.parameters(), cfg.train)  # the trainer's: fused Adam
     model = torch.compile(vae) if cfg.train.compile else vae
@@ -57,7 +61,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     for step in range(steps):
         start = (step * b) % (n - b)
         idx = perm[start:start + b]
-        x, y = images[idx], train.labels_at(idx)  # labels: read by a conditional model only
+        x, y = images[idx], train.labels_at(idx) if train.labels is not None else None  # (a conditional model)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(x, step, y)["loss"]
         opt.zero_grad(set_to_none=True)
