@@ -66,7 +66,25 @@ def binarized() -> str:
     return "\n".join(rows)
 
 
+STUDY = {"vae": "VAE (β = 1)", "beta_vae": "β-VAE (β = 4)", "tcvae": "β-TCVAE (β = 6)",
+         "factor_vae": "FactorVAE (γ = 35)", "dip_vae": "DIP-VAE-I (λ_od = 5, λ_d = 50)"}
+
+
+def study_table() -> str:
+    rows = ["| model | β-VAE metric | FactorVAE metric | MIG | DCI disentanglement | SAP | test ELBO (nats) | "
+            "KL (nats) | active units |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, name in STUDY.items():
+        if not (HERE / f"dsprites-study-{row}.json").is_file():
+            continue
+        r = load(f"dsprites-study-{row}")
+        d, b = r["disentanglement"], r["nll"]
+        rows.append(f"| {name} | {d['beta_vae']['eval_accuracy']:.3f} | {d['factor_vae']['eval_accuracy']:.3f} | "
+                    f"{d['mig']['mig']:.3f} | {d['dci']['disentanglement']:.3f} | {d['sap']['sap']:.3f} | "
+                    f"{b['elbo']:.1f} | {b['kl']:.1f} | {r['au']['active_units']}/{r['au']['z_dim']} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     for data in ("mnist", "fashion_mnist"):
         print(f"\n{data}\n\n{sigma_table(data)}")
-    print(f"\n{beta_table()}\n\n{binarized()}")
+    print(f"\n{beta_table()}\n\n{binarized()}\n\n{study_table()}")
