@@ -43,10 +43,11 @@ PUBLISHED = {
     "vae": ("784-200-200-50 tanh, ELBO", "VAE, one stochastic layer", "Burda et al. 2016, Table 1, k = 1", 86.76),
     "iwae": ("784-200-200-50 tanh, IWAE k = 50", "IWAE, one stochastic layer", "Burda et al. 2016, Table 1, k = 50",
              84.78),
-    "vamp": ("784-300-300-40 tanh, VampPrior (500 pseudo-inputs), ELBO", "VAE (L = 1) + VampPrior",
-             "Tomczak & Welling 2018, Table 2", 85.57),
-    "vamp_ema": ("as `vamp`, with a moving average of the weights (decay 0.999)", "VAE (L = 1) + VampPrior",
-                 "Tomczak & Welling 2018, Table 2", 85.57),
+    "vamp": ("784-300-300-40 tanh, VampPrior (500 pseudo-inputs), ELBO", "VAE + VampPrior, one stochastic layer",
+             "Tomczak & Welling 2018, as quoted by pythae's reproduction", 85.57),
+    "vamp_ema": ("as `vamp`, with a moving average of the weights (decay 0.999)",
+                 "VAE + VampPrior, one stochastic layer", "Tomczak & Welling 2018, as quoted by pythae's reproduction",
+                 85.57),
 }
 
 
