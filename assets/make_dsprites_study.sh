@@ -2,7 +2,8 @@
 # Reruns the README's dSprites study with the toolkit's own commands: VAE, beta-VAE, beta-TCVAE, FactorVAE and
 # DIP-VAE-I, each its configs/dsprites*.yaml (the disentanglement literature's 64x64 conv net) for the same number
 # of steps on one CPU core (OMP_NUM_THREADS=1, so two rows can share a 2-core machine), then every score at
-# reduced sample sizes (flags below) and a latent traversal. STEPS: steps per run. ROWS: which rows.
+# reduced sample sizes (flags below), the same scores at the step-1000 checkpoint, and a latent traversal.
+# STEPS: steps per run (default 2000). ROWS: which rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${STEPS:-2000}"
@@ -23,6 +24,9 @@ for row in $rows; do
     --dis_variance 5000 --mig_samples 5000 --dci_train 1000 --dci_test 500 \
     --out "assets/results/dsprites-study-$row.json" > /dev/null 2>&1
   echo "$row: evaluated in $((SECONDS - t0)) s"
+  OMP_NUM_THREADS=1 python evaluate.py -c "$run/config.yaml" --weights "$run/checkpoints/step_0001000/model.safetensors" \
+    --metrics disentanglement --dis_train 1000 --dis_eval 500 --dis_variance 5000 --mig_samples 5000 \
+    --dci_train 1000 --dci_test 500 --out "assets/results/dsprites-study-$row-step1000.json" > /dev/null 2>&1
   OMP_NUM_THREADS=1 python sample.py --exp_dir "$run" --mode traverse --n_traverse 9 \
     --save_dir "assets/results/dsprites-study-$row" > /dev/null
 done

@@ -85,7 +85,23 @@ def study_table() -> str:
     return "\n".join(rows)
 
 
+def study_trajectory() -> str:
+    """The same scores of each study run at its step-1000 checkpoint and at the end (step 2000)."""
+    rows = ["| model | β-VAE metric | FactorVAE metric | MIG | DCI disentanglement | SAP |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    keys = [("beta_vae", "eval_accuracy"), ("factor_vae", "eval_accuracy"), ("mig", "mig"),
+            ("dci", "disentanglement"), ("sap", "sap")]
+    for row, name in STUDY.items():
+        if not (HERE / f"dsprites-study-{row}-step1000.json").is_file():
+            continue
+        early = load(f"dsprites-study-{row}-step1000")["disentanglement"]
+        late = load(f"dsprites-study-{row}")["disentanglement"]
+        cells = [f"{early[a][b]:.3f} → {late[a][b]:.3f}" for a, b in keys]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     for data in ("mnist", "fashion_mnist"):
         print(f"\n{data}\n\n{sigma_table(data)}")
-    print(f"\n{beta_table()}\n\n{binarized()}\n\n{study_table()}")
+    print(f"\n{beta_table()}\n\n{binarized()}\n\n{study_table()}\n\n{study_trajectory()}")
