@@ -61,7 +61,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     for step in range(steps):
         start = (step * b) % (n - b)
         idx = perm[start:start + b]
-        x, y = images[idx], train.labels_at(idx) if train.labels is not None else None  # (a conditional model)
+        x, y = images[idx], train.labels_at(idx)  # labels: read by a conditional model only
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(x, step, y)["loss"]
         opt.zero_grad(set_to_none=True)

@@ -29,7 +29,7 @@ from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
 from safetensors.torch import save_file
 
 from models.vae import VAE
-from utils.config import build_config, config_to_dict
+from utils.config import build_config, config_to_dict, load_config
 from utils.data import image_shape
 from utils.errors import UserError
 
@@ -58,8 +58,6 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
 
         path = Path(path)
         if (path / "config.yaml").is_file():
-            from utils.config import load_config
-
             return load_model(load_config(path / "config.yaml"), path / "model.safetensors", device)
         return cls.from_pretrained(str(path)).to(device)
 
@@ -170,8 +168,8 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from utils.images import save_grid
 
-    labels = torch.arange(64) // 8 % vae.n_classes if vae.n_classes else None  # a conditional model: a class a row
-    save_grid(vae.sample(64, labels, torch.Generator().manual_seed(0)).cpu(), out / "samples.png", per_row=8)
+    save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0)).cpu(), out / "samples.png",
+              per_row=8)
     vae._card = {"command": f"python train_vae.py -c config.yaml -e {run.name}", "samples": "samples.png"}
     if (run / "eval.json").is_file():
         vae._card["eval"] = json.loads((run / "eval.json").read_text())

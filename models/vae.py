@@ -66,6 +66,11 @@ class VAE(nn.Module):
         y = y.to(like.device).long().view(-1, 1)
         return torch.zeros(n, self.n_classes, device=like.device).scatter_(1, y, 1.0)
 
+    def grid_labels(self, n: int, per_row: int = 8) -> torch.Tensor | None:
+        """Labels for a grid of n samples with one class per row (cycling through the classes), for a
+        conditional model; None for an unconditional one."""
+        return torch.arange(n) // per_row % self.n_classes if self.n_classes else None
+
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters (mu, logvar), each (B, z)."""
         c = self.one_hot(y, x)

@@ -93,9 +93,13 @@ def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank:
         return
     workers = cpu_workers(num_workers)
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=_StepSampler(order, start, steps, rank, world), num_workers=workers,
+        # the sampler runs ahead of the loop (prefetch): its own copy of the order, so the two do not evict each
+        # other's cached permutation at every epoch boundary
+        data, batch_sampler=_StepSampler(BatchOrder(order.n, order.batch_size, order.seed), start, steps, rank, world),
+        num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=_shelter_worker,
         generator=torch.Generator().manual_seed(order.seed))  # its own: starting it must not draw from the global
         # RNG, or a resumed run's noise would be one draw off the unbroken run's
     for step, batch in zip(range(start, steps), loader):
-        yield batch.to(device, non_blocking=True), data.labels_at(shard(order.indices(step), rank, world).to(device))
+        labels = None if data.labels is None else data.labels_at(shard(order.indices(step), rank, world).to(device))
+        yield batch.to(device, non_blocking=True), labels

@@ -300,7 +300,7 @@ def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, test_y: torch.Tensor |
     vae.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     z = vae.prior.sample(64, torch.Generator().manual_seed(seed)).to(test_x.device)
-    y = torch.arange(64, device=test_x.device) // 8 % vae.n_classes if vae.n_classes else None
+    y = vae.grid_labels(64)
     paths = {"samples": out_dir / f"step_{step:07d}_samples.png",
              "reconstructions": out_dir / f"step_{step:07d}_recon.png"}
     save_grid(vae.decode(z, y), paths["samples"], per_row=8)
