@@ -8,7 +8,7 @@ import yaml
 import train_vae
 from conftest import DATA, REPO, run_script
 from utils.config import REGISTRIES, config_to_dict, load_config, reference_markdown
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 
 MNIST = str(REPO / "configs" / "mnist.yaml")
 
@@ -20,6 +20,15 @@ def test_overrides_in_both_forms():
     assert cfg.model.channel_mults == [1, 2]
     assert cfg.model.likelihood == "bernoulli"  # from the YAML
     assert cfg.train.seed == 0  # a default
+
+
+def test_mixed_precision_no_is_the_word_not_a_boolean(tmp_path):
+    """YAML 1.1 reads a bare ``no`` as false; ``no`` is Accelerate's word for fp32, and what the errors advise."""
+    assert load_config(MNIST, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    (tmp_path / "fp32.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "fp32.yaml").train.mixed_precision == "no"
+    with pytest.raises(UserError, match="train.mixed_precision: got True"):
+        load_config(MNIST, ["train.mixed_precision=yes"])
 
 
 def test_every_shipped_config_loads():

@@ -229,6 +229,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             raise UserError(f"{key}: got {value}, expected a finite number ({_accepts(f)})")
         value = float(value)
     elif t is str:
+        if value is False and "no" in f.metadata["choices"]:
+            value = "no"  # YAML 1.1 reads a bare no (train.mixed_precision=no, Accelerate's word) as false
         if not isinstance(value, str):
             raise bad
     else:  # list[int]; a single integer is a list of one (model.hidden: 400, as configs wrote it before lists)
