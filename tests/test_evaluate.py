@@ -202,6 +202,29 @@ def test_evaluate_cli_writes_eval_json(mnist_run):
     assert f"wrote {mnist_run / 'eval.json'}" in res.stdout
 
 
+def test_binarised_test_set_is_one_draw_for_any_process_count_and_batch(real_data):
+    """The binarised held-out set does not depend on the number of processes, the batch size or the device:
+    every process's shares, put together, are torch.bernoulli of the whole set at once with the seed."""
+    from types import SimpleNamespace
+
+    from utils.data import TensorImages
+    from utils.evaluation import _held_out
+
+    _, test, _ = load_data(DataConfig(root=str(real_data)))
+    data = TensorImages(test.images[:250], None)
+    whole = torch.bernoulli(data.batch(torch.arange(250)), generator=torch.Generator().manual_seed(7))
+
+    def drawn(world: int, batch: int, seed: int) -> torch.Tensor:
+        idx, x = zip(*(pair for r in range(world) for pair in _held_out(
+            data, 250, batch, SimpleNamespace(num_processes=world, process_index=r, device=torch.device("cpu")),
+            binarize_seed=seed)))
+        return torch.cat(x)[torch.cat(idx).argsort()]  # in image order
+
+    for world, batch in ((1, 250), (1, 64), (2, 100), (5, 50)):
+        assert torch.equal(drawn(world, batch, 7), whole), (world, batch)
+    assert not torch.equal(drawn(1, 64, 8), whole)
+
+
 def test_evaluate_binarized_and_optimal_sigma(mnist_run, tmp_path, real_data):
     # a Bernoulli model on the stochastically binarised test set
     out = tmp_path / "binarized.json"

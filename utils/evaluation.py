@@ -13,6 +13,7 @@ literature, and the bits per dimension compare with published figures.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -26,17 +27,31 @@ from utils.data import Images
 LOG_256 = math.log(256.0)
 
 
-def _shares(n: int, batch_size: int, accelerator: Accelerator):
-    """This process's index share of each global batch over the first n images (n made a multiple of P)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
+def _held_out(data: Images, n: int, batch_size: int, accelerator: Accelerator,
+              binarize_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, images in [0, 1]) of this process's share of each global batch over the first n held-out images
+    (n made a multiple of the process count).
+
+    With ``binarize_seed`` the images are stochastically binarised as one fixed draw: each
+    global batch is drawn in order on the CPU from one generator seeded so, and each process
+    keeps its share. The binarised set is then the same on a CPU or a GPU and for any number
+    of processes or batch size: ``torch.bernoulli`` of the whole set at once with that seed.
+    """
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     n -= n % world
+    g = None if binarize_seed is None else torch.Generator().manual_seed(binarize_seed)
     for start in range(0, n, batch_size):
-        yield shard(torch.arange(start, min(start + batch_size, n)), rank, world).to(accelerator.device)
+        every = torch.arange(start, min(start + batch_size, n))
+        mine = shard(every, rank, world)
+        if g is None:
+            yield mine.to(device), data.batch(mine.to(device))
+        else:
+            drawn = torch.bernoulli(data.batch(every.to(device)).cpu(), generator=g)
+            yield mine.to(device), drawn[shard(torch.arange(len(every)), rank, world)].to(device)
 
 
-def _prepare(x: torch.Tensor, continuous: bool, g: torch.Generator | None, binarize: bool) -> torch.Tensor:
-    if binarize:
-        return torch.bernoulli(x, generator=g)
+def _dequantise(x: torch.Tensor, continuous: bool, g: torch.Generator | None) -> torch.Tensor:
+    """Continuous likelihoods see 8-bit images with uniform noise in each intensity bin (x·255 + u) / 256."""
     if continuous and g is not None:
         return (x * 255.0 + torch.rand(x.shape, generator=g, device=x.device)) / 256.0
     return x
@@ -67,8 +82,8 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + rank)
         g = torch.Generator(device=accelerator.device).manual_seed(seed + 7919 * (rank + 1))
-        for idx in _shares(n, batch_size, accelerator):
-            terms = model(_prepare(data.batch(idx), continuous, g, binarize), None, data.labels_at(idx))
+        for idx, x in _held_out(data, n, batch_size, accelerator, seed + 7919 if binarize else None):
+            terms = model(_dequantise(x, continuous, g), None, data.labels_at(idx))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
             count += len(idx)
@@ -99,8 +114,8 @@ def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Acce
     vae.likelihood.fixed_log_sigma = None
     n = len(data) if limit <= 0 else min(limit, len(data))
     sse, count = torch.zeros((), device=accelerator.device), 0
-    for idx in _shares(n, batch_size, accelerator):
-        x, y = data.batch(idx), data.labels_at(idx)
+    for idx, x in _held_out(data, n, batch_size, accelerator):
+        y = data.labels_at(idx)
         sse += (vae.decode(vae.encode(x, y)[0], y) - x).pow(2).sum()
         count += x.numel()
     total = accelerator.reduce(torch.stack([sse, torch.tensor(float(count), device=accelerator.device)]))
@@ -170,8 +185,8 @@ def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, 
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 7919 * accelerator.process_index)
-        for idx in _shares(n, batch_size, accelerator):
-            x, y = _prepare(data.batch(idx), vae.likelihood.continuous, g, binarize), data.labels_at(idx)
+        for idx, x in _held_out(data, n, batch_size, accelerator, seed if binarize else None):
+            x, y = _dequantise(x, continuous, g), data.labels_at(idx)
             bound, rec, kl = image_bounds(vae, x, k, y, chunk)
             sums += torch.stack([rec.sum(), kl.sum(), -bound.sum(), torch.tensor(float(len(x)), device=x.device)])
             if progress is not None:
@@ -199,8 +214,8 @@ def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: i
     """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error."""
     n = len(data) if limit <= 0 else min(limit, len(data))
     means, kls, sse, psnr = [], [], torch.zeros((), device=accelerator.device), []
-    for idx in _shares(n, batch_size, accelerator):
-        x, y = data.batch(idx), data.labels_at(idx)
+    for idx, x in _held_out(data, n, batch_size, accelerator):
+        y = data.labels_at(idx)
         mu, logvar = vae.encode(x, y)
         means.append(mu.float())
         kls.append(vae.prior.dimension_kl(mu.float(), logvar.float()))
