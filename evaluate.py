@@ -88,6 +88,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--binarize", action="store_true", help="bernoulli models: evaluate on the stochastically "
                                                            "binarised held-out set (fixed seed), as published")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_root", help="where the held-out data is on this machine (default: the run's data.root)")
     p.add_argument("--fid_samples", type=int, default=10_000, help="samples and held-out images for FID")
     p.add_argument("--fid_weights", help=f"local copy of the standard Inception weights ({'pt_inception-...pth'})")
     p.add_argument("--dis_batch", type=int, default=64, help="disentanglement: images per point (paper: 64)")
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> None:
 
     accelerator = Accelerator(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = accelerator.device
-    cfg, vae, run, auto = load_run(args.exp_dir, args.config, args.weights, device)
+    cfg, vae, run, auto = load_run(args.exp_dir, args.config, args.weights, device, args.data_root)
     default = ["elbo", "nll", "au", "recon"] + (["disentanglement"] if cfg.data.name == "dsprites" else [])
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else default
     for m in metrics:

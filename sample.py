@@ -182,6 +182,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--weights", help="model.safetensors to load with -c")
     p.add_argument("--save_dir", help="output folder (default <run>/<mode>/)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_root", help="where the test images are on this machine (default: the run's data.root)")
     p.add_argument("--n_samples", type=int, default=64, help="images for sample and reconstruct")
     p.add_argument("--individual", action="store_true", help="sample: also one PNG per image")
     p.add_argument("--label", type=int, help="a conditional model: draw this class (default: sample, one row per "
@@ -215,7 +216,8 @@ def main(argv: list[str]) -> None:
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     args.device = state.device
-    cfg, model, run, auto = load_run(args.exp_dir, args.config, args.weights, args.device)
+    cfg, model, run, auto = load_run(args.exp_dir, args.config, args.weights, args.device,
+                                       args.data_root)
     if args.traverse_dim != "all":
         if not args.traverse_dim.isdigit() or int(args.traverse_dim) >= model.z_dim:
             raise UserError(f"--traverse_dim {args.traverse_dim}: the model has z_dim={model.z_dim}; "

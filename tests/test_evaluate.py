@@ -202,6 +202,30 @@ def test_evaluate_cli_writes_eval_json(mnist_run):
     assert f"wrote {mnist_run / 'eval.json'}" in res.stdout
 
 
+def test_a_moved_run_finds_its_data_with_data_root(mnist_run, tmp_path, real_data):
+    """A run trained where the data lay elsewhere: evaluate.py and sample.py take --data_root, and give the
+    numbers and images of the run where it was trained."""
+    import sample
+
+    moved = tmp_path / "moved"
+    shutil.copytree(mnist_run, moved)
+    cfg = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(cfg.replace(f"root: {real_data}", f"root: {tmp_path / 'elsewhere'}"))
+    args = ["--metrics", "elbo", "--n_test", "200"]
+    lost = cli(evaluate.main, ["--exp_dir", str(moved), *args, "--out", str(tmp_path / "x.json")])
+    assert lost.returncode == 2 and "elsewhere" in lost.stderr
+    for run, extra in ((mnist_run, []), (moved, ["--data_root", str(real_data)])):
+        res = cli(evaluate.main, ["--exp_dir", str(run), *args, *extra, "--out", str(tmp_path / f"{run.name}.json")])
+        assert res.returncode == 0, res.stderr[-2000:]
+        res = cli(sample.main, ["--exp_dir", str(run), "--mode", "reconstruct", "--n_samples", "8", *extra,
+                                "--save_dir", str(tmp_path / f"{run.name}-rec")])
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert (json.loads((tmp_path / "run.json").read_text())["elbo"]
+            == json.loads((tmp_path / "moved.json").read_text())["elbo"])
+    [a], [b] = (list((tmp_path / f"{n}-rec").glob("*.png")) for n in ("run", "moved"))
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_binarised_test_set_is_one_draw_for_any_process_count_and_batch(real_data):
     """The binarised held-out set does not depend on the number of processes, the batch size or the device:
     every process's shares, put together, are torch.bernoulli of the whole set at once with the seed."""

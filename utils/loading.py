@@ -70,8 +70,17 @@ def fill_checked(model: TrainedVAE, weights: Path) -> TrainedVAE:
 
 
 def load_run(exp_dir: str | None, config: str | None, weights: str | None,
-             device: torch.device | str = "cpu") -> tuple[Config, TrainedVAE, Path, bool]:
-    """(config, model, run directory, auto-picked) from --exp_dir, or -c with --weights."""
+             device: torch.device | str = "cpu", data_root: str | None = None) -> tuple[Config, TrainedVAE, Path, bool]:
+    """(config, model, run directory, auto-picked) from --exp_dir, or -c with --weights. ``data_root`` replaces the
+    config's data.root: a run evaluated on another machine than it was trained on finds its data there."""
+    cfg, model, run, auto = _load_run(exp_dir, config, weights, device)
+    if data_root:
+        cfg.data.root = data_root
+    return cfg, model, run, auto
+
+
+def _load_run(exp_dir: str | None, config: str | None, weights: str | None,
+              device: torch.device | str) -> tuple[Config, TrainedVAE, Path, bool]:
     if config or weights:
         if not (config and weights):
             raise UserError("-c and --weights go together: pass both, or pass a run with --exp_dir")
