@@ -54,9 +54,11 @@ stage_check() {
 }
 
 stage_tests() {
-  local skip=()  # a test file whose optional package is not installed here (neither touches the GPU)
+  local skip=()  # tests whose optional package or data is not here (none of them touches the GPU)
   python -c "import mlflow" 2>/dev/null || skip+=(--ignore tests/test_trackers.py)
   python -c "import datasets" 2>/dev/null || skip+=(--ignore tests/test_hf_data.py)
+  [[ -d "$data/FashionMNIST/raw" ]] || skip+=(--deselect "tests/test_train.py::test_short_run_writes_the_run_directory[fashion]"
+    --deselect tests/test_networks_data.py::test_mnist_loads_once_as_uint8)  # they read Fashion-MNIST
   local workers=()
   python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
   VAE_TEST_DATA="$data" python -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" "${skip[@]}" \
