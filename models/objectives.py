@@ -95,7 +95,7 @@ class IWAE(Objective):
         k = self.cfg.k
         mu, logvar = vae.encode(x, y)                                           # (B, z) each
         z = mu + torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype) * torch.exp(0.5 * logvar)  # (k, B, z)
-        out = vae.decoder_out(z.flatten(0, 1), None if y is None else y.repeat(k))  # (k·B, C·n_params, H, W)
+        out = vae.decoder_out_k(z, y)                                           # (k·B, C·n_params, H, W)
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             x_k = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)

@@ -81,6 +81,11 @@ class VAE(nn.Module):
         c = self.one_hot(y, z)
         return self.decoder(z if c is None else torch.cat([z, c.to(z.dtype)], 1))
 
+    def decoder_out_k(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's parameters for k codes per image, z (k, B, z) -> (k·B, C·n_params, H, W), sample-major;
+        each image's label goes with each of its k codes."""
+        return self.decoder_out(z.flatten(0, 1), None if y is None else y.repeat(len(z)))
+
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean."""
         return self.likelihood.mean(self.decoder_out(z, y).float())

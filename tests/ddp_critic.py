@@ -17,6 +17,7 @@ from accelerate.utils import parse_flag_from_env
 from models.priors import StandardNormal
 from models.regularisers import Codes, FactorVAE
 from utils.config import load_config
+from utils.errors import leave_process_group
 
 
 def flat(module: torch.nn.Module) -> torch.Tensor:
@@ -40,3 +41,4 @@ if __name__ == "__main__":
     if acc.is_main_process:
         print(f"processes={acc.num_processes} same={bool((ranks == ranks[0]).all())} "
               f"moved={not torch.equal(ranks[0], start)} local_same={bool((local == local[0]).all())}")
+    leave_process_group()  # as the scripts do on exit

@@ -31,7 +31,10 @@ if __name__ == "__main__":
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    from utils.errors import leave_process_group
+
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as train_vae.py: CPU processes join too
     sigma = optimal_sigma(sys.argv[1], state.process_index, state.num_processes)
     if state.is_main_process:
         print(f"processes={state.num_processes} sigma={sigma!r}")
+    leave_process_group()  # as the scripts do on exit

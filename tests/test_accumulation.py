@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train, train_cli
+from conftest import CPU, FAST, REPO, accel_2, run_script, train, train_cli
 
 COMMON = ["model.hidden=32", "train.batch_size=64", "train.steps=6", "train.log_every=1", "train.lr=3e-3"]
 
@@ -33,6 +33,20 @@ def test_micro_batches_make_the_same_steps(tmp_path, real_data):
     train(tmp_path / "half", extra=[*COMMON, "train.batch_size=32"])
     half = load_file(tmp_path / "half" / "model.safetensors")
     assert (half["decoder.net.0.weight"] - a["decoder.net.0.weight"]).abs().max() > 1e-3
+
+
+def test_micro_batches_under_two_processes(tmp_path, real_data):
+    """Under DDP only the last micro-batch's backward all-reduces (no_sync before it): two processes accumulating
+    two micro-batches of 16 end at the weights of two processes stepping on 32 each, up to float-sum order; a
+    missing all-reduce would leave each process on its own gradients, far off."""
+    for name, extra in (("ddp", []), ("ddp_accum", ["train.grad_accum_steps=2"])):
+        proc = run_script(["train_vae.py", "-c", str(REPO / "configs/mnist.yaml"), "-e", str(tmp_path / name),
+                           *FAST, *COMMON, *extra], launcher=accel_2(), env=CPU)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (load_file(tmp_path / r / "model.safetensors") for r in ("ddp", "ddp_accum"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_accumulating_run_resumes_bit_for_bit(tmp_path, real_data):

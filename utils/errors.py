@@ -53,3 +53,15 @@ def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) ->
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the torch.distributed group if this process joined one (``accelerate launch``): left to the
+    interpreter's exit, gloo's threads can abort a process that finished well ("terminate called without an
+    active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -137,7 +137,7 @@ def log_weights(vae: VAE, x: torch.Tensor, k: int,
     mu, logvar = mu.float(), logvar.float()
     std = torch.exp(0.5 * logvar)
     z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (k, B, z)
-    out = vae.decoder_out(z.flatten(0, 1), None if y is None else y.repeat(k)).float()
+    out = vae.decoder_out_k(z, y).float()
     x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
     log_px_z = -vae.likelihood(x_rep, out).nll.view(k, -1)
     log_pz = vae.prior.log_prob(z)
