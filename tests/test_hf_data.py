@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DATA, train, train_cli
+from conftest import DATA, require_data, train, train_cli
 from utils.config import load_config
 from utils.data import TensorImages, load_data
 from utils.errors import UserError
@@ -22,7 +22,7 @@ def mnist_dict(n_train: int = 200, n_test: int = 50):
     """The first real MNIST digits as a DatasetDict with an Image and a ClassLabel column, and the originals."""
     import datasets
 
-    train_set, test_set, _ = load_data(load_config(None, [f"data.root={DATA}"]).data)
+    train_set, test_set, _ = load_data(load_config(None, [f"data.root={require_data()}", "data.download=false"]).data)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
 
     def split(s, n):
