@@ -16,7 +16,7 @@ from torch import nn
 from conftest import DATA, FAST, REPO, run_script, train, train_cli
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.objectives import gaussian_log_density
-from models.priors import VampPrior
+from models.priors import VampPrior, logsumexp_floored
 from models.vae import VAE
 from utils.config import load_config
 from utils.evaluation import kl_estimate
@@ -107,6 +107,17 @@ def test_vamp_prior_density_is_the_mixture_of_pseudo_input_posteriors():
     assert torch.equal(draws, prior.sample(20000, torch.Generator().manual_seed(1)))
     assert torch.allclose(draws.mean(0), reference.mean, atol=0.05)
     assert torch.allclose(draws.var(0), reference.variance, rtol=0.1)
+
+
+def test_floored_logsumexp_is_torch_logsumexp_for_far_codes():
+    """The VampPrior's log-sum-exp floors terms e^-80 below the largest (their exp would be subnormal): the value
+    and the gradient are torch.logsumexp's, also where most terms are floored."""
+    x = (torch.randn(50, 500) * 60 - 1000).requires_grad_(True)
+    assert (x - x.amax(-1, keepdim=True) < -80).float().mean() > 0.5  # the floor is reached by most terms
+    ours, ref = logsumexp_floored(x), torch.logsumexp(x, -1)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-4)  # float32 at -1000: a step is 6e-5
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours.sum(), x), torch.autograd.grad(ref.sum(), x)
+    assert torch.allclose(g_ours, g_ref, atol=1e-4)  # softmax weights, summing to 1 per row
 
 
 def test_vamp_prior_in_a_vae_is_trained_and_estimates_the_kl():
