@@ -102,6 +102,17 @@ def test_vamp_prior_density_is_the_mixture_of_pseudo_input_posteriors():
         torch.distributions.Independent(torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), 1))
     z = torch.randn(5, 11, 3)
     assert torch.allclose(prior.log_prob(z), reference.log_prob(z), atol=1e-5)
+    # narrow components far from 0 (σ ≈ 0.05, as a trained model's): float32 sums of the expanded square would
+    # cancel to 0.01-nat errors; against a float64 mixture
+    narrow = VampPrior(40, 500, (1, 3, 4))
+    wide = nn.Linear(12, 80)
+    narrow.bind(lambda u: (lambda mu, lv: (3 * mu, lv - 6))(*wide(u.flatten(1)).chunk(2, dim=1)))
+    mu, logvar = narrow.components()
+    ref64 = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=torch.zeros(500, dtype=torch.float64)),
+        torch.distributions.Independent(torch.distributions.Normal(mu.double(), torch.exp(0.5 * logvar.double())), 1))
+    z = mu[:20] + 0.1 * torch.randn(20, 40)
+    assert torch.allclose(narrow.log_prob(z).double(), ref64.log_prob(z.double()), rtol=0, atol=1e-4)
     # samples: the same generator gives the same draws, and they follow the mixture (mean and variance)
     draws = prior.sample(20000, torch.Generator().manual_seed(1))
     assert torch.equal(draws, prior.sample(20000, torch.Generator().manual_seed(1)))
