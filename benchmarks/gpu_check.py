@@ -17,7 +17,8 @@ Reported, not asserted: the largest weight difference between the resumed and th
 resume is bit-exact, as on a CPU; cuDNN's and atomics' nondeterminism can make it nonzero on a GPU), steps/s and
 peak memory. In this process, per precision: a NaN batch leaves weights, Adam's state and batch-norm statistics
 untouched, and training then continues. Prints a table (and writes it to DIR/check.json); exit status 1 when a
-check failed. Runs on the CPU too (slowly), which is how the script itself is tested.
+check failed. Runs on the CPU too (slowly, ``--precisions fp32,bf16``: fp16 is refused there), which is how the
+script itself is tested.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 import train_vae
@@ -29,6 +30,18 @@ def test_mixed_precision_no_is_the_word_not_a_boolean(tmp_path):
     assert load_config(tmp_path / "fp32.yaml").train.mixed_precision == "no"
     with pytest.raises(UserError, match="train.mixed_precision: got True"):
         load_config(MNIST, ["train.mixed_precision=yes"])
+
+
+def test_fp16_without_a_gpu_is_refused_not_ignored(tmp_path, capsys, real_data):
+    """Accelerate trains in fp32 when asked for fp16 on a CPU, without a word; the run would say fp16."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, where fp16 is valid")
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_vae.main, ["-c", MNIST, "-e", str(tmp_path / "run"), f"data.root={DATA}",
+                                 "train.mixed_precision=fp16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "fp16 needs a GPU" in err and "use bf16" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_shipped_config_loads():

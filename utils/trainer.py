@@ -157,6 +157,9 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     # TensorBoard as an instance, so that its events go to <run>/tb whatever the other trackers' project is called
     log_with = [TensorBoardTracker("tb", str(run_dir)) if n == "tensorboard" else n for n in trackers]
     acc = Accelerator(mixed_precision=mp, log_with=log_with or None, project_dir=str(run_dir))
+    if acc.mixed_precision == "fp16" and not acc.native_amp:  # Accelerate would train in fp32 and say fp16
+        raise UserError(f"train.mixed_precision=fp16 needs a GPU, and this process runs on the {acc.device.type}: "
+                        f"use bf16 (autocast on a CPU too) or no")
     if t.batch_size % (acc.num_processes * t.grad_accum_steps):
         parts = acc.num_processes * t.grad_accum_steps
         raise UserError(f"train.batch_size={t.batch_size} does not split into {acc.num_processes} processes x "
