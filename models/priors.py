@@ -101,13 +101,12 @@ class VampPrior(Prior):
         return mu.float(), logvar.float()
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        mu, logvar = self.components()
+        mu, logvar = (t.double() for t in self.components())
         precision = torch.exp(-logvar)                                         # (K, z)
         # log N(z; μ_k, σ_k²) = −½ [Σ_d z_d²/σ²_kd − 2 z_d μ_kd/σ²_kd + μ_kd²/σ²_kd + log σ²_kd] − d·½log 2π, one
         # matrix product of [z², z, 1] (..., 2z+1) with the components' coefficients: no (..., K, z) tensor, and
         # no elementwise pass over the (..., K) result. In float64: the three terms cancel where σ_k is small, and
         # float32 would leave errors of 0.01 nats
-        mu, logvar, precision = mu.double(), logvar.double(), precision.double()
         const = (mu.pow(2) * precision + logvar).sum(-1, keepdim=True) + 2 * self.z_dim * HALF_LOG_2PI
         coef = -0.5 * torch.cat([precision, -2.0 * mu * precision, const], -1)  # (K, 2z+1)
         z = z.double()

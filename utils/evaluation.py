@@ -42,12 +42,12 @@ def _held_out(data: Images, n: int, batch_size: int, accelerator: Accelerator,
     g = None if binarize_seed is None else torch.Generator().manual_seed(binarize_seed)
     for start in range(0, n, batch_size):
         every = torch.arange(start, min(start + batch_size, n))
-        mine = shard(every, rank, world)
+        mine = shard(every, rank, world).to(device)
         if g is None:
-            yield mine.to(device), data.batch(mine.to(device))
+            yield mine, data.batch(mine)
         else:
             drawn = torch.bernoulli(data.batch(every.to(device)).cpu(), generator=g)
-            yield mine.to(device), drawn[shard(torch.arange(len(every)), rank, world)].to(device)
+            yield mine, drawn[shard(torch.arange(len(every)), rank, world)].to(device)
 
 
 def _dequantise(x: torch.Tensor, continuous: bool, g: torch.Generator | None) -> torch.Tensor:
