@@ -21,13 +21,13 @@ from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 from tqdm import tqdm
 
-from utils import dsprites
-from utils.data import DSpritesImages, load_data
-from utils.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
+from utils.data import dsprites
+from utils.data.sources import DSpritesImages, load_data
 from utils.errors import CliParser, UserError, run_cli
-from utils.evaluation import fix_optimal_sigma, latent_usage, likelihood_bounds
-from utils.fid import build_fid, fid_score
-from utils.loading import load_run
+from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
+from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
+from utils.evaluation.fid import build_fid, fid_score
+from utils.inference.loading import load_run
 
 METRICS = ("elbo", "nll", "au", "recon", "fid", "disentanglement")
 

@@ -21,11 +21,11 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from utils.config import Config
-from utils.data import Images, load_data
+from utils.data.sources import Images, load_data
 from utils.errors import CliParser, UserError, run_cli
-from utils.images import grid, labelled_rows, save_grid, save_pairs, to_pil
-from utils.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
-from utils.loading import load_run
+from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
+from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
+from utils.inference.loading import load_run
 
 MODES = ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent")
 

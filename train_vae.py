@@ -7,7 +7,7 @@
     python train_vae.py -c configs/mnist.yaml -r latest             # resume the newest run of this config
 
 This script only resolves and validates the config, checks the run directory,
-and hands over to ``utils.trainer.train``, which writes config.yaml into the run
+and hands over to ``utils.training.loop.train``, which writes config.yaml into the run
 directory once data and model have loaded, then trains.
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-from utils.checkpoint import resolve_resume
 from utils.config import config_yaml, load_config
 from utils.errors import CliParser, UserError, run_cli
-from utils.run import check_new_run_dir, default_run_dir
-from utils.trainer import train
+from utils.training.checkpoints import resolve_resume
+from utils.training.loop import train
+from utils.training.run_folder import check_new_run_dir, default_run_dir
 
 # errors that mean "the disk or its permissions", not a bug: reported in one line with what to do
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}

@@ -100,7 +100,7 @@ def check_family(family: str, precision: str, args: argparse.Namespace, env: dic
     if proc.returncode:
         row["failures"].append(f"train: {last_line(proc)}")
         return row
-    from utils.run import read_metrics
+    from utils.training.run_folder import read_metrics
 
     train_rows = read_metrics(run_dir, "train")
     unbroken = run_dir / "unbroken.safetensors"
@@ -170,7 +170,7 @@ def nan_batch_is_skipped(precision: str) -> list[str]:
 
     from models.vae import VAE
     from utils.config import load_config
-    from utils.optim import StepGuard, clip_and_norm, make_optimizer
+    from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -37,8 +37,8 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     from models.networks import CONVOLUTIONAL
     from models.vae import VAE
     from utils.config import load_config
-    from utils.data import TensorImages, load_data
-    from utils.optim import make_optimizer
+    from utils.data.sources import TensorImages, load_data
+    from utils.training.optim import make_optimizer
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +83,7 @@ def decoder_speed(run: str, n: int, batch: int) -> dict:
     import torch
 
     from sample import decode
-    from utils.loading import load_run
+    from utils.inference.loading import load_run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, vae, _, _ = load_run(run, None, None, device)
@@ -136,9 +136,9 @@ def loader_speed(config: str, overrides: list[str], steps: int, window: int, war
     """Images/s of the input pipeline alone: the batches the trainer would consume, moved to the device."""
     import torch
 
-    from utils.batching import BatchOrder, train_batches
     from utils.config import load_config
-    from utils.data import load_data
+    from utils.data.batching import BatchOrder, train_batches
+    from utils.data.sources import load_data
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,9 +13,9 @@ import sys
 import torch
 
 from models.likelihoods import OptimalSigma
-from utils.batching import shard
 from utils.config import DataConfig
-from utils.data import load_data
+from utils.data.batching import shard
+from utils.data.sources import load_data
 
 
 def optimal_sigma(root: str, rank: int, world: int) -> float:

@@ -12,11 +12,11 @@ import evaluate
 import sample
 from conftest import DATA, REPO, cli, train, train_cli
 from models.vae import VAE
-from utils.batching import BatchOrder, shard, train_batches
 from utils.config import load_config
-from utils.data import TensorImages, load_data
-from utils.evaluation import likelihood_bounds
-from utils.loading import load_run
+from utils.data.batching import BatchOrder, shard, train_batches
+from utils.data.sources import TensorImages, load_data
+from utils.evaluation.bounds import likelihood_bounds
+from utils.inference.loading import load_run
 
 
 def test_label_enters_encoder_and_decoder_as_one_hot():

@@ -12,11 +12,11 @@ import torchvision
 from PIL import Image
 
 from conftest import DATA, REPO, train, train_cli
-from utils import dsprites
 from utils.config import DataConfig
-from utils.data import DSpritesImages, FileImages, TensorImages, crop_box, load_data
+from utils.data import dsprites
+from utils.data.sources import DSpritesImages, FileImages, TensorImages, crop_box, load_data
 from utils.errors import UserError
-from utils.run import read_metrics
+from utils.training.run_folder import read_metrics
 
 CELEBA = DATA / "celeba-10k"
 

@@ -27,7 +27,7 @@ from models.regularisers import (
 )
 from models.vae import VAE
 from utils.config import load_config
-from utils.run import read_metrics
+from utils.training.run_folder import read_metrics
 
 
 def random_codes(b: int, d: int, seed: int = 0) -> Codes:

@@ -16,15 +16,15 @@ import evaluate
 from conftest import cli, reset_accelerate, train
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.vae import VAE
-from utils import dsprites
 from utils.config import DataConfig, load_config
-from utils.data import DSpritesImages, Images, load_data
-from utils.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
-from utils.dsprites import FACTOR_SIZES
+from utils.data import dsprites
+from utils.data.dsprites import FACTOR_SIZES
+from utils.data.sources import DSpritesImages, Images, load_data
 from utils.errors import run_cli
-from utils.evaluation import latent_usage, likelihood_bounds
-from utils.fid import build_fid
-from utils.loading import load_run
+from utils.evaluation.bounds import latent_usage, likelihood_bounds
+from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
+from utils.evaluation.fid import build_fid
+from utils.inference.loading import load_run
 
 
 @pytest.fixture
@@ -231,8 +231,8 @@ def test_binarised_test_set_is_one_draw_for_any_process_count_and_batch(real_dat
     every process's shares, put together, are torch.bernoulli of the whole set at once with the seed."""
     from types import SimpleNamespace
 
-    from utils.data import TensorImages
-    from utils.evaluation import _held_out
+    from utils.data.sources import TensorImages
+    from utils.evaluation.bounds import _held_out
 
     _, test, _ = load_data(DataConfig(root=str(real_data)))
     data = TensorImages(test.images[:250], None)

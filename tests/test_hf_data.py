@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, require_data, train, train_cli
 from utils.config import load_config
-from utils.data import TensorImages, load_data
+from utils.data.sources import TensorImages, load_data
 from utils.errors import UserError
 
 

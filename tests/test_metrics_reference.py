@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from utils.disentanglement import beta_vae_metric, beta_vae_pairs, dci, dci_scores, factor_vae_metric, sap, top_two_gap
-from utils.dsprites import FACTOR_SIZES
+from utils.data.dsprites import FACTOR_SIZES
+from utils.evaluation.disentanglement import (
+    beta_vae_metric,
+    beta_vae_pairs,
+    dci,
+    dci_scores,
+    factor_vae_metric,
+    sap,
+    top_two_gap,
+)
 
 
 def standardised(classes: torch.Tensor) -> torch.Tensor:
@@ -56,8 +64,8 @@ def test_trainer_test_bound_is_evaluate_bound_on_dequantised_images():
 
     from models.vae import VAE
     from utils.config import load_config
-    from utils.data import TensorImages
-    from utils.evaluation import elbo_terms, likelihood_bounds
+    from utils.data.sources import TensorImages
+    from utils.evaluation.bounds import elbo_terms, likelihood_bounds
 
     test = TensorImages(torch.zeros(300, 1, 28, 28, dtype=torch.uint8), None)
     cfg = load_config(None, ["model.likelihood=per_pixel_sigma", "model.z_dim=2", "model.hidden=8"])

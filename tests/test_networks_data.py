@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models.networks import ResBlock, build_networks
-from utils.batching import BatchOrder, shard
 from utils.config import DataConfig, ModelConfig
-from utils.data import load_data
+from utils.data.batching import BatchOrder, shard
+from utils.data.sources import load_data
 from utils.errors import UserError
 
 

@@ -14,10 +14,10 @@ from huggingface_hub import ModelCard
 import evaluate
 import sample
 from conftest import cli
-from models import pretrained
-from models.pretrained import TrainedVAE
-from utils.data import load_data
+from utils.data.sources import load_data
 from utils.errors import UserError
+from utils.inference import trained as pretrained
+from utils.inference.trained import TrainedVAE
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from models.objectives import gaussian_log_density
 from models.priors import VampPrior, logsumexp_floored
 from models.vae import VAE
 from utils.config import load_config
-from utils.evaluation import kl_estimate
-from utils.schedules import build_schedule
+from utils.evaluation.bounds import kl_estimate
+from utils.training.schedules import build_schedule
 
 
 class _Linear(Likelihood):

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import utils.trainer
+import utils.training.loop
 from conftest import DATA, FAST, REPO, THREADS, run_script, train, train_cli
-from utils.checkpoint import checkpoints, problem, write_manifest
-from utils.run import read_metrics
+from utils.training.checkpoints import checkpoints, problem, write_manifest
+from utils.training.run_folder import read_metrics
 
 TRAIN = str(REPO / "train_vae.py")
 MNIST = str(REPO / "configs" / "mnist.yaml")
@@ -175,7 +175,7 @@ def test_crafted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path, tin
 
 def test_fid_weights_that_would_run_code_are_refused(tmp_path):
     from utils.errors import UserError
-    from utils.fid import build_fid
+    from utils.evaluation.fid import build_fid
 
     marker = tmp_path / "pwned"
     torch.save({"conv.weight": torch.zeros(1), "x": RunsCode(marker)}, tmp_path / "inception.pth")
@@ -219,7 +219,7 @@ def test_nan_step_is_skipped_on_the_device():
 
     from models.vae import VAE
     from utils.config import load_config
-    from utils.optim import StepGuard, grad_norm, make_optimizer
+    from utils.training.optim import StepGuard, grad_norm, make_optimizer
 
     cfg = load_config(MNIST, ["model.net=conv", "model.base_width=4"])
     torch.manual_seed(0)
@@ -292,7 +292,7 @@ def test_failing_final_weights_write_is_one_line_and_resume_finishes_it(tmp_path
 
 def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path, monkeypatch, real_data):
     from utils.config import DataConfig
-    from utils.data import load_data
+    from utils.data.sources import load_data
 
     images = load_data(DataConfig(root=str(DATA)))[1].images[:64]
     root = tmp_path / "imgs"
@@ -303,7 +303,7 @@ def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path, monkeypatch, rea
     args = ["-c", MNIST, "-e", str(run), *FAST, "data.name=image_folder", f"data.root={root}",
             "data.channels=1", "data.img_size=28", "data.num_workers=2", "data.test_fraction=0.1",
             "train.steps=100000", "train.save_every=20", "train.log_every=20"]
-    save = utils.trainer.save_checkpoint
+    save = utils.training.loop.save_checkpoint
 
     def save_then_move(*a, **kw):  # the folder goes away right after the first checkpoint, while workers read it
         out = save(*a, **kw)
@@ -311,7 +311,7 @@ def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path, monkeypatch, rea
             root.rename(tmp_path / "moved")
         return out
 
-    monkeypatch.setattr(utils.trainer, "save_checkpoint", save_then_move)
+    monkeypatch.setattr(utils.training.loop, "save_checkpoint", save_then_move)
     res = train_cli(args)
     assert res.returncode == 2
     line = res.stderr.strip().splitlines()[-1]

@@ -16,11 +16,11 @@ from PIL import Image
 
 import sample
 from conftest import cli, train
-from utils.data import TensorImages, load_data
+from utils.data.sources import TensorImages, load_data
 from utils.errors import run_cli
-from utils.images import LABEL_MARGIN, grid, to_pil
-from utils.latents import interpolate, posterior_stats, traversal_codes
-from utils.loading import load_run
+from utils.evaluation.latents import interpolate, posterior_stats, traversal_codes
+from utils.grids import LABEL_MARGIN, grid, to_pil
+from utils.inference.loading import load_run
 
 
 @pytest.fixture(scope="session")

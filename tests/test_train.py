@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CPU, DATA, FAST, REPO, accel_2, run_script, train, train_cli
-from utils.images import save_grid, save_pairs
-from utils.loading import load_run
-from utils.run import read_metrics
+from utils.grids import save_grid, save_pairs
+from utils.inference.loading import load_run
+from utils.training.run_folder import read_metrics
 
 FAMILIES = {
     "bernoulli-mlp": ("configs/mnist.yaml", []),
@@ -101,7 +101,7 @@ def test_short_run_writes_the_run_directory(family, tmp_path, real_data):
         same_picture(run / "samples" / "step_0000008_samples.png", model.decode(z),
                      lambda x, p: save_grid(x, p, per_row=8), tmp_path / "samples.png")
         from utils.config import load_config
-        from utils.data import load_data
+        from utils.data.sources import load_data
 
         x = load_data(load_config(run / "config.yaml").data)[1].batch(torch.arange(32))
         same_picture(run / "samples" / "step_0000008_recon.png", model.decode(model.encode(x)[0]),

@@ -24,10 +24,10 @@ from models.networks import ACTIVATIONS, NETWORKS
 from models.objectives import OBJECTIVES
 from models.priors import PRIORS
 from models.regularisers import KERNELS, REGULARISERS, TC_ESTIMATORS
-from utils.data import DATASETS
+from utils.data.sources import DATASETS
 from utils.errors import UserError
-from utils.schedules import SCHEDULES
-from utils.tracking import tracker_names
+from utils.training.schedules import SCHEDULES
+from utils.training.trackers import tracker_names
 
 # the config keys that name a part, and the registry whose keys are their choices (one list per kind)
 REGISTRIES: dict[str, dict] = {

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import dsprites
+from utils.data import dsprites
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -386,7 +386,7 @@ def _dsprites(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Ima
 
 
 def _hf(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Images, str]:
-    from utils.hf_data import load_hf  # (it builds on this module)
+    from utils.data.hf import load_hf  # (it builds on this module)
 
     return load_hf(cfg, shape)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from utils.data import DecodedImages, Images, _seeded_split, fit
+from utils.data.sources import DecodedImages, Images, _seeded_split, fit
 from utils.errors import UserError
 
 if TYPE_CHECKING:

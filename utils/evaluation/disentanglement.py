@@ -42,7 +42,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from utils.dsprites import FACTOR_SIZES
+from utils.data.dsprites import FACTOR_SIZES
 
 Codes = Callable[[torch.Tensor], torch.Tensor]
 N_FACTORS = len(FACTOR_SIZES)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from utils.data import Images, cpu_workers
+from utils.data.sources import Images, cpu_workers
 from utils.errors import UserError
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models.vae import VAE
-from utils.data import Images
+from utils.data.sources import Images
 
 
 def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:

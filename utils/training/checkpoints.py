@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
-from utils.run import newest_run
+from utils.training.run_folder import newest_run
 
 STATE_FILE = "trainer_state.json"
 NAME = re.compile(r"step_(\d+)$")
@@ -197,7 +197,7 @@ def supersede_newer(run_dir: Path, step: int) -> None:
 
 
 def _shape_problems(ckpt: Path, model: torch.nn.Module) -> list[str]:
-    from utils.loading import tensor_mismatches
+    from utils.inference.loading import tensor_mismatches
 
     try:
         with safe_open(str(ckpt / "model.safetensors"), "pt") as f:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.vae import VAE
-from utils.data import Images
+from utils.data.sources import Images
 from utils.errors import UserError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"

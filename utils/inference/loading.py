@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.pretrained import TrainedVAE
 from utils.config import Config, config_to_dict, load_config
 from utils.errors import UserError
-from utils.run import newest_run
+from utils.inference.trained import TrainedVAE
+from utils.training.run_folder import newest_run
 
 
 def find_run(exp_dir: str | None) -> tuple[Path, bool]:

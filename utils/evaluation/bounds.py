@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from models.likelihoods import OptimalSigma, softclip_log_sigma
 from models.objectives import gaussian_log_density, kl_divergence
 from models.vae import VAE
-from utils.batching import shard
-from utils.data import Images
+from utils.data.batching import shard
+from utils.data.sources import Images
 
 LOG_256 = math.log(256.0)
 

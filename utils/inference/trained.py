@@ -1,13 +1,13 @@
 """A trained VAE from Python: load a run or a Hub-format folder in one line, then sample, encode, decode,
 reconstruct and bound the log-likelihood; save it in the Hugging Face Hub layout with a model card.
 
-    from models.pretrained import TrainedVAE
+    from utils.inference.trained import TrainedVAE
     vae = TrainedVAE.load("runs/mnist-20261202-101500")     # or a Hub-format folder, or a Hub repo id
     x = vae.sample(16)                                      # (16, 1, 28, 28) in [0, 1]
     mu, logvar = vae.encode(x)
     nats = vae.log_likelihood(x, k=1000)                    # (16,) IWAE bound on log p(x)
 
-    python -m models.pretrained runs/X hub/X [--push_to_hub user/name]
+    python -m utils.inference.trained runs/X hub/X [--push_to_hub user/name]
 
 ``TrainedVAE`` is the toolkit's ``VAE`` with the Hub's ``ModelHubMixin``: the layout is
 ``config.json`` (the resolved config and image shape), ``model.safetensors`` (the same
@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from models.vae import VAE
 from utils.config import build_config, config_to_dict, load_config
-from utils.data import image_shape
+from utils.data.sources import image_shape
 from utils.errors import UserError
 
 HUB_WEIGHTS = "model.safetensors"
@@ -54,7 +54,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> TrainedVAE:
         """A run directory (config.yaml + model.safetensors), a Hub-format folder (config.json +
         model.safetensors), or a Hub repo id (downloaded, cached)."""
-        from utils.loading import load_model  # (loading builds this class)
+        from utils.inference.loading import load_model  # (loading builds this class)
 
         path = Path(path)
         if (path / "config.yaml").is_file():
@@ -87,7 +87,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         """The importance-weighted bound on log p(x) (log p(x|y) for a conditional model) with k samples, per
         image (B,), in nats: evaluate.py's computation, on images as given (binarise or dequantise first, as
         evaluate.py does, to compare with its numbers)."""
-        from utils.evaluation import image_bounds
+        from utils.evaluation.bounds import image_bounds
 
         return image_bounds(self, self._to(x), k, self._to(labels), chunk)[0]
 
@@ -100,7 +100,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
                          local_files_only: bool, token, **model_kwargs) -> TrainedVAE:
-        from utils.loading import fill_checked
+        from utils.inference.loading import fill_checked
 
         folder = Path(model_id)
         if folder.is_dir():
@@ -108,7 +108,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
             if not weights.is_file():
                 found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
                 raise UserError(f"{folder} has no {HUB_WEIGHTS} (found: {found}): only safetensors weights are "
-                                f"loaded; export the run again with python -m models.pretrained")
+                                f"loaded; export the run again with python -m utils.inference.trained")
         else:
             from huggingface_hub import hf_hub_download
 
@@ -136,7 +136,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
             lines.append("")
         if info.get("samples"):
             lines += ["## Samples", "", f"![64 prior samples]({info['samples']})", ""]
-        lines += ["## Use", "", "```python", "from models.pretrained import TrainedVAE",
+        lines += ["## Use", "", "```python", "from utils.inference.trained import TrainedVAE",
                   "vae = TrainedVAE.load(\"this/folder\")  # or the Hub repo id",
                   "images = vae.sample(16" + (", labels=torch.full((16,), 3))" if self.n_classes else ")"),
                   "```", "", "## Config", "", "```yaml",
@@ -166,7 +166,7 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         raise UserError(f"{out} is not empty: export into a new or empty folder")
     vae = TrainedVAE.load(run)
     out.mkdir(parents=True, exist_ok=True)
-    from utils.images import save_grid
+    from utils.grids import save_grid
 
     save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0)).cpu(), out / "samples.png",
               per_row=8)

@@ -31,17 +31,17 @@ except ImportError:
 
 from models.networks import CONVOLUTIONAL
 from models.vae import VAE
-from utils.batching import BatchOrder, to_inputs, train_batches
-from utils.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
 from utils.config import Config, config_to_dict, config_yaml
-from utils.data import Images, class_count, load_data
+from utils.data.batching import BatchOrder, to_inputs, train_batches
+from utils.data.sources import Images, class_count, load_data
 from utils.errors import Interrupted, UserError
-from utils.evaluation import elbo_terms
-from utils.images import save_grid, save_pairs
-from utils.optim import StepGuard, clip_and_norm, make_optimizer
-from utils.run import MetricsLog, create_run_dir, save_weights, write_atomic
-from utils.schedules import Schedule, build_schedule
-from utils.tracking import check_installed, log_images, start_trackers, tracker_names
+from utils.evaluation.bounds import elbo_terms
+from utils.grids import save_grid, save_pairs
+from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
+from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
+from utils.training.run_folder import MetricsLog, create_run_dir, save_weights, write_atomic
+from utils.training.schedules import Schedule, build_schedule
+from utils.training.trackers import check_installed, log_images, start_trackers, tracker_names
 
 
 @dataclass
