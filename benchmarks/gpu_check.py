@@ -176,7 +176,7 @@ def nan_batch_is_skipped(precision: str) -> list[str]:
     GradientState._reset_state()
     cfg = load_config(str(REPO / "configs" / "mnist.yaml"), ["model.net=conv", "model.base_width=8"])
     torch.manual_seed(0)
-    vae = VAE(cfg, (1, 28, 28))
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28), cfg.train.batch_size)
     acc = Accelerator(mixed_precision=PRECISION[precision])
     model, opt = acc.prepare(vae, make_optimizer(vae.parameters(), cfg.train))
     guard = StepGuard(vae, acc.device)

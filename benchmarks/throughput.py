@@ -50,7 +50,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     first = torch.arange(min(len(train), 20 * cfg.train.batch_size))
     pool = train.images if isinstance(train, TensorImages) else train.get(first)
     images = pool.to(device).float().div_(255).contiguous(memory_format=fmt)
-    vae = VAE(cfg, train.shape).to(device, memory_format=fmt)
+    vae = VAE(cfg.model, cfg.loss, train.shape, cfg.train.batch_size).to(device, memory_format=fmt)
     opt = make_optimizer(vae.parameters(), cfg.train)  # the trainer's: fused Adam
     model = torch.compile(vae) if cfg.train.compile else vae
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from utils.config import Config
+    from models.config import ModelConfig
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -59,8 +59,9 @@ class Likelihood(nn.Module):
     continuous = True   # a density on [0,1] (False: a probability mass, bernoulli)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Likelihood:
-        """The likelihood a config asks for; override to read its own keys (``model.sigma``, say)."""
+    def from_config(cls, m: ModelConfig, batch_size: int) -> Likelihood:
+        """The likelihood the ``model`` section asks for; override to read its own keys (``model.sigma``, say).
+        ``batch_size`` is the global training batch, which a batch-averaged baseline's implied σ depends on."""
         return cls()
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,8 @@ class FixedGaussian(Likelihood):
         self.register_buffer("log_sigma", torch.tensor(math.log(sigma)), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> FixedGaussian:
-        return cls(cfg.model.sigma)
+    def from_config(cls, m: ModelConfig, batch_size: int) -> FixedGaussian:
+        return cls(m.sigma)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         nll = gaussian_nll(x, self.mean(out), self.log_sigma)
@@ -129,8 +130,8 @@ class BatchAveragedMSE(AveragedMSE):
         self.batch_size = batch_size
 
     @classmethod
-    def from_config(cls, cfg: Config) -> BatchAveragedMSE:
-        return cls(cfg.train.batch_size)
+    def from_config(cls, m: ModelConfig, batch_size: int) -> BatchAveragedMSE:
+        return cls(batch_size)
 
     def implied_log_sigma(self, d: int) -> float:
         return 0.5 * math.log(self.batch_size * d / 2)
@@ -200,5 +201,5 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-def build_likelihood(cfg: Config) -> Likelihood:
-    return LIKELIHOODS[cfg.model.likelihood].from_config(cfg)
+def build_likelihood(m: ModelConfig, batch_size: int) -> Likelihood:
+    return LIKELIHOODS[m.likelihood].from_config(m, batch_size)

@@ -25,7 +25,7 @@ from torch import nn
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from utils.config import ModelConfig
+    from models.config import ModelConfig
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

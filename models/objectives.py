@@ -24,8 +24,8 @@ import torch
 from models.regularisers import Codes
 
 if TYPE_CHECKING:
+    from models.config import LossConfig
     from models.vae import VAE
-    from utils.config import LossConfig
 
 LOG_2PI = math.log(2 * math.pi)
 

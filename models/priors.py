@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from utils.config import ModelConfig
+    from models.config import ModelConfig
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

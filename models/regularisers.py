@@ -30,7 +30,7 @@ from models.priors import Prior
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from utils.config import LossConfig
+    from models.config import LossConfig
 
 IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 

@@ -30,25 +30,28 @@ from models.regularisers import build_regulariser
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from utils.config import Config
+    from models.config import LossConfig, ModelConfig
 
 
 class VAE(nn.Module):
-    def __init__(self, cfg: Config, img_shape: tuple[int, int, int]):
+    """Built from the ``model`` and ``loss`` config sections, the images' shape (C, H, W) and the global
+    training batch size (which the batch-averaged MSE baseline's implied σ depends on); nothing else of the
+    run's config."""
+
+    def __init__(self, model: ModelConfig, loss: LossConfig, img_shape: tuple[int, int, int], batch_size: int = 1):
         super().__init__()
         self.img_shape = tuple(img_shape)
-        self.z_dim = cfg.model.z_dim
-        self.n_classes = cfg.model.n_classes if cfg.model.conditional else 0  # 0: unconditional
-        if cfg.model.conditional and self.n_classes < 2:
-            raise UserError(f"model.conditional=true with model.n_classes={cfg.model.n_classes}: set the number of "
+        self.z_dim = model.z_dim
+        self.n_classes = model.n_classes if model.conditional else 0  # 0: unconditional
+        if model.conditional and self.n_classes < 2:
+            raise UserError(f"model.conditional=true with model.n_classes={model.n_classes}: set the number of "
                             f"classes (training sets it from the data set's labels)")
-        self.likelihood = build_likelihood(cfg)
-        self.encoder, self.decoder = build_networks(cfg.model, self.img_shape, self.likelihood.n_params,
-                                                    self.n_classes)
-        self.prior = build_prior(cfg.model, self.img_shape)
+        self.likelihood = build_likelihood(model, batch_size)
+        self.encoder, self.decoder = build_networks(model, self.img_shape, self.likelihood.n_params, self.n_classes)
+        self.prior = build_prior(model, self.img_shape)
         self.prior.bind(self.encoder)
-        self.regulariser = build_regulariser(cfg.loss, cfg.model.z_dim)
-        self.objective = build_objective(cfg.loss)
+        self.regulariser = build_regulariser(loss, model.z_dim)
+        self.objective = build_objective(loss)
 
     def one_hot(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         """The labels of the images or codes ``like`` as one-hot rows (B, n_classes) on their device, for a

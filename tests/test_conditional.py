@@ -26,7 +26,7 @@ def test_label_enters_encoder_and_decoder_as_one_hot():
     for net in ("mlp", "conv", "resconv"):
         cfg = load_config(None, ["model.conditional=true", "model.n_classes=3", f"model.net={net}", "model.z_dim=4",
                                  "model.channel_mults=[1, 2]", "model.base_width=4"])
-        vae = VAE(cfg, (1, 16, 16)).eval()
+        vae = VAE(cfg.model, cfg.loss, (1, 16, 16), cfg.train.batch_size).eval()
         z = torch.randn(4, 4)
         by_hand = vae.decoder(torch.cat([z, torch.eye(3)[y]], 1))
         assert torch.equal(vae.decoder_out(z, y), by_hand)

@@ -165,14 +165,31 @@ def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys
 
 
 def test_config_choices_are_the_registries():
-    """Every name a config accepts is a registry key and every registry key is accepted: one list per kind."""
-    from utils.config import _section_fields
+    """Every name a config accepts is a registry key and every registry key is accepted: one list per kind, and
+    an entry added to a registry is a valid choice at once."""
+    from utils.config import build_config
 
     for key, registry in REGISTRIES.items():
         section, name = key.split(".")
-        assert _section_fields(section)[name].metadata["choices"] is registry, key
+        for choice in registry:
+            try:
+                build_config({section: {name: choice}})
+            except UserError as e:  # accepted as a name; only a rule of another key may refuse it
+                assert "expected one of" not in str(e), (key, choice, e)
+        with pytest.raises(UserError, match="expected one of"):
+            build_config({section: {name: "no_such_part"}})
+        if isinstance(registry, dict):
+            registry["no_such_part"] = None
+            try:
+                assert getattr(getattr(build_config({}), section), name) != "no_such_part"
+                build_config({section: {name: "no_such_part"}})
+            except UserError as e:
+                assert "expected one of" not in str(e), (key, e)
+            finally:
+                del registry["no_such_part"]
     assert set(REGISTRIES) == {"data.name", "model.net", "model.activation", "model.likelihood", "model.prior",
-                               "loss.objective", "loss.regulariser", "loss.mmd_kernel", "train.lr_schedule"}
+                               "loss.objective", "loss.regulariser", "loss.mmd_kernel", "loss.tc_estimator",
+                               "train.lr_schedule"}
 
 
 def test_debug_shows_the_traceback(tmp_path):

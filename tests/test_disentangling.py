@@ -111,7 +111,7 @@ def test_decomposition_matches_a_gaussian_aggregate_posterior(mixing):
 def tcvae(beta: float, estimator: str = "mss", n: int = 1000) -> VAE:
     cfg = load_config(None, ["loss.regulariser=tcvae", f"loss.beta={beta}", f"loss.tc_estimator={estimator}",
                              f"loss.tc_dataset_size={n}", "model.z_dim=4", "model.hidden=16"])
-    return VAE(cfg, (1, 6, 6))
+    return VAE(cfg.model, cfg.loss, (1, 6, 6), cfg.train.batch_size)
 
 
 def test_tcvae_loss_is_kl_plus_beta_minus_one_tc():
@@ -182,7 +182,8 @@ def test_factor_vae_critic_estimates_the_total_correlation(rho):
 
 
 def test_factor_vae_critic_is_not_trained_by_the_vae_optimizer_and_resumes_exactly(tmp_path, real_data):
-    vae = VAE(load_config(None, ["loss.regulariser=factorvae", "loss.factor_critic_hidden=[8]"]), (1, 28, 28))
+    cfg = load_config(None, ["loss.regulariser=factorvae", "loss.factor_critic_hidden=[8]"])
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28))
     critic = {id(p) for p in vae.regulariser.critic.parameters()}
     assert critic and not critic & {id(p) for p in vae.trained_parameters()}
     assert len(vae.trained_parameters()) + len(critic) == len(list(vae.parameters()))

@@ -93,7 +93,7 @@ def test_iwae_on_a_linear_gaussian_vae_with_known_likelihood(accelerator):
     d, zd = 3, 2
     w, b = torch.randn(d, zd), torch.randn(d)
     cfg = load_config(None, ["model.z_dim=2", "model.hidden=4"])
-    vae = VAE(cfg, (1, 1, d))
+    vae = VAE(cfg.model, cfg.loss, (1, 1, d), cfg.train.batch_size)
     vae.likelihood = _Linear()
     dec = nn.Linear(zd, d)
     dec.weight.data, dec.bias.data = w, b
@@ -121,7 +121,7 @@ def test_iwae_on_a_linear_gaussian_vae_with_known_likelihood(accelerator):
 
 def test_active_units_with_known_collapsed_dimensions(mnist_test, accelerator):
     cfg = load_config(None, ["model.z_dim=6", "model.hidden=32"])
-    vae = VAE(cfg, (1, 28, 28))
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28), cfg.train.batch_size)
     inner = vae.encoder
 
     class Collapsed(nn.Module):  # dimensions 3-5 always return the prior: E[z] = 0, no information

@@ -100,7 +100,7 @@ def test_mse_batch_is_the_reference_mse_vae(batch):
     averages every term over the batch, so it is theirs divided by B."""
     x, out = batch
     cfg = load_config(None, ["model.likelihood=mse_batch", "train.batch_size=4", "model.z_dim=3", "model.hidden=8"])
-    model = VAE(cfg, (1, 6, 5))
+    model = VAE(cfg.model, cfg.loss, (1, 6, 5), cfg.train.batch_size)
     torch.manual_seed(0)
     t = model(x, step=0)
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_mmd_by_hand_and_by_behaviour():
 def test_vae_objective_composition(batch):
     cfg = load_config(None, ["model.z_dim=3", "model.likelihood=gaussian", "loss.beta=4", "loss.kl_warmup_steps=10",
                              "loss.regulariser=mmd", "loss.mmd_weight=7", "model.hidden=16"])
-    model = VAE(cfg, (1, 6, 5))
+    model = VAE(cfg.model, cfg.loss, (1, 6, 5), cfg.train.batch_size)
     x, _ = batch
     torch.manual_seed(0)
     t = model(x, step=5)
@@ -190,7 +190,7 @@ def test_vae_objective_composition(batch):
 def test_loss_terms_are_fp32_under_bf16_autocast(batch):
     cfg = load_config(None, ["model.net=conv", "model.likelihood=sigma", "model.z_dim=4", "model.base_width=4",
                              "model.channel_mults=[1, 2]"])
-    model = VAE(cfg, (1, 8, 8))
+    model = VAE(cfg.model, cfg.loss, (1, 8, 8), cfg.train.batch_size)
     x = torch.rand(4, 1, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t = model(x, step=0)
@@ -221,7 +221,7 @@ def test_a_new_likelihood_and_regulariser_are_one_class_and_one_entry_each(batch
     monkeypatch.setitem(REGULARISERS, "l1", L1Codes)
     cfg = load_config(None, ["model.likelihood=laplace", "loss.regulariser=l1", "model.z_dim=3", "model.hidden=8"])
     assert "laplace" in reference_markdown() and "l1" in reference_markdown()
-    model = VAE(cfg, (1, 6, 5))
+    model = VAE(cfg.model, cfg.loss, (1, 6, 5), cfg.train.batch_size)
     x, _ = batch
     torch.manual_seed(0)
     t = model(x, step=0)

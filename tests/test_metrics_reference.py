@@ -69,7 +69,7 @@ def test_trainer_test_bound_is_evaluate_bound_on_dequantised_images():
 
     test = TensorImages(torch.zeros(300, 1, 28, 28, dtype=torch.uint8), None)
     cfg = load_config(None, ["model.likelihood=per_pixel_sigma", "model.z_dim=2", "model.hidden=8"])
-    vae = VAE(cfg, (1, 28, 28)).eval()
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28), cfg.train.batch_size).eval()
     last = vae.decoder.net[-1]
     with torch.no_grad():
         last.weight.zero_()

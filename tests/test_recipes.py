@@ -41,7 +41,7 @@ def linear_gaussian_vae(objective: str, k: int) -> tuple[VAE, torch.Tensor, floa
     d, zd, s2 = 3, 2, 0.25
     w, b = torch.randn(d, zd), torch.randn(d)
     cfg = load_config(None, ["model.z_dim=2", "model.hidden=4", f"loss.objective={objective}", f"loss.k={k}"])
-    vae = VAE(cfg, (1, 1, d))
+    vae = VAE(cfg.model, cfg.loss, (1, 1, d), cfg.train.batch_size)
     vae.likelihood = _Linear()
     dec = nn.Linear(zd, d)
     dec.weight.data, dec.bias.data = w, b
@@ -133,7 +133,7 @@ def test_floored_logsumexp_is_torch_logsumexp_for_far_codes():
 
 def test_vamp_prior_in_a_vae_is_trained_and_estimates_the_kl():
     cfg = load_config(None, ["model.prior=vamp", "model.vamp_components=4", "model.z_dim=3", "model.hidden=8"])
-    vae = VAE(cfg, (1, 4, 4))
+    vae = VAE(cfg.model, cfg.loss, (1, 4, 4), cfg.train.batch_size)
     assert vae.prior.pseudo.shape == (4, 1, 4, 4) and "prior.pseudo" in vae.state_dict()
     assert not any(k.startswith("prior._encoder") or k.startswith("prior.encoder") for k in vae.state_dict())
     x = torch.rand(6, 1, 4, 4)
@@ -148,7 +148,8 @@ def test_vamp_prior_in_a_vae_is_trained_and_estimates_the_kl():
     assert vae.prior.pseudo.grad is not None and vae.prior.pseudo.grad.abs().sum() > 0
     # evaluate.py says which KL it reports
     assert kl_estimate(vae) == "Monte Carlo, one sample per image"
-    assert kl_estimate(VAE(load_config(None, ["model.z_dim=3", "model.hidden=8"]), (1, 4, 4))) == "closed form"
+    small = load_config(None, ["model.z_dim=3", "model.hidden=8"])
+    assert kl_estimate(VAE(small.model, small.loss, (1, 4, 4))) == "closed form"
 
 
 def lr_by_hand(schedule: str, step: int) -> float:
@@ -190,14 +191,15 @@ def test_schedule_is_followed_across_a_resume(tmp_path, real_data):
 
 def test_deeper_mlp_and_its_activation():
     cfg = load_config(None, ["model.hidden=[200, 100]", "model.activation=tanh", "model.z_dim=5"])
-    vae = VAE(cfg, (1, 28, 28))
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28), cfg.train.batch_size)
     linears = [m for m in vae.encoder.net if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 200), (200, 100), (100, 10)]
     assert sum(isinstance(m, nn.Tanh) for m in vae.encoder.net) == 2
     dec = [m for m in vae.decoder.net if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in dec] == [(5, 100), (100, 200), (200, 784)]
     assert load_config(None, ["model.hidden=400"]).model.hidden == [400]  # one layer, as configs wrote it
-    classic = VAE(load_config(None, []), (1, 28, 28))  # the weights' names of the classic MLP are unchanged
+    default = load_config(None, [])
+    classic = VAE(default.model, default.loss, (1, 28, 28))  # the weights' names of the classic MLP are unchanged
     assert {k for k in classic.state_dict() if k.startswith("encoder")} == {
         "encoder.net.1.weight", "encoder.net.1.bias", "encoder.net.3.weight", "encoder.net.3.bias"}
 

@@ -223,7 +223,7 @@ def test_nan_step_is_skipped_on_the_device():
 
     cfg = load_config(MNIST, ["model.net=conv", "model.base_width=4"])
     torch.manual_seed(0)
-    vae = VAE(cfg, (1, 28, 28))
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28), cfg.train.batch_size)
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(vae, make_optimizer(vae.parameters(), cfg.train))
     guard = StepGuard(vae, acc.device)

@@ -19,7 +19,7 @@ from utils.data.sources import Images, cpu_workers
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from utils.config import DataConfig
+    from utils.data.config import DataConfig
 
 
 def to_inputs(batch: torch.Tensor, data: DataConfig, memory_format: torch.memory_format) -> torch.Tensor:

@@ -26,7 +26,7 @@ from utils.data.sources import DecodedImages, Images, _seeded_split, fit
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from utils.config import DataConfig
+    from utils.data.config import DataConfig
 
 
 @dataclass

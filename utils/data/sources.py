@@ -34,7 +34,7 @@ from utils.data import dsprites
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from utils.config import DataConfig
+    from utils.data.config import DataConfig
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # CelebA's official partition by file number: train 1-162,770, valid 162,771-182,637, test 182,638-202,599

@@ -42,7 +42,8 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
 
     def __init__(self, vae_config: dict, img_shape: list[int] | None = None):
         cfg = build_config(vae_config)  # validated, as a YAML file would be
-        super().__init__(cfg, tuple(img_shape) if img_shape else image_shape(cfg.data))
+        super().__init__(cfg.model, cfg.loss, tuple(img_shape) if img_shape else image_shape(cfg.data),
+                         cfg.train.batch_size)
         self.config = cfg
         self.eval()
 

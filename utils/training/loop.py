@@ -176,7 +176,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         elif cfg.model.n_classes < classes:
             raise UserError(f"model.n_classes={cfg.model.n_classes} but the data set has {classes} classes: "
                             f"set model.n_classes={classes} or 0 (from the data)")
-    vae = VAE(cfg, train_set.shape)
+    vae = VAE(cfg.model, cfg.loss, train_set.shape, cfg.train.batch_size)
     fmt = torch.channels_last if t.channels_last and cfg.model.net in CONVOLUTIONAL else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
     trained = vae.trained_parameters()

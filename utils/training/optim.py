@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.config import TrainConfig
+from utils.training.config import TrainConfig
 
 
 def make_optimizer(params, t: TrainConfig) -> torch.optim.Adam:

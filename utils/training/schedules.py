@@ -17,7 +17,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from utils.config import TrainConfig
+    from utils.training.config import TrainConfig
 
 
 class Schedule:

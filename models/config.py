@@ -1,0 +1,60 @@
+"""The model's own config sections: ``model`` (the VAE and its parts) and ``loss`` (the objective).
+
+They stand beside the parts that read them, as nanoGPT's ``GPTConfig`` stands beside ``GPT``. A key
+that names a part (``model.net``, ``loss.regulariser``, ...) takes its choices from that part's
+registry; ``utils/config.py`` binds the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from utils.fields import opt
+
+
+@dataclass
+class ModelConfig:
+    net: str = opt("mlp", "encoder/decoder network")
+    z_dim: int = opt(16, "size of the latent code z", min=1, max=4096)
+    likelihood: str = opt("bernoulli", "decoder likelihood p(x|z)")
+    sigma: float = opt(1.0, "fixed decoder std for likelihood=gaussian", min=0.0, min_exclusive=True)
+    prior: str = opt("normal", "prior p(z): normal is N(0, I), vamp the VampPrior (Tomczak & Welling 2018)")
+    vamp_components: int = opt(500, "prior=vamp: pseudo-inputs K (the paper's 500 for MNIST)", min=1)
+    hidden: list[int] = opt([400], "mlp: units of each hidden layer, encoder order (the classic 784-400-z); "
+                                   "the decoder mirrors them")
+    activation: str = opt("relu", "mlp, resconv: activation between layers")
+    base_width: int = opt(32, "conv, resconv: channels of the first conv layer", min=1)
+    channel_mults: list[int] = opt([1, 2, 4], "conv, resconv: width multipliers, one per 4x4 stride-2 layer")
+    res_blocks: int = opt(1, "resconv: residual blocks at each resolution", min=0, max=64)
+    conditional: bool = opt(False, "a conditional VAE (Sohn et al. 2015): encoder and decoder also see the image's "
+                                   "class label, one-hot; needs a data set with labels")
+    n_classes: int = opt(0, "conditional: number of classes (0: from the data set's labels, written into the run's "
+                            "config.yaml)", min=0)
+
+
+@dataclass
+class LossConfig:
+    objective: str = opt("elbo", "elbo (one reparameterised sample per image) or iwae (importance-weighted "
+                                 "bound with loss.k samples)")
+    k: int = opt(1, "objective=iwae: importance samples per image (Burda et al. 2016: 5 or 50)", min=1, max=5000)
+    regulariser: str = opt("kl", "latent term: kl (beta * KL), mmd (beta * KL + mmd_weight * MMD, InfoVAE), tcvae "
+                                 "(KL + (beta - 1) * total correlation), factorvae (beta * KL + factor_gamma * "
+                                 "critic's TC), dip_i or dip_ii (beta * KL + DIP penalty)")
+    beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
+    kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
+    mmd_weight: float = opt(0.0, "regulariser=mmd: weight of MMD(q(z) || p(z)), > 0", min=0.0)
+    mmd_kernel: str = opt("imq", "regulariser=mmd: inverse multiquadric or RBF kernel")
+    tc_estimator: str = opt("mss", "regulariser=tcvae: minibatch-stratified or minibatch-weighted sampling "
+                                   "(Chen et al. 2018)")
+    tc_dataset_size: int = opt(0, "regulariser=tcvae: training images N in the estimator (0: the training set's "
+                                  "size, written into the run's config.yaml)", min=0)
+    factor_gamma: float = opt(10.0, "regulariser=factorvae: weight of the critic's total correlation estimate "
+                                    "(disentanglement_lib sweeps 10-100)", min=0.0)
+    factor_critic_hidden: list[int] = opt([1000] * 6, "regulariser=factorvae: the critic's hidden layers (the "
+                                                      "paper's 6 x 1000)")
+    factor_critic_lr: float = opt(1e-4, "regulariser=factorvae: the critic's Adam learning rate (the paper's)",
+                                  min=0.0, min_exclusive=True)
+    dip_lambda_od: float = opt(10.0, "regulariser=dip_i, dip_ii: weight of the off-diagonal covariance penalty",
+                               min=0.0)
+    dip_lambda_d: float = opt(100.0, "regulariser=dip_i, dip_ii: weight of the diagonal penalty (Kumar et al.: "
+                                     "10 x dip_lambda_od for dip_i, 1 x for dip_ii)", min=0.0)

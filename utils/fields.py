@@ -1,0 +1,102 @@
+"""Typed config fields: a default, a one-line reason, and the values accepted; checked one value at a time.
+
+Why here, on the ground floor: every layer owns its config section (``models/config.py``,
+``utils/data/config.py``, ``utils/training/config.py``) and declares its fields with ``opt``;
+``utils/config.py`` assembles the sections and supplies the registries whose keys are the
+choices of the fields that name a part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Collection
+from dataclasses import field
+from typing import Any
+
+from utils.errors import UserError
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A config field with its documentation and the values it accepts. A field that names a part has no
+    ``choices`` here: its registry supplies them (``utils.config.REGISTRIES``)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a config section, by name, with their types resolved (not the strings of annotations)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def accepts(f: dataclasses.Field, choices: Collection | None = None) -> str:
+    """What a field accepts, in words: for error messages and the generated reference."""
+    m = f.metadata
+    choices = choices if choices is not None else m["choices"]
+    if choices:
+        return "one of " + ", ".join(map(str, choices))
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        f.type, "a list of integers")
+    if m["min"] is not None:
+        kind += f" {'>' if m['min_exclusive'] else '>='} {m['min']:g}"
+    if m["max"] is not None:
+        kind += f" and <= {m['max']:g}"
+    return kind
+
+
+def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | None = None) -> Any:
+    """Check one value against its field (and ``choices``, a registry's keys, when given); return it in the
+    field's type, or raise a one-line ``UserError`` naming the key and what it accepts."""
+    choices = choices if choices is not None else f.metadata["choices"]
+    bad = UserError(f"{key}: got {value!r}, expected {accepts(f, choices)}")
+    t = f.type
+    if t is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif t is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if not math.isfinite(value):
+            raise UserError(f"{key}: got {value}, expected a finite number ({accepts(f, choices)})")
+        value = float(value)
+    elif t is str:
+        if value is False and choices and "no" in choices:
+            value = "no"  # YAML 1.1 reads a bare no (train.mixed_precision=no, Accelerate's word) as false
+        if not isinstance(value, str):
+            raise bad
+    else:  # list[int]; a single integer is a list of one (model.hidden: 400, as configs wrote it before lists)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise UserError(f"{key}: got {value!r}, expected a non-empty list of positive integers")
+        return list(value)
+    m = f.metadata
+    if choices and value not in choices:
+        raise bad
+    if m["min"] is not None and (value < m["min"] or (m["min_exclusive"] and value == m["min"])):
+        raise bad
+    if m["max"] is not None and value > m["max"]:
+        raise bad
+    return value
