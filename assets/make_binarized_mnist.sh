@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reruns the binarised-MNIST table of the README with the toolkit's own commands: each row is a config
+# Reruns the binarised-MNIST table of docs/results.md with the toolkit's own commands: each row is a config
 # trained on one CPU core (OMP_NUM_THREADS=1, so two rows can share a 2-core machine), then the test NLL
 # by the importance-weighted bound with k = 5000 on all 10,000 test images, binarised once with a fixed seed.
 # DATA_ROOT: the folder holding MNIST/raw. ROWS: which rows (default all). A stopped run resumes where it was.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reruns the README's dSprites study with the toolkit's own commands: VAE, beta-VAE, beta-TCVAE, FactorVAE and
+# Reruns the dSprites study of docs/results.md with the toolkit's own commands: VAE, beta-VAE, beta-TCVAE, FactorVAE and
 # DIP-VAE-I, each its configs/dsprites*.yaml (the disentanglement literature's 64x64 conv net) for the same number
 # of steps on one CPU core (OMP_NUM_THREADS=1, so two rows can share a 2-core machine), then every score at
 # reduced sample sizes (flags below), the same scores at the step-1000 checkpoint, and a latent traversal.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Produces every number and image of the README's Results section, with the toolkit's own commands.
+# Produces the numbers and images of the Results in docs/results.md, with the toolkit's own commands.
 # CPU is enough (about 45 minutes on 2 cores). DATA_ROOT: the folder holding MNIST/raw and FashionMNIST/raw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
