@@ -22,7 +22,8 @@ from accelerate.utils import parse_flag_from_env
 from tqdm import tqdm
 
 from utils.data import dsprites
-from utils.data.sources import DSpritesImages, load_data
+from utils.data.dsprites import DSpritesImages
+from utils.data.registry import load_data
 from utils.errors import CliParser, UserError, run_cli
 from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
 from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap

@@ -21,7 +21,8 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from utils.config import Config
-from utils.data.sources import Images, load_data
+from utils.data.registry import load_data
+from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, run_cli
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
@@ -47,7 +48,7 @@ def labels_for(model, args, n: int, g: torch.Generator, given: torch.Tensor | No
     return given.cpu() if given is not None else torch.randint(model.n_classes, (n,), generator=g)
 
 
-def test_set(cfg: Config) -> Images:
+def test_set(cfg: Config) -> ImageSplit:
     _, test, _ = load_data(cfg.data)
     return test
 

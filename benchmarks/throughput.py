@@ -34,23 +34,24 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
 
     import torch
 
-    from models.networks import CONVOLUTIONAL
     from models.vae import VAE
     from utils.config import load_config
-    from utils.data.sources import TensorImages, load_data
+    from utils.data.registry import load_data
+    from utils.data.splits import TensorImages
     from utils.training.optim import make_optimizer
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.train.seed)
     train, _, _ = load_data(cfg.data)
-    fmt = torch.channels_last if cfg.train.channels_last and cfg.model.net in CONVOLUTIONAL else torch.contiguous_format
+    vae = VAE(cfg.model, cfg.loss, train.shape, cfg.train.batch_size)
+    fmt = torch.channels_last if cfg.train.channels_last and vae.convolutional else torch.contiguous_format
     # data already decoded, on the device: a set held in memory as it is, any other (files, rendered dSprites)
     # as a pool of 20 batches decoded once, so the loop measures the model alone
     first = torch.arange(min(len(train), 20 * cfg.train.batch_size))
     pool = train.images if isinstance(train, TensorImages) else train.get(first)
     images = pool.to(device).float().div_(255).contiguous(memory_format=fmt)
-    vae = VAE(cfg.model, cfg.loss, train.shape, cfg.train.batch_size).to(device, memory_format=fmt)
+    vae = vae.to(device, memory_format=fmt)
     opt = make_optimizer(vae.parameters(), cfg.train)  # the trainer's: fused Adam
     model = torch.compile(vae) if cfg.train.compile else vae
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
@@ -79,7 +80,7 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
 
 
 def decoder_speed(run: str, n: int, batch: int) -> dict:
-    """Images/s of the decoder alone (prior draws -> images), the core of sample.py --mode sample."""
+    """ImageSplit/s of the decoder alone (prior draws -> images), the core of sample.py --mode sample."""
     import torch
 
     from sample import decode
@@ -138,7 +139,7 @@ def loader_speed(config: str, overrides: list[str], steps: int, window: int, war
 
     from utils.config import load_config
     from utils.data.batching import BatchOrder, train_batches
-    from utils.data.sources import load_data
+    from utils.data.registry import load_data
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,10 +24,10 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
+from models.gaussian import gaussian_nll
+
 if TYPE_CHECKING:
     from models.config import ModelConfig
-
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def softclip_log_sigma(log_sigma: torch.Tensor, floor: float = -6.0) -> torch.Tensor:
@@ -37,12 +37,6 @@ def softclip_log_sigma(log_sigma: torch.Tensor, floor: float = -6.0) -> torch.Te
     and the NLL → −∞.
     """
     return floor + F.softplus(log_sigma - floor)
-
-
-def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image Gaussian NLL (B,), summed over pixels; ``log_sigma`` broadcasts against x."""
-    nll = 0.5 * (x - mean).pow(2) * torch.exp(-2 * log_sigma) + log_sigma + HALF_LOG_2PI
-    return nll.flatten(1).sum(1)
 
 
 @dataclass

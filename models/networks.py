@@ -7,7 +7,8 @@ they mean (logits, means, log-variances) is the likelihood's business.
 A network is an encoder class and its mirror decoder class, constructed as
 ``Encoder(img_shape, z_dim, m, n_cond)`` and ``Decoder(img_shape, z_dim, n_params, m)``
 with ``m`` the ``model`` config section, from which each reads its own keys;
-adding one is that pair plus one ``NETWORKS`` entry. A conditional VAE gives the
+adding one is that pair plus one ``NETWORKS`` entry. An encoder whose class sets ``convolutional = True`` is
+run on channels-last images (``train.channels_last``). A conditional VAE gives the
 encoder a one-hot label c (B, n_cond) beside the image (``forward(x, c)``): an MLP
 reads it with the flattened pixels, a convolutional encoder as n_cond constant
 input channels. Its decoder is built for z_dim + n_cond inputs and reads [z, c].
@@ -104,6 +105,8 @@ def _conv_geometry(img_size: int, n_layers: int) -> tuple[int, int]:
 class ConvEncoder(nn.Module):
     """4x4 stride-2 convolutions + batch norm + LeakyReLU, halving the image at each layer."""
 
+    convolutional = True  # faster on channels-last images
+
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
         super().__init__()
         c, size, _ = img_shape
@@ -170,6 +173,8 @@ class ResConvEncoder(nn.Module):
     stride-2 convolution to the next width. No normalisation layers, so a batch's images do not influence each
     other's codes (batch norm does, which the IWAE bound and per-image evaluation do not assume)."""
 
+    convolutional = True  # faster on channels-last images
+
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
         super().__init__()
         c, size, _ = img_shape
@@ -220,6 +225,8 @@ class DislibEncoder(nn.Module):
     row 3; disentanglement_lib's ``conv_encoder``, which Locatello et al. 2019 train): 32-32 4x4 and 64-64 2x2
     stride-2 convolutions with ReLU, a 256-unit layer, then the posterior's parameters. No batch norm."""
 
+    convolutional = True  # faster on channels-last images
+
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, m: ModelConfig, n_cond: int = 0):
         super().__init__()
         _need_64(img_shape)
@@ -255,9 +262,6 @@ NETWORKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "resconv": (ResConvEncoder, ResConvDecoder),
     "dislib": (DislibEncoder, DislibDecoder),
 }
-
-
-CONVOLUTIONAL = ("conv", "resconv", "dislib")  # networks that run faster on channels-last images
 
 
 def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: int,

@@ -21,19 +21,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.regularisers import Codes
+from models.gaussian import gaussian_log_density
+from models.regularisers import REGULARISERS, PosteriorSample
+from utils.errors import UserError
 
 if TYPE_CHECKING:
     from models.config import LossConfig
     from models.vae import VAE
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
-    return (-0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)).sum(-1)
-
 
 def kl_divergence(vae: VAE, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x) || p(z)) per image (B,): closed form where the prior has one, else the one-sample Monte Carlo
@@ -54,6 +48,12 @@ class Objective:
     def from_config(cls, loss: LossConfig) -> Objective:
         return cls(loss)
 
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        """Refuse, in one line, ``loss`` keys this objective cannot honour (called when a config is validated)."""
+        if loss.k > 1:
+            raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
+
     def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -71,7 +71,7 @@ class ELBO(Objective):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             lik = vae.likelihood(x, out)                             # (B,) terms
             kl = kl_divergence(vae, mu, logvar, z)                   # (B,)
-            penalty, extra = vae.regulariser(kl, Codes(z, mu, logvar), vae.prior, step)
+            penalty, extra = vae.regulariser(kl, PosteriorSample(z, mu, logvar), vae.prior, step)
             terms = {"rec": lik.rec.mean(), "kl": kl.mean(), "nll": lik.nll.mean(),
                      "elbo": -(lik.nll + kl).mean(), **extra}
             if lik.log_sigma is not None:
@@ -89,6 +89,12 @@ class IWAE(Objective):
     the k samples' mean reconstruction and the KL, so runs of either objective compare; ``iwae``
     is the bound trained on.
     """
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        if not REGULARISERS[loss.regulariser].plain_kl:
+            raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
+                            f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
 
     def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.gaussian import HALF_LOG_2PI
+
 if TYPE_CHECKING:
     from models.config import ModelConfig
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
 class Prior(nn.Module):
     """p(z) over codes of size ``z_dim``."""
+
+    conditional = True  # usable by a conditional VAE (whose prior stays p(z))
 
     def __init__(self, z_dim: int):
         super().__init__()
@@ -82,6 +83,8 @@ class VampPrior(Prior):
     the authors' code for binary images; K is ``model.vamp_components``. Its KL to a posterior has no closed
     form, so the objective estimates it by Monte Carlo.
     """
+
+    conditional = False  # the pseudo-inputs have no class label
 
     def __init__(self, z_dim: int, components: int, img_shape: tuple[int, int, int]):
         super().__init__(z_dim)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.gaussian import log_normal
 from models.priors import Prior
 from utils.errors import UserError
 
@@ -66,7 +67,7 @@ def mmd(z: torch.Tensor, prior: torch.Tensor, kind: str = "imq") -> torch.Tensor
 
 
 @dataclass
-class Codes:
+class PosteriorSample:
     """What the objective drew for a batch: z ~ q(z|x) and the posterior's parameters, each (B, z), fp32."""
 
     z: torch.Tensor
@@ -75,7 +76,27 @@ class Codes:
 
 
 class Regulariser(nn.Module):
-    """β_t · KL, plus whatever a subclass adds. Returns (the batch's penalty, extra terms to log)."""
+    """β_t · KL, plus whatever a subclass adds. Returns (the batch's penalty, extra terms to log).
+
+    What a regulariser needs of the run is said here, as class attributes and class methods, so no code
+    outside it tests its name: ``plain_kl`` (it is β·KL and nothing more: the IWAE bound can take it),
+    ``min_batch`` (it estimates over the batch), ``accumulates`` (its term can be split over micro-batches),
+    ``check`` (its keys' rules) and ``complete_config`` (values it takes from the training set)."""
+
+    plain_kl = False
+    min_batch = 1
+    accumulates = True
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        """Refuse, in one line, ``loss`` keys that cannot take effect with this regulariser."""
+        if loss.mmd_weight > 0:
+            raise UserError(f"loss.mmd_weight={loss.mmd_weight:g} has no effect with loss.regulariser="
+                            f"{loss.regulariser}: set loss.regulariser=mmd, or drop mmd_weight")
+
+    @classmethod
+    def complete_config(cls, loss: LossConfig, train_size: int) -> None:
+        """Fill keys left at 0 ('from the data') once the training set is known; written into config.yaml."""
 
     def __init__(self, loss: LossConfig):
         super().__init__()
@@ -106,7 +127,7 @@ class Regulariser(nn.Module):
             return self.beta
         return self.beta * min(1.0, step / self.warmup)
 
-    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: PosteriorSample, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.kl_weight(step) * kl.mean(), {}
 
@@ -114,15 +135,23 @@ class Regulariser(nn.Module):
 class KL(Regulariser):
     """β_t · KL(q(z|x) || p(z)) per image, averaged over the batch."""
 
+    plain_kl = True
+
 
 class MMD(Regulariser):
     """β_t · KL + ``loss.mmd_weight`` · MMD(q(z) || p(z)) with ``loss.mmd_kernel``, codes z against prior draws."""
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        if loss.mmd_weight == 0:
+            raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
+                            "loss.regulariser=kl")
 
     def __init__(self, loss: LossConfig):
         super().__init__(loss)
         self.weight, self.kernel = loss.mmd_weight, loss.mmd_kernel
 
-    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: PosteriorSample, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         penalty, _ = super().forward(kl, codes, prior, step)
         z = codes.z
@@ -142,12 +171,13 @@ class DIP(Regulariser):
     DIP-VAE-II C = Cov_q(z)[z] = E[Σ(x)] + Cov[E_q[z|x]]; both over the batch, as disentanglement_lib."""
 
     second_moment = False
+    min_batch = 2
 
     def __init__(self, loss: LossConfig):
         super().__init__(loss)
         self.lambda_od, self.lambda_d = loss.dip_lambda_od, loss.dip_lambda_d
 
-    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: PosteriorSample, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         penalty, _ = super().forward(kl, codes, prior, step)
         c = covariance(codes.mu)
@@ -165,13 +195,9 @@ class DIPII(DIP):
     second_moment = True
 
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-def log_q_matrix(codes: Codes) -> torch.Tensor:
+def log_q_matrix(codes: PosteriorSample) -> torch.Tensor:
     """log q(z_i,d | x_j) for every code i and posterior j of the batch, per dimension d: (B, B, z)."""
-    z, mu, logvar = codes.z[:, None], codes.mu[None], codes.logvar[None]
-    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)
+    return log_normal(codes.z[:, None], codes.mu[None], codes.logvar[None])
 
 
 def log_importance_weights(b: int, n: int, estimator: str, device: torch.device | None = None) -> torch.Tensor:
@@ -196,7 +222,7 @@ def log_importance_weights(b: int, n: int, estimator: str, device: torch.device 
     return w.log().float()
 
 
-def tc_parts(codes: Codes, prior: Prior, n: int, estimator: str) -> dict[str, torch.Tensor]:
+def tc_parts(codes: PosteriorSample, prior: Prior, n: int, estimator: str) -> dict[str, torch.Tensor]:
     """The KL's three parts per code (B,), Chen et al. 2018: index-code mutual information
     log q(z|x) − log q(z), total correlation log q(z) − log Π_d q(z_d) and dimension-wise KL
     log Π_d q(z_d) − log p(z). They sum to the one-sample estimate log q(z|x) − log p(z) exactly."""
@@ -215,6 +241,13 @@ class TCVAE(Regulariser):
     disentanglement_lib. TC is estimated on the batch each process sees (``loss.tc_estimator``, with the
     training set's size ``loss.tc_dataset_size``); w_t is the warm-up alone. Logs mi, tc and dwkl."""
 
+    min_batch = 2
+
+    @classmethod
+    def complete_config(cls, loss: LossConfig, train_size: int) -> None:
+        if loss.tc_dataset_size == 0:
+            loss.tc_dataset_size = train_size  # evaluation and resume then use the same N
+
     def __init__(self, loss: LossConfig):
         super().__init__(loss)
         self.n, self.estimator = loss.tc_dataset_size, loss.tc_estimator
@@ -226,7 +259,7 @@ class TCVAE(Regulariser):
         """w_t, the warm-up from 0 to 1 (β weighs the TC here, not the KL)."""
         return 1.0 if step is None or self.warmup <= 0 else min(1.0, step / self.warmup)
 
-    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: PosteriorSample, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {k: v.mean() for k, v in tc_parts(codes, prior, self.n, self.estimator).items()}
         w = self.kl_weight(step)
@@ -262,6 +295,9 @@ class FactorVAE(Regulariser):
     0.9), as the paper). Under several processes its gradients are averaged over them, so every process
     keeps the same critic. Logs tc, critic_loss and critic_accuracy."""
 
+    min_batch = 2
+    accumulates = False  # the critic trains on each step's whole batch of codes
+
     def __init__(self, loss: LossConfig, z_dim: int):
         super().__init__(loss)
         self.gamma = loss.factor_gamma
@@ -274,7 +310,7 @@ class FactorVAE(Regulariser):
     def from_config(cls, loss: LossConfig, z_dim: int) -> FactorVAE:
         return cls(loss, z_dim)
 
-    def forward(self, kl: torch.Tensor, codes: Codes, prior: Prior,
+    def forward(self, kl: torch.Tensor, codes: PosteriorSample, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         penalty, _ = super().forward(kl, codes, prior, step)
         logits = self.critic(codes.z)

@@ -53,6 +53,11 @@ class VAE(nn.Module):
         self.regulariser = build_regulariser(loss, model.z_dim)
         self.objective = build_objective(loss)
 
+    @property
+    def convolutional(self) -> bool:
+        """Whether the networks are convolutional (faster on channels-last images)."""
+        return getattr(self.encoder, "convolutional", False)
+
     def one_hot(self, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         """The labels of the images or codes ``like`` as one-hot rows (B, n_classes) on their device, for a
         conditional model; None for an unconditional one."""

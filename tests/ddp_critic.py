@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
 from models.priors import StandardNormal
-from models.regularisers import Codes, FactorVAE
+from models.regularisers import FactorVAE, PosteriorSample
 from utils.config import load_config
 from utils.errors import leave_process_group
 
@@ -34,7 +34,7 @@ if __name__ == "__main__":
     z = torch.randn(32, 3, generator=torch.Generator().manual_seed(100 + acc.process_index))  # this process's codes
     for reg, accelerator in ((joined, acc), (alone, types.SimpleNamespace(num_processes=1))):
         torch.manual_seed(7 + acc.process_index)  # each process's own permutation
-        reg(torch.zeros(32), Codes(z, z, z), StandardNormal(3), 0)
+        reg(torch.zeros(32), PosteriorSample(z, z, z), StandardNormal(3), 0)
         reg.after_step(accelerator, torch.zeros(()))
     ranks = acc.gather(flat(joined.critic)[None])
     local = acc.gather(flat(alone.critic)[None])

@@ -15,7 +15,7 @@ import torch
 from models.likelihoods import OptimalSigma
 from utils.config import DataConfig
 from utils.data.batching import shard
-from utils.data.sources import load_data
+from utils.data.registry import load_data
 
 
 def optimal_sigma(root: str, rank: int, world: int) -> float:

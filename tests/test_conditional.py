@@ -14,7 +14,8 @@ from conftest import DATA, REPO, cli, train, train_cli
 from models.vae import VAE
 from utils.config import load_config
 from utils.data.batching import BatchOrder, shard, train_batches
-from utils.data.sources import TensorImages, load_data
+from utils.data.registry import load_data
+from utils.data.splits import TensorImages
 from utils.evaluation.bounds import likelihood_bounds
 from utils.inference.loading import load_run
 

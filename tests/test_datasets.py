@@ -14,7 +14,9 @@ from PIL import Image
 from conftest import DATA, REPO, train, train_cli
 from utils.config import DataConfig
 from utils.data import dsprites
-from utils.data.sources import DSpritesImages, FileImages, TensorImages, crop_box, load_data
+from utils.data.dsprites import DSpritesImages
+from utils.data.registry import load_data
+from utils.data.splits import FileImages, TensorImages, crop_box
 from utils.errors import UserError
 from utils.training.run_folder import read_metrics
 

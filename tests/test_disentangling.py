@@ -18,8 +18,8 @@ from conftest import train, train_cli
 from models.priors import StandardNormal
 from models.regularisers import (
     REGULARISERS,
-    Codes,
     FactorVAE,
+    PosteriorSample,
     covariance,
     log_importance_weights,
     permute_dims,
@@ -30,10 +30,10 @@ from utils.config import load_config
 from utils.training.run_folder import read_metrics
 
 
-def random_codes(b: int, d: int, seed: int = 0) -> Codes:
+def random_codes(b: int, d: int, seed: int = 0) -> PosteriorSample:
     g = torch.Generator().manual_seed(seed)
     mu, logvar = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g) * 0.5
-    return Codes(mu + torch.randn(b, d, generator=g) * torch.exp(0.5 * logvar), mu, logvar)
+    return PosteriorSample(mu + torch.randn(b, d, generator=g) * torch.exp(0.5 * logvar), mu, logvar)
 
 
 def normal_pdf(z: float, mu: float, logvar: float) -> float:
@@ -92,7 +92,7 @@ def test_decomposition_matches_a_gaussian_aggregate_posterior(mixing):
     b, v = 1500, 0.3
     mu = torch.randn(b, 3) @ a.T * math.sqrt(1 - v)
     logvar = torch.full((b, 3), math.log(v))
-    codes = Codes(mu + torch.randn(b, 3) * math.sqrt(v), mu, logvar)
+    codes = PosteriorSample(mu + torch.randn(b, 3) * math.sqrt(v), mu, logvar)
     s = (1 - v) * a @ a.T + v * torch.eye(3)
     diag = torch.diagonal(s)
     true = {"mi": 0.5 * (torch.logdet(s) - 3 * math.log(v)).item(),
@@ -140,7 +140,7 @@ def test_dip_penalties_by_hand():
     # whitened means have the identity as covariance: DIP-VAE-I adds nothing
     w = codes.mu - codes.mu.mean(0)
     w = w @ torch.linalg.inv(torch.linalg.cholesky(covariance(w))).T
-    penalty, _ = REGULARISERS["dip_i"](cfg)(kl, Codes(w, w, codes.logvar), StandardNormal(4), None)
+    penalty, _ = REGULARISERS["dip_i"](cfg)(kl, PosteriorSample(w, w, codes.logvar), StandardNormal(4), None)
     assert penalty.item() == pytest.approx(kl.mean().item(), abs=1e-4)
 
 
@@ -164,9 +164,9 @@ def test_factor_vae_critic_estimates_the_total_correlation(rho):
         e = torch.randn(256, 2)
         z = torch.stack([e[:, 0], rho * e[:, 0] + math.sqrt(1 - rho**2) * e[:, 1]], 1)
         kl = torch.rand(256)
-        penalty, parts = reg(kl, Codes(z, z, z), StandardNormal(2), None)
+        penalty, parts = reg(kl, PosteriorSample(z, z, z), StandardNormal(2), None)
         logged = reg.after_step(one, torch.zeros(()))
-    penalty, parts = reg(kl, Codes(z, z, z), StandardNormal(2), None)
+    penalty, parts = reg(kl, PosteriorSample(z, z, z), StandardNormal(2), None)
     logits = reg.critic(z)
     assert parts["tc"].item() == pytest.approx((logits[:, 0] - logits[:, 1]).mean().item(), rel=1e-5, abs=1e-6)
     assert penalty.item() == pytest.approx(kl.mean().item() + 7 * parts["tc"].item(), rel=1e-5)

@@ -18,8 +18,9 @@ from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.vae import VAE
 from utils.config import DataConfig, load_config
 from utils.data import dsprites
-from utils.data.dsprites import FACTOR_SIZES
-from utils.data.sources import DSpritesImages, Images, load_data
+from utils.data.dsprites import FACTOR_SIZES, DSpritesImages
+from utils.data.registry import load_data
+from utils.data.splits import ImageSplit
 from utils.errors import run_cli
 from utils.evaluation.bounds import latent_usage, likelihood_bounds
 from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
@@ -68,7 +69,7 @@ class _Linear(Likelihood):
         return LikelihoodTerms(nll, nll, None)
 
 
-class _Floats(Images):
+class _Floats(ImageSplit):
     labels = None
 
     def __init__(self, x):
@@ -231,7 +232,7 @@ def test_binarised_test_set_is_one_draw_for_any_process_count_and_batch(real_dat
     every process's shares, put together, are torch.bernoulli of the whole set at once with the seed."""
     from types import SimpleNamespace
 
-    from utils.data.sources import TensorImages
+    from utils.data.splits import TensorImages
     from utils.evaluation.bounds import _held_out
 
     _, test, _ = load_data(DataConfig(root=str(real_data)))

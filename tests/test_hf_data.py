@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import DATA, require_data, train, train_cli
 from utils.config import load_config
-from utils.data.sources import TensorImages, load_data
+from utils.data.registry import load_data
+from utils.data.splits import TensorImages
 from utils.errors import UserError
 
 

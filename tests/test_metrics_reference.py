@@ -64,7 +64,7 @@ def test_trainer_test_bound_is_evaluate_bound_on_dequantised_images():
 
     from models.vae import VAE
     from utils.config import load_config
-    from utils.data.sources import TensorImages
+    from utils.data.splits import TensorImages
     from utils.evaluation.bounds import elbo_terms, likelihood_bounds
 
     test = TensorImages(torch.zeros(300, 1, 28, 28, dtype=torch.uint8), None)

@@ -8,7 +8,7 @@ import torch
 from models.networks import ResBlock, build_networks
 from utils.config import DataConfig, ModelConfig
 from utils.data.batching import BatchOrder, shard
-from utils.data.sources import load_data
+from utils.data.registry import load_data
 from utils.errors import UserError
 
 

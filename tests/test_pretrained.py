@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 import evaluate
 import sample
 from conftest import cli
-from utils.data.sources import load_data
+from utils.data.registry import load_data
 from utils.errors import UserError
 from utils.inference import trained as pretrained
 from utils.inference.trained import TrainedVAE

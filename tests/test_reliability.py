@@ -292,7 +292,7 @@ def test_failing_final_weights_write_is_one_line_and_resume_finishes_it(tmp_path
 
 def test_data_root_vanishing_mid_run_is_a_clear_error(tmp_path, monkeypatch, real_data):
     from utils.config import DataConfig
-    from utils.data.sources import load_data
+    from utils.data.registry import load_data
 
     images = load_data(DataConfig(root=str(DATA)))[1].images[:64]
     root = tmp_path / "imgs"

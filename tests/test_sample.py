@@ -16,7 +16,8 @@ from PIL import Image
 
 import sample
 from conftest import cli, train
-from utils.data.sources import TensorImages, load_data
+from utils.data.registry import load_data
+from utils.data.splits import TensorImages
 from utils.errors import run_cli
 from utils.evaluation.latents import interpolate, posterior_stats, traversal_codes
 from utils.grids import LABEL_MARGIN, grid, to_pil

@@ -101,7 +101,7 @@ def test_short_run_writes_the_run_directory(family, tmp_path, real_data):
         same_picture(run / "samples" / "step_0000008_samples.png", model.decode(z),
                      lambda x, p: save_grid(x, p, per_row=8), tmp_path / "samples.png")
         from utils.config import load_config
-        from utils.data.sources import load_data
+        from utils.data.registry import load_data
 
         x = load_data(load_config(run / "config.yaml").data)[1].batch(torch.arange(32))
         same_picture(run / "samples" / "step_0000008_recon.png", model.decode(model.encode(x)[0]),

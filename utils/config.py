@@ -28,7 +28,7 @@ from models.objectives import OBJECTIVES
 from models.priors import PRIORS
 from models.regularisers import KERNELS, REGULARISERS, TC_ESTIMATORS
 from utils.data.config import DataConfig
-from utils.data.sources import DATASETS
+from utils.data.registry import DATASETS
 from utils.errors import UserError
 from utils.fields import accepts, coerce, default_of, section_fields
 from utils.training.config import TrainConfig
@@ -101,29 +101,22 @@ def build_config(tree: dict[str, Any]) -> Config:
 
 
 def _check_together(cfg: Config) -> None:
-    """Keys that only make sense together: a weight for a term that the chosen regulariser does not have."""
-    loss = cfg.loss
-    if loss.objective == "iwae" and loss.regulariser != "kl":
-        raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
-                        f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
-    if loss.objective != "iwae" and loss.k > 1:
-        raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
-    if loss.regulariser in ("tcvae", "factorvae", "dip_i", "dip_ii") and cfg.train.batch_size < 2:
+    """Keys that only make sense together. Each part states its own needs (its ``check`` and class attributes),
+    so this asks the chosen parts and names none."""
+    loss, train = cfg.loss, cfg.train
+    objective, regulariser = OBJECTIVES[loss.objective], REGULARISERS[loss.regulariser]
+    objective.check(loss)
+    if train.batch_size < regulariser.min_batch:
         raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
-                        f"train.batch_size >= 2: raise it")
-    tracker_names(cfg.train.log_with)  # an unknown tracker is an error now, not after the data loaded
-    if cfg.model.conditional and cfg.model.prior == "vamp":
-        raise UserError("model.conditional=true and model.prior=vamp do not go together (the pseudo-inputs have no "
-                        "class label): use model.prior=normal, or model.conditional=false")
-    if loss.regulariser == "factorvae" and cfg.train.grad_accum_steps > 1:
-        raise UserError("loss.regulariser=factorvae trains its critic on each step's whole batch of codes and does not "
-                        "accumulate: use train.grad_accum_steps=1")
-    if loss.regulariser == "mmd" and loss.mmd_weight == 0:
-        raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
-                        "loss.regulariser=kl")
-    if loss.regulariser != "mmd" and loss.mmd_weight > 0:
-        raise UserError(f"loss.mmd_weight={loss.mmd_weight:g} has no effect with loss.regulariser="
-                        f"{loss.regulariser}: set loss.regulariser=mmd, or drop mmd_weight")
+                        f"train.batch_size >= {regulariser.min_batch}: raise it")
+    tracker_names(train.log_with)  # an unknown tracker is an error now, not after the data loaded
+    if cfg.model.conditional and not PRIORS[cfg.model.prior].conditional:
+        raise UserError(f"model.conditional=true and model.prior={cfg.model.prior} do not go together (the prior "
+                        f"has no class label): use model.prior=normal, or model.conditional=false")
+    if not regulariser.accumulates and train.grad_accum_steps > 1:
+        raise UserError(f"loss.regulariser={loss.regulariser} trains on each step's whole batch and does not "
+                        f"accumulate: use train.grad_accum_steps=1")
+    regulariser.check(loss)
 
 
 def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:

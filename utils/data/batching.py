@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from utils.data.sources import Images, cpu_workers
+from utils.data.splits import ImageSplit, cpu_workers
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def _shelter_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_batches(data: Images, order: BatchOrder, start: int, steps: int, rank: int, world: int,
+def train_batches(data: ImageSplit, order: BatchOrder, start: int, steps: int, rank: int, world: int,
                   device: torch.device, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(uint8 images (B/world, C, H, W), labels (B/world,) or None) on ``device`` for steps start..steps-1, in
     the order ``order`` fixes. Labels are indexed here, in the main process, from the same order."""

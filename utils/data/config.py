@@ -10,7 +10,7 @@ from utils.fields import opt
 @dataclass
 class DataConfig:
     name: str = opt("mnist", "data set")
-    root: str = opt("data", "folder holding the data set (see the data table in the README)")
+    root: str = opt("data", "folder holding the data set (see docs/data.md)")
     download: bool = opt(True, "download MNIST / Fashion-MNIST / CIFAR-10 when missing (needs internet)")
     img_size: int = opt(0, "image size after loading; 0: the set's own (28 MNIST, 32 CIFAR-10, 64 others)",
                         min=0, max=512)

@@ -18,12 +18,18 @@ import math
 import os
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from utils.data.splits import ImageSplit, seeded_split
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from utils.data.config import DataConfig
 
 OFFICIAL_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
@@ -97,3 +103,53 @@ def official_images(npz: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]
         raise UserError(f"{npz} is not a readable dSprites npz ({e}): re-download it or remove it "
                         f"to use the procedural renderer") from None
     return np.load(target, mmap_mode="c"), classes  # copy-on-write: never changes the file
+
+
+@dataclass
+class DSpritesImages(ImageSplit):
+    indices: torch.Tensor  # (N,) flat indices into the 737,280-image factor grid
+    official: torch.Tensor | None = None     # the official imgs (737280, 64, 64) in {0, 1}, memory-mapped
+    official_classes: np.ndarray | None = None  # the official latents_classes (737280, 6)
+    shape = (1, 64, 64)
+    labels = None
+    has_factors = True
+
+    @property
+    def reading(self) -> str:
+        return "memory-mapped" if self.official is not None else "rendered per batch"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = self.indices[idx.cpu()]
+        if self.official is not None:
+            return (self.official[flat].unsqueeze(1) * 255).to(idx.device)
+        return render(flat.to(idx.device))
+
+    def factors(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classes (N, 5), values (N, 5)) of the ground-truth factors, for evaluation code."""
+        flat = self.indices[idx.cpu()]
+        if self.official_classes is not None:
+            classes = torch.from_numpy(self.official_classes[flat.numpy(), 1:]).long()
+        else:
+            classes = index_to_classes(flat)
+        values = torch.stack([v[classes[:, k]] for k, v in enumerate(factor_values())], 1)
+        return classes, values
+
+    def factor_grid(self) -> DSpritesImages:
+        """Every image of the factor grid (737,280), read as this split reads them: what the disentanglement
+        scores draw from."""
+        return DSpritesImages(torch.arange(N_IMAGES), self.official, self.official_classes)
+
+
+def load_dsprites(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:
+    """The official npz under data.root when it is there (memory-mapped), else the renderer; a seeded split."""
+    npz = Path(cfg.root) / OFFICIAL_NAME
+    official, classes, n, source = None, None, N_IMAGES, "procedural renderer"
+    if npz.is_file():
+        imgs, classes = official_images(npz, Path(cfg.cache_dir))
+        official, n, source = torch.from_numpy(imgs), len(imgs), str(npz)
+    train_idx, test_idx = seeded_split(n, cfg.test_fraction, cfg.split_seed)
+    train, test = (DSpritesImages(i, official, classes) for i in (train_idx, test_idx))
+    return train, test, f"{source}, split: seeded {cfg.test_fraction:g} fraction"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from utils.data.sources import DecodedImages, Images, _seeded_split, fit
+from utils.data.splits import DecodedImages, ImageSplit, crop_resize, seeded_split
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class HFImages(DecodedImages):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         row = self.ds[int(i)]
-        return fit(next(iter(row.values())), self.shape[1], self.shape[0], face_crop=False)
+        return crop_resize(next(iter(row.values())), self.shape[1], self.shape[0], face_crop=False)
 
     def cache_key(self) -> bytes:
         return f"hf:{self.ds._fingerprint}:{self.ds.column_names}:{self.shape}".encode()
@@ -90,7 +90,7 @@ def _labels(ds, column: str) -> torch.Tensor | None:
     return torch.as_tensor(values, dtype=torch.long)
 
 
-def load_hf(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Images, str]:
+def load_hf(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:
     """(train, test, source) from a ``datasets`` source, checked: splits, the image column, the label column."""
     import datasets
 
@@ -117,7 +117,7 @@ def load_hf(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[Images, Image
         train, test = part(train_ds), part(_split(splits, cfg.hf_test_split, "hf_test_split"))
         how = f"splits {cfg.hf_train_split}/{cfg.hf_test_split}"
     else:
-        train_idx, test_idx = _seeded_split(len(train_ds), cfg.test_fraction, cfg.split_seed)
+        train_idx, test_idx = seeded_split(len(train_ds), cfg.test_fraction, cfg.split_seed)
         train, test = part(train_ds.select(train_idx.tolist())), part(train_ds.select(test_idx.tolist()))
         how = f"seeded {cfg.test_fraction:g} fraction of {cfg.hf_train_split}"
     labelled = ", labels from " + cfg.hf_label_column if train.labels is not None else ""

@@ -22,12 +22,12 @@ from models.likelihoods import OptimalSigma, softclip_log_sigma
 from models.objectives import gaussian_log_density, kl_divergence
 from models.vae import VAE
 from utils.data.batching import shard
-from utils.data.sources import Images
+from utils.data.splits import ImageSplit
 
 LOG_256 = math.log(256.0)
 
 
-def _held_out(data: Images, n: int, batch_size: int, accelerator: Accelerator,
+def _held_out(data: ImageSplit, n: int, batch_size: int, accelerator: Accelerator,
               binarize_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(indices, images in [0, 1]) of this process's share of each global batch over the first n held-out images
     (n made a multiple of the process count).
@@ -58,7 +58,7 @@ def _dequantise(x: torch.Tensor, continuous: bool, g: torch.Generator | None) ->
 
 
 @torch.no_grad()
-def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerator: Accelerator,
+def elbo_terms(model: torch.nn.Module, data: ImageSplit, batch_size: int, accelerator: Accelerator,
                limit: int = 0, seed: int = 0, binarize: bool = False) -> dict[str, float]:
     """The model's loss terms on held-out data, and ELBO in nats per image and bits per dimension.
 
@@ -101,7 +101,7 @@ def elbo_terms(model: torch.nn.Module, data: Images, batch_size: int, accelerato
 
 
 @torch.no_grad()
-def fix_optimal_sigma(vae: VAE, data: Images, batch_size: int, accelerator: Accelerator,
+def fix_optimal_sigma(vae: VAE, data: ImageSplit, batch_size: int, accelerator: Accelerator,
                       limit: int = 0) -> float | None:
     """For optimal-σ models: set one σ for the whole evaluation, the RMSE of the posterior-mean reconstructions.
 
@@ -166,7 +166,7 @@ def image_bounds(vae: VAE, x: torch.Tensor, k: int, y: torch.Tensor | None = Non
 
 
 @torch.no_grad()
-def likelihood_bounds(vae: VAE, data: Images, k: int, accelerator: Accelerator, batch_size: int = 100,
+def likelihood_bounds(vae: VAE, data: ImageSplit, k: int, accelerator: Accelerator, batch_size: int = 100,
                       max_rows: int = 20_000, limit: int = 0, seed: int = 0, binarize: bool = False,
                       progress=None) -> dict[str, float]:
     """ELBO (with its reconstruction and KL parts) and the IWAE bound (Burda et al. 2016), per image.
@@ -209,7 +209,7 @@ def kl_estimate(vae: VAE) -> str:
 
 
 @torch.no_grad()
-def latent_usage(vae: VAE, data: Images, accelerator: Accelerator, batch_size: int = 500, limit: int = 0,
+def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_size: int = 500, limit: int = 0,
                  threshold: float = 0.01) -> dict:
     """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error."""
     n = len(data) if limit <= 0 else min(limit, len(data))

@@ -44,7 +44,7 @@ from sklearn.svm import LinearSVC
 
 from utils.data.dsprites import FACTOR_SIZES
 
-Codes = Callable[[torch.Tensor], torch.Tensor]
+Representation = Callable[[torch.Tensor], torch.Tensor]
 N_FACTORS = len(FACTOR_SIZES)
 
 
@@ -84,7 +84,7 @@ def beta_vae_pairs(n: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor
     return k, first, second
 
 
-def beta_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
+def beta_vae_metric(codes: Representation, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
                     n_eval: int = 5_000) -> dict[str, float]:
     def points(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, first, second = beta_vae_pairs(n, batch, g)
@@ -98,7 +98,7 @@ def beta_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: 
     return {"train_accuracy": train_acc, "eval_accuracy": eval_acc}
 
 
-def factor_vae_metric(codes: Codes, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
+def factor_vae_metric(codes: Representation, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
                       n_eval: int = 5_000, n_variance: int = 10_000, prune: float = 0.05) -> dict[str, float]:
     global_var = codes(random_classes(n_variance, g)).var(0)
     active = global_var.sqrt() >= prune  # disentanglement_lib prunes by standard deviation
@@ -137,7 +137,7 @@ def _mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
     return (p[nz] * (p[nz] / (pa @ pb)[nz]).log()).sum().item()
 
 
-def mig(codes: Codes, g: torch.Generator, n: int = 10_000, bins: int = 20) -> dict[str, float]:
+def mig(codes: Representation, g: torch.Generator, n: int = 10_000, bins: int = 20) -> dict[str, float]:
     classes = random_classes(n, g)
     z = _discretise(codes(classes), bins)
     per_factor = []
@@ -149,7 +149,7 @@ def mig(codes: Codes, g: torch.Generator, n: int = 10_000, bins: int = 20) -> di
     return {"mig": sum(per_factor) / N_FACTORS, "per_factor": per_factor}
 
 
-def _train_test(codes: Codes, g: torch.Generator, n_train: int, n_test: int) -> tuple[np.ndarray, ...]:
+def _train_test(codes: Representation, g: torch.Generator, n_train: int, n_test: int) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_test, y_test) as float64 codes (N, d) and integer factor classes (N, 5)."""
     train, test = random_classes(n_train, g), random_classes(n_test, g)
     return (codes(train).double().numpy(), train.numpy(), codes(test).double().numpy(), test.numpy())
@@ -164,7 +164,7 @@ def dci_scores(importance: np.ndarray) -> tuple[float, float]:
     return float(np.sum(per_code * w.sum(1) / w.sum())), float(np.sum(per_factor * w.sum(0) / w.sum()))
 
 
-def dci(codes: Codes, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000,
+def dci(codes: Representation, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000,
         seed: int = 0) -> dict[str, float | list]:
     x, y, x_test, y_test = _train_test(codes, g, n_train, n_test)
     importance = np.zeros((x.shape[1], y.shape[1]))
@@ -185,7 +185,8 @@ def top_two_gap(scores: np.ndarray) -> float:
     return float(np.mean(top[0] - top[1])) if len(top) > 1 else float(np.mean(top[0]))
 
 
-def sap(codes: Codes, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000) -> dict[str, float | list]:
+def sap(codes: Representation, g: torch.Generator, n_train: int = 10_000,
+        n_test: int = 5_000) -> dict[str, float | list]:
     x, y, x_test, y_test = _train_test(codes, g, n_train, n_test)
     scores = np.zeros((x.shape[1], y.shape[1]))
     for i in range(x.shape[1]):

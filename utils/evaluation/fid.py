@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.vae import VAE
-from utils.data.sources import Images
+from utils.data.splits import ImageSplit
 from utils.errors import UserError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -65,7 +65,7 @@ def build_fid(weights: str | None = None, features: torch.nn.Module | None = Non
 
 
 @torch.no_grad()
-def fid_score(vae: VAE, data: Images, metric, n: int, batch_size: int, device: torch.device | str,
+def fid_score(vae: VAE, data: ImageSplit, metric, n: int, batch_size: int, device: torch.device | str,
               rank: int = 0, world: int = 1, seed: int = 0, progress=None) -> float:
     """FID between n prior samples and the first n held-out images (each process takes every world-th batch)."""
     n = min(n, len(data))

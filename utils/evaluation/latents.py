@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models.vae import VAE
-from utils.data.sources import Images
+from utils.data.splits import ImageSplit
 
 
 def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:
@@ -43,7 +43,7 @@ def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -
 
 
 @torch.no_grad()
-def posterior_stats(model: VAE, data: Images, batch_size: int = 500, limit: int = 0,
+def posterior_stats(model: VAE, data: ImageSplit, batch_size: int = 500, limit: int = 0,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior means (N, z), mean KL per latent dimension (z,)) over the first ``limit`` images (0: all)."""
     n = len(data) if limit <= 0 else min(limit, len(data))

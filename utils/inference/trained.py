@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from models.vae import VAE
 from utils.config import build_config, config_to_dict, load_config
-from utils.data.sources import image_shape
+from utils.data.registry import image_shape
 from utils.errors import UserError
 
 HUB_WEIGHTS = "model.safetensors"

@@ -29,11 +29,12 @@ try:
 except ImportError:
     resource = None
 
-from models.networks import CONVOLUTIONAL
+from models.regularisers import REGULARISERS
 from models.vae import VAE
 from utils.config import Config, config_to_dict, config_yaml
 from utils.data.batching import BatchOrder, to_inputs, train_batches
-from utils.data.sources import Images, class_count, load_data
+from utils.data.registry import class_count, load_data
+from utils.data.splits import ImageSplit
 from utils.errors import Interrupted, UserError
 from utils.evaluation.bounds import elbo_terms
 from utils.grids import save_grid, save_pairs
@@ -55,8 +56,8 @@ class Session:
     model: torch.nn.Module          # the same, prepared by Accelerate (DDP, autocast), for training steps
     trained: list[torch.nn.Parameter]  # what the optimizer trains (not a regulariser's own network)
     optimizer: torch.optim.Optimizer
-    train_set: Images
-    test_set: Images
+    train_set: ImageSplit
+    test_set: ImageSplit
     memory_format: torch.memory_format
     schedule: Schedule              # the learning rate of each step, a pure function of the step
     fixed_x: torch.Tensor           # (32, C, H, W) test images for the reconstruction grids
@@ -167,8 +168,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     set_seed(t.seed)  # same initial weights on every process and for any process count
     with acc.local_main_process_first():  # one process per machine decodes a cache; the others then read it
         train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
-    if cfg.loss.regulariser == "tcvae" and cfg.loss.tc_dataset_size == 0:
-        cfg.loss.tc_dataset_size = len(train_set)  # into config.yaml: evaluation and resume use the same N
+    REGULARISERS[cfg.loss.regulariser].complete_config(cfg.loss, len(train_set))  # (into config.yaml)
     if cfg.model.conditional:
         classes = class_count(train_set, test_set)
         if cfg.model.n_classes == 0:
@@ -177,7 +177,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
             raise UserError(f"model.n_classes={cfg.model.n_classes} but the data set has {classes} classes: "
                             f"set model.n_classes={classes} or 0 (from the data)")
     vae = VAE(cfg.model, cfg.loss, train_set.shape, cfg.train.batch_size)
-    fmt = torch.channels_last if t.channels_last and cfg.model.net in CONVOLUTIONAL else torch.contiguous_format
+    fmt = torch.channels_last if t.channels_last and vae.convolutional else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
     trained = vae.trained_parameters()
     optimizer = make_optimizer(trained, t)

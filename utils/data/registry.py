@@ -1,0 +1,86 @@
+"""The data sets, registered by their YAML name (``data.name``) in ``DATASETS``, and loading one.
+
+A registered set states what the rest of the toolkit needs to know of it, so no code outside
+this module tests its name: its channels and native size, whether ``data.channels`` may convert
+it (``any_channels``), whether ``data.img_size`` may resize it (``fixed_size``), and its loader.
+Whether its images have ground-truth factors is a property of its splits (``ImageSplit.has_factors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from utils.data.dsprites import load_dsprites
+from utils.data.hf import load_hf
+from utils.data.sources import celeba, image_folder, torchvision_set
+from utils.data.splits import DecodedImages, ImageSplit
+from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from utils.data.config import DataConfig
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A registered data set: its channels and native size, and its loader (config, shape) -> (train, test,
+    source). ``any_channels``: converted to ``data.channels`` when set; ``fixed_size``: only its native size."""
+
+    channels: int
+    size: int
+    load: Callable[[DataConfig, tuple[int, int, int]], tuple[ImageSplit, ImageSplit, str]]
+    any_channels: bool = False
+    fixed_size: bool = False
+
+
+DATASETS: dict[str, DataSet] = {
+    "mnist": DataSet(1, 28, partial(torchvision_set, "MNIST")),
+    "fashion_mnist": DataSet(1, 28, partial(torchvision_set, "FashionMNIST")),
+    "cifar10": DataSet(3, 32, partial(torchvision_set, "CIFAR10")),
+    "celeba": DataSet(3, 64, celeba),
+    "dsprites": DataSet(1, 64, load_dsprites, fixed_size=True),
+    "image_folder": DataSet(3, 64, image_folder, any_channels=True),  # channels and size as configured
+    "hf": DataSet(3, 64, load_hf, any_channels=True),  # Hugging Face datasets; channels and size as configured
+}
+
+
+def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of a data set's images after loading, known without reading the data."""
+    ds = DATASETS[cfg.name]
+    channels, size = ds.channels, ds.size
+    if ds.fixed_size and cfg.img_size not in (0, size):
+        raise UserError(f"{cfg.name} images are {size}x{size}, not data.img_size={cfg.img_size}: set "
+                        f"data.img_size={size} or 0")
+    if cfg.channels:
+        if not ds.any_channels and cfg.channels != channels:
+            kind = "greyscale (1 channel)" if channels == 1 else "RGB (3 channels)"
+            raise UserError(f"{cfg.name} is {kind} but data.channels={cfg.channels}: "
+                            f"set data.channels={channels} or leave it at 0 (the set's own)")
+        channels = cfg.channels
+    return channels, cfg.img_size or size, cfg.img_size or size
+
+
+def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSplit, ImageSplit, str]:
+    """(train, test, one-line summary) for ``cfg.name``."""
+    train, test, source = DATASETS[cfg.name].load(cfg, image_shape(cfg))
+    if cfg.cache:
+        train, test = (s.cached(Path(cfg.cache_dir), num_workers) if isinstance(s, DecodedImages) else s
+                       for s in (train, test))
+    c, h, w = train.shape
+    summary = f"data: {cfg.name} train={len(train)} test={len(test)} shape={c}x{h}x{w} ({train.reading}) from {source}"
+    return train, test, summary
+
+
+def class_count(train: ImageSplit, test: ImageSplit) -> int:
+    """The number of classes of a labelled data set, for a conditional VAE; a one-line error when it has none."""
+    labels = [s.labels for s in (train, test) if s.labels is not None]
+    if len(labels) < 2:
+        raise UserError("model.conditional=true needs class labels, and this data set has none: use mnist, "
+                        "fashion_mnist, cifar10 or an image_folder with one sub-folder per class")
+    if min(int(y.min()) for y in labels) < 0:
+        raise UserError("some images lie directly in data.root, outside any class sub-folder: move them into one, "
+                        "or set model.conditional=false")
+    return max(int(y.max()) for y in labels) + 1

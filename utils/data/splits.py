@@ -1,0 +1,183 @@
+"""A split of a data set (``ImageSplit``) and the kinds of split, by how their images are read:
+
+- ``TensorImages``: sets that fit in memory (MNIST, Fashion-MNIST, CIFAR-10) or a
+  decoded cache on disk (memory-mapped) — decoded once, batched by slicing, on
+  the GPU when there is one. No per-item Python, no PIL.
+- ``FileImages``: JPEG/PNG folders (CelebA, image_folder) — decoded with Pillow in
+  DataLoader workers; ``data.cache: true`` decodes and resizes once into a uint8
+  .npy so later epochs read no JPEG.
+- ``DSpritesImages`` (utils/data/dsprites.py) and ``HFImages`` (utils/data/hf.py).
+
+The order in which training visits them is in utils/data/batching.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageSplit:
+    """A split of a data set: ``get(idx)`` -> uint8 (N, C, H, W)."""
+
+    labels: torch.Tensor | None  # (N,) class labels, or None
+    shape: tuple[int, int, int]
+    workers_needed = False  # True: decode in DataLoader workers
+    has_factors = False     # True: ground-truth generative factors (``factors``, ``factor_grid``)
+    reading = "in memory"   # how batches are made, for the start-up summary
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """ImageSplit at ``idx`` as float in [0, 1]."""
+        return self.get(idx).float().div_(255.0)
+
+    def labels_at(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Class labels (N,) of the images at ``idx``, on its device; None for a set without labels."""
+        if self.labels is None:
+            return None
+        return self.labels[idx.to(self.labels.device)].to(idx.device)
+
+    def to(self, device: torch.device | str) -> ImageSplit:
+        return self
+
+
+@dataclass
+class TensorImages(ImageSplit):
+    images: torch.Tensor          # (N, C, H, W) uint8, in memory or memory-mapped
+    labels: torch.Tensor | None   # (N,) int64, or None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.images.device.type == "cpu" and idx.device.type != "cpu":
+            return self.images[idx.cpu()].to(idx.device)
+        return self.images[idx.to(self.images.device)]
+
+    def to(self, device: torch.device | str) -> TensorImages:
+        labels = None if self.labels is None else self.labels.to(device)
+        return TensorImages(self.images.to(device), labels)
+
+
+def crop_box(w: int, h: int, face_crop: bool) -> tuple[int, int, int]:
+    """(left, top, side) of the square crop: CelebA's centred 140 px face of 178x218, scaled; else the centre."""
+    side = round(140 * w / 178) if face_crop else min(w, h)
+    side = min(side, w, h)
+    return (w - side) // 2, (h - side) // 2, side
+
+
+def decode(path: Path, size: int, channels: int, face_crop: bool) -> torch.Tensor:
+    """One image file -> uint8 (C, size, size): decode, square crop, antialiased resize.
+
+    Pillow (torchvision's own decoders are deprecated); JPEGs are decoded at the
+    smallest DCT scale that still covers the crop (``draft``), which makes large
+    files several times cheaper.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            side = crop_box(w, h, face_crop)[2]
+            img.draft("RGB" if channels == 3 else "L", (math.ceil(size * w / side), math.ceil(size * h / side)))
+            return crop_resize(img, size, channels, face_crop)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"image {path} has vanished (data.root moved or unmounted?): restore it and rerun; "
+                            f"a training run continues with -r latest") from None
+        raise UserError(f"cannot read image {path} ({str(e).splitlines()[0]}): remove or replace the file") from None
+
+
+def crop_resize(img, size: int, channels: int, face_crop: bool) -> torch.Tensor:
+    """A PIL image -> uint8 (C, size, size): grey or RGB, the square crop, an antialiased bicubic resize."""
+    from PIL import Image
+
+    img = img.convert("RGB" if channels == 3 else "L")
+    left, top, side = crop_box(*img.size, face_crop)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.reshape(size, size, channels).copy()).permute(2, 0, 1)
+
+
+class DecodedImages(ImageSplit, torch.utils.data.Dataset):
+    """ImageSplit decoded one by one (``__getitem__``) in DataLoader workers; ``cache_key`` names their content and
+    decoded shape."""
+
+    workers_needed = True
+    reading = "decoded per batch by DataLoader workers"
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self[i] for i in idx.tolist()]).to(idx.device)
+
+    def cache_key(self) -> bytes:
+        raise NotImplementedError
+
+    def cached(self, cache_dir: Path, num_workers: int) -> TensorImages:
+        """Decode every image once into a uint8 .npy (memory-mapped after); reused while the content key is the
+        same."""
+        key = hashlib.sha1(self.cache_key())
+        target = cache_dir / f"images-{len(self)}-{'x'.join(map(str, self.shape))}-{key.hexdigest()[:12]}.npy"
+        if not target.is_file():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # machines sharing the folder: each its own
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self), *self.shape))
+            loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=cpu_workers(num_workers))
+            start = 0
+            for batch in loader:
+                arr[start:start + len(batch)] = batch.numpy()
+                start += len(batch)
+            arr.flush()
+            del arr
+            tmp.replace(target)
+        images = torch.from_numpy(np.load(target, mmap_mode="c"))
+        return TensorImages(images, self.labels)
+
+
+@dataclass
+class FileImages(DecodedImages):
+    paths: list[Path]
+    labels: torch.Tensor | None
+    shape: tuple[int, int, int]
+    face_crop: bool = False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode(self.paths[i], self.shape[1], self.shape[0], self.face_crop)
+
+    def cache_key(self) -> bytes:
+        return "\n".join(map(str, self.paths)).encode() + repr((self.shape, self.face_crop)).encode()
+
+
+def cpu_workers(requested: int) -> int:
+    """DataLoader workers: as configured, but never more than the CPUs this process may use."""
+    return min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def seeded_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) index tensors: a fixed random ``fraction`` of n held out (at least one)."""
+    if n < 2:
+        raise UserError(f"only {n} image found: a data set needs at least 2 (one to train on, one held out)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(n * fraction))
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
