@@ -23,10 +23,10 @@ from accelerate.utils import parse_flag_from_env
 from utils.config import Config
 from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
-from utils.errors import CliParser, UserError, run_cli
+from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
-from utils.inference.loading import load_run
+from utils.inference.loading import load_trained
 
 MODES = ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent")
 
@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     args.device = state.device
-    cfg, model, run, auto = load_run(args.exp_dir, args.config, args.weights, args.device,
+    cfg, model, run, auto = load_trained(args.exp_dir, args.config, args.weights, args.device,
                                        args.data_root)
     if args.traverse_dim != "all":
         if not args.traverse_dim.isdigit() or int(args.traverse_dim) >= model.z_dim:
@@ -239,4 +239,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    guarded_main(main)

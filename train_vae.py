@@ -21,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from utils.config import config_yaml, load_config
-from utils.errors import CliParser, UserError, run_cli
+from utils.errors import CliParser, UserError, guarded_main
 from utils.training.checkpoints import resolve_resume
 from utils.training.loop import train
 from utils.training.run_folder import check_new_run_dir, default_run_dir
@@ -79,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    guarded_main(main)

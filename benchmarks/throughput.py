@@ -84,10 +84,10 @@ def decoder_speed(run: str, n: int, batch: int) -> dict:
     import torch
 
     from sample import decode
-    from utils.inference.loading import load_run
+    from utils.inference.loading import load_trained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, vae, _, _ = load_run(run, None, None, device)
+    _, vae, _, _ = load_trained(run, None, None, device)
     z = vae.prior.sample(n, device=device)
     decode(vae, z[:batch], batch)  # warm-up
     t0 = time.perf_counter()

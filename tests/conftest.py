@@ -81,17 +81,17 @@ def release(exc: BaseException | None) -> None:
 
 
 def cli(main: Callable[[list[str]], None], argv: list[str]) -> Result:
-    """Run a script's ``main`` in this process, through ``run_cli`` as its ``__main__`` does: the same exit
+    """Run a script's ``main`` in this process, through ``guarded_main`` as its ``__main__`` does: the same exit
     status (``error: ...`` and 2 for a ``UserError``), stdout and stderr, without a new interpreter's start-up.
     Any other exception propagates with its traceback, failing the test."""
-    from utils.errors import run_cli
+    from utils.errors import guarded_main
 
     reset_accelerate()
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_cli(main, list(argv))
+            guarded_main(main, list(argv))
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
             release(e)

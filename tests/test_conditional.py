@@ -17,7 +17,7 @@ from utils.data.batching import BatchOrder, shard, train_batches
 from utils.data.registry import load_data
 from utils.data.splits import TensorImages
 from utils.evaluation.bounds import likelihood_bounds
-from utils.inference.loading import load_run
+from utils.inference.loading import load_trained
 
 
 def test_label_enters_encoder_and_decoder_as_one_hot():
@@ -98,7 +98,7 @@ def test_samples_show_the_class_asked_for(cvae_run, digit_classifier, tmp_path):
     """Prior samples decoded with label c, and test images re-drawn as every other digit (same z, new label),
     are read as c by the classifier more often than not (blurry decoder means: about 0.65-0.75 after 1,500
     steps); a decoder that ignored the label would score about 0.1, chance."""
-    cfg, model, _, _ = load_run(str(cvae_run), None, None)
+    cfg, model, _, _ = load_trained(str(cvae_run), None, None)
     assert cfg.model.n_classes == 10  # read from the labels into config.yaml
     g = torch.Generator().manual_seed(0)
     y = torch.arange(10).repeat_interleave(20)
@@ -122,7 +122,7 @@ def test_evaluation_conditions_on_the_true_labels(cvae_run):
     """The IWAE bound of log p(x|y) with each image's own label beats the same bound with shuffled labels."""
     from accelerate import Accelerator
 
-    _, model, _, _ = load_run(str(cvae_run), None, None)
+    _, model, _, _ = load_trained(str(cvae_run), None, None)
     test = load_data(load_config(str(cvae_run / "config.yaml")).data)[1]
     own = TensorImages(test.images[:300], test.labels[:300])
     wrong = TensorImages(test.images[:300], (test.labels[:300] + 1 + torch.arange(300) % 9) % 10)

@@ -9,7 +9,7 @@ import yaml
 import train_vae
 from conftest import DATA, REPO, run_script
 from utils.config import REGISTRIES, config_to_dict, load_config, reference_markdown
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, guarded_main
 
 MNIST = str(REPO / "configs" / "mnist.yaml")
 
@@ -37,7 +37,7 @@ def test_fp16_without_a_gpu_is_refused_not_ignored(tmp_path, capsys, real_data):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU, where fp16 is valid")
     with pytest.raises(SystemExit) as e:
-        run_cli(train_vae.main, ["-c", MNIST, "-e", str(tmp_path / "run"), f"data.root={DATA}",
+        guarded_main(train_vae.main, ["-c", MNIST, "-e", str(tmp_path / "run"), f"data.root={DATA}",
                                  "train.mixed_precision=fp16"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "fp16 needs a GPU" in err and "use bf16" in err
@@ -145,7 +145,7 @@ def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path, real_data
             argv.remove("-c"), argv.remove(MNIST)
     argv += [a.format(tmp=tmp_path) for a in args if a != "NO-CONFIG"]
     with pytest.raises(SystemExit) as e:
-        run_cli(train_vae.main, argv)
+        guarded_main(train_vae.main, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
@@ -157,7 +157,7 @@ def test_bad_input_is_one_line_exit_2(args, needles, capsys, tmp_path, real_data
 
 def test_dry_run_prints_the_resolved_config_and_touches_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where runs/ would be created
-    run_cli(train_vae.main, ["-c", MNIST, "loss.beta=4", "--train.lr", "3e-4", "--dry-run"])
+    guarded_main(train_vae.main, ["-c", MNIST, "loss.beta=4", "--train.lr", "3e-4", "--dry-run"])
     out = capsys.readouterr().out
     assert out.startswith("# would train into runs/mnist-")
     assert yaml.safe_load(out) == config_to_dict(load_config(MNIST, ["loss.beta=4", "train.lr=3e-4"]))

@@ -17,15 +17,15 @@ from conftest import cli, reset_accelerate, train
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.vae import VAE
 from utils.config import DataConfig, load_config
-from utils.data import dsprites
-from utils.data.dsprites import FACTOR_SIZES, DSpritesImages
+from utils.data.dsprites import FACTOR_SIZES
 from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
-from utils.errors import run_cli
+from utils.errors import guarded_main
 from utils.evaluation.bounds import latent_usage, likelihood_bounds
 from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
 from utils.evaluation.fid import build_fid
-from utils.inference.loading import load_run
+from utils.evaluation.metrics import representation
+from utils.inference.loading import load_trained
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def mnist_test(real_data):
 
 
 def test_iwae_bounds_the_elbo_and_tightens_with_k(mnist_run, mnist_test, accelerator):
-    _, vae, _, _ = load_run(str(mnist_run), None, None)
+    _, vae, _, _ = load_trained(str(mnist_run), None, None)
     bounds = {k: likelihood_bounds(vae, mnist_test, k, accelerator, batch_size=50, limit=200, seed=1)
               for k in (1, 10, 100)}
     # the ELBO estimate is the same quantity whatever k (MC error only); the IWAE bound tightens with k
@@ -283,10 +283,9 @@ def test_evaluate_dsprites_disentanglement(tmp_path, real_data):
                           "dci_test": 40}
     # the same numbers as the metrics called directly on the model's codes, in evaluate.py's order (one
     # generator, seeded with --seed, shared by the five)
-    cfg, vae, _, _ = load_run(str(run), None, None)
+    cfg, vae, _, _ = load_trained(str(run), None, None)
     test = load_data(cfg.data)[1]
-    codes = evaluate.model_codes(vae, DSpritesImages(torch.arange(dsprites.N_IMAGES), getattr(test, "official", None),
-                                                     getattr(test, "official_classes", None)), torch.device("cpu"))
+    codes = representation(vae, test.factor_grid(), torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     assert d["beta_vae"] == beta_vae_metric(codes, g, 8, 60, 40)
     assert d["factor_vae"] == factor_vae_metric(codes, g, 8, 60, 40, 300)
@@ -307,6 +306,6 @@ def test_evaluate_errors(mnist_run, tmp_path, capsys):
     ]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as e:
-            run_cli(evaluate.main, ["--exp_dir", str(mnist_run), *extra])
+            guarded_main(evaluate.main, ["--exp_dir", str(mnist_run), *extra])
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and err.count("\n") == 1, err

@@ -16,7 +16,7 @@ import sample
 from conftest import cli
 from utils.data.registry import load_data
 from utils.errors import UserError
-from utils.inference import trained as pretrained
+from utils.inference import export as exporter
 from utils.inference.trained import TrainedVAE
 
 
@@ -33,7 +33,7 @@ def evaluated(mnist_300, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(evaluated, tmp_path_factory):
     out = tmp_path_factory.mktemp("hub") / "mnist-vae"
-    res = cli(pretrained.main, [str(evaluated), str(out)])
+    res = cli(exporter.main, [str(evaluated), str(out)])
     assert res.returncode == 0, res.stderr
     return out
 
@@ -97,10 +97,10 @@ def test_only_safetensors_and_one_line_errors(exported, evaluated, tmp_path, mon
         TrainedVAE.from_pretrained(str(pickled))
     res = cli(sample.main, ["--exp_dir", str(pickled), "--save_dir", str(tmp_path / "s")])
     assert res.returncode == 2 and "has no model.safetensors" in res.stderr
-    res = cli(pretrained.main, [str(evaluated), str(exported)])
+    res = cli(exporter.main, [str(evaluated), str(exported)])
     assert res.returncode == 2 and "is not empty" in res.stderr
     # everything up to the upload works offline; the upload itself fails in one line and keeps the folder
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    res = cli(pretrained.main, [str(evaluated), str(tmp_path / "up"), "--push_to_hub", "someone/mnist-vae"])
+    res = cli(exporter.main, [str(evaluated), str(tmp_path / "up"), "--push_to_hub", "someone/mnist-vae"])
     assert res.returncode == 2 and "the upload to someone/mnist-vae failed" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and (tmp_path / "up" / "model.safetensors").is_file()

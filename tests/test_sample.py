@@ -18,10 +18,10 @@ import sample
 from conftest import cli, train
 from utils.data.registry import load_data
 from utils.data.splits import TensorImages
-from utils.errors import run_cli
+from utils.errors import guarded_main
 from utils.evaluation.latents import interpolate, posterior_stats, traversal_codes
 from utils.grids import LABEL_MARGIN, grid, to_pil
-from utils.inference.loading import load_run
+from utils.inference.loading import load_trained
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
 
 
 def call(argv: list[str]) -> None:
-    run_cli(sample.main, argv)
+    guarded_main(sample.main, argv)
 
 
 def size(path: Path) -> tuple[int, int]:
@@ -76,7 +76,7 @@ def test_traverse_top_dimensions_by_kl(runs, tmp_path):
     written = pixels(tmp_path / "traverse.png")[:, LABEL_MARGIN:]
     # the same picture rebuilt independently: KL per dimension over the same 300 test images, and the base code
     # that sample.py takes (the posterior mean of the test image its seeded generator picks)
-    cfg, model, _, _ = load_run(str(runs[5]), None, None)
+    cfg, model, _, _ = load_trained(str(runs[5]), None, None)
     test = load_data(cfg.data)[1]
     _, kl = posterior_stats(model, test, 100, 300)
     with torch.no_grad():

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import CPU, DATA, FAST, REPO, accel_2, run_script, train, train_cli
 from utils.grids import save_grid, save_pairs
-from utils.inference.loading import load_run
+from utils.inference.loading import load_trained
 from utils.training.run_folder import read_metrics
 
 FAMILIES = {
@@ -95,7 +95,7 @@ def test_short_run_writes_the_run_directory(family, tmp_path, real_data):
     # the grids show the final model: decoded fixed prior draws, and the first test images above their
     # reconstructions
     assert {p.name for p in (run / "samples").iterdir()} == {"step_0000008_samples.png", "step_0000008_recon.png"}
-    _, model, _, _ = load_run(str(run), None, None)
+    _, model, _, _ = load_trained(str(run), None, None)
     with torch.no_grad():
         z = model.prior.sample(64, torch.Generator().manual_seed(cfg["train"]["seed"]))
         same_picture(run / "samples" / "step_0000008_samples.png", model.decode(z),
@@ -164,7 +164,7 @@ def test_ddp_two_processes_train_and_agree_on_optimal_sigma_and_the_critic(tmp_p
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6] and all(math.isfinite(r["sigma"]) for r in rows)
     weights = load_file(run / "model.safetensors")
-    _, one, _, _ = load_run(str(run), None, None)  # the weights fit the config's model, and are finite
+    _, one, _, _ = load_trained(str(run), None, None)  # the weights fit the config's model, and are finite
     assert weights.keys() == one.state_dict().keys() and all(v.isfinite().all() for v in weights.values())
 
     import ddp_optimal_sigma

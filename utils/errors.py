@@ -26,7 +26,7 @@ class Interrupted(Exception):
         self.code = 128 + signum
 
 
-def run_cli(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+def guarded_main(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """Call ``main(argv)``; a ``UserError`` becomes ``error: ...`` on stderr and exit 2.
 
     ``--debug`` anywhere in argv shows the full traceback instead. An ``Interrupted``

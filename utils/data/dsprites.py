@@ -112,7 +112,6 @@ class DSpritesImages(ImageSplit):
     official_classes: np.ndarray | None = None  # the official latents_classes (737280, 6)
     shape = (1, 64, 64)
     labels = None
-    has_factors = True
 
     @property
     def reading(self) -> str:

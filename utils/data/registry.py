@@ -2,8 +2,9 @@
 
 A registered set states what the rest of the toolkit needs to know of it, so no code outside
 this module tests its name: its channels and native size, whether ``data.channels`` may convert
-it (``any_channels``), whether ``data.img_size`` may resize it (``fixed_size``), and its loader.
-Whether its images have ground-truth factors is a property of its splits (``ImageSplit.has_factors``).
+it (``any_channels``), whether ``data.img_size`` may resize it (``fixed_size``), whether its images
+come with ground-truth factors (``has_factors``: its splits then offer ``factors`` and
+``factor_grid``), and its loader.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DataSet:
     """A registered data set: its channels and native size, and its loader (config, shape) -> (train, test,
-    source). ``any_channels``: converted to ``data.channels`` when set; ``fixed_size``: only its native size."""
+    source). ``any_channels``: converted to ``data.channels`` when set; ``fixed_size``: only its native size;
+    ``has_factors``: ground-truth generative factors (the disentanglement scores need them)."""
 
     channels: int
     size: int
     load: Callable[[DataConfig, tuple[int, int, int]], tuple[ImageSplit, ImageSplit, str]]
     any_channels: bool = False
     fixed_size: bool = False
+    has_factors: bool = False
 
 
 DATASETS: dict[str, DataSet] = {
@@ -41,7 +44,7 @@ DATASETS: dict[str, DataSet] = {
     "fashion_mnist": DataSet(1, 28, partial(torchvision_set, "FashionMNIST")),
     "cifar10": DataSet(3, 32, partial(torchvision_set, "CIFAR10")),
     "celeba": DataSet(3, 64, celeba),
-    "dsprites": DataSet(1, 64, load_dsprites, fixed_size=True),
+    "dsprites": DataSet(1, 64, load_dsprites, fixed_size=True, has_factors=True),
     "image_folder": DataSet(3, 64, image_folder, any_channels=True),  # channels and size as configured
     "hf": DataSet(3, 64, load_hf, any_channels=True),  # Hugging Face datasets; channels and size as configured
 }

@@ -33,7 +33,6 @@ class ImageSplit:
     labels: torch.Tensor | None  # (N,) class labels, or None
     shape: tuple[int, int, int]
     workers_needed = False  # True: decode in DataLoader workers
-    has_factors = False     # True: ground-truth generative factors (``factors``, ``factor_grid``)
     reading = "in memory"   # how batches are made, for the start-up summary
 
     def __len__(self) -> int:

@@ -1,13 +1,13 @@
 """A trained VAE from Python: load a run or a Hub-format folder in one line, then sample, encode, decode,
 reconstruct and bound the log-likelihood; save it in the Hugging Face Hub layout with a model card.
 
-    from utils.inference.trained import TrainedVAE
+    from utils.inference import TrainedVAE
     vae = TrainedVAE.load("runs/mnist-20261202-101500")     # or a Hub-format folder, or a Hub repo id
     x = vae.sample(16)                                      # (16, 1, 28, 28) in [0, 1]
     mu, logvar = vae.encode(x)
     nats = vae.log_likelihood(x, k=1000)                    # (16,) IWAE bound on log p(x)
 
-    python -m utils.inference.trained runs/X hub/X [--push_to_hub user/name]
+(The exporter, ``python -m utils.inference.export runs/X hub/X``, is utils/inference/export.py.)
 
 ``TrainedVAE`` is the toolkit's ``VAE`` with the Hub's ``ModelHubMixin``: the layout is
 ``config.json`` (the resolved config and image shape), ``model.safetensors`` (the same
@@ -18,20 +18,22 @@ drift. Loading reads safetensors only: a folder with pickled weights is refused.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from models.vae import VAE
-from utils.config import build_config, config_to_dict, load_config
+from utils.config import Config, build_config, config_to_dict, load_config
 from utils.data.registry import image_shape
 from utils.errors import UserError
+from utils.evaluation.bounds import image_bounds
+from utils.evaluation.metrics import headline
+from utils.files import save_tensors, tensor_mismatches
 
 HUB_WEIGHTS = "model.safetensors"
 
@@ -55,8 +57,6 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> TrainedVAE:
         """A run directory (config.yaml + model.safetensors), a Hub-format folder (config.json +
         model.safetensors), or a Hub repo id (downloaded, cached)."""
-        from utils.inference.loading import load_model  # (loading builds this class)
-
         path = Path(path)
         if (path / "config.yaml").is_file():
             return load_model(load_config(path / "config.yaml"), path / "model.safetensors", device)
@@ -88,28 +88,23 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         """The importance-weighted bound on log p(x) (log p(x|y) for a conditional model) with k samples, per
         image (B,), in nats: evaluate.py's computation, on images as given (binarise or dequantise first, as
         evaluate.py does, to compare with its numbers)."""
-        from utils.evaluation.bounds import image_bounds
-
         return image_bounds(self, self._to(x), k, self._to(labels), chunk)[0]
 
     # ---- the Hub layout -------------------------------------------------------------------------------------
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(weights, str(Path(save_directory) / HUB_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(self.state_dict(), Path(save_directory) / HUB_WEIGHTS, metadata={"format": "pt"})
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
                          local_files_only: bool, token, **model_kwargs) -> TrainedVAE:
-        from utils.inference.loading import fill_checked
-
         folder = Path(model_id)
         if folder.is_dir():
             weights = folder / HUB_WEIGHTS
             if not weights.is_file():
                 found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
                 raise UserError(f"{folder} has no {HUB_WEIGHTS} (found: {found}): only safetensors weights are "
-                                f"loaded; export the run again with python -m utils.inference.trained")
+                                f"loaded; export the run again with python -m utils.inference.export")
         else:
             from huggingface_hub import hf_hub_download
 
@@ -132,12 +127,12 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         evaluation = info.get("eval")
         if evaluation:
             lines += ["## Held-out numbers (evaluate.py)", "", "| metric | value |", "| --- | --- |"]
-            for key, value in _headline(evaluation):
+            for key, value in headline(evaluation):
                 lines.append(f"| {key} | {value} |")
             lines.append("")
         if info.get("samples"):
             lines += ["## Samples", "", f"![64 prior samples]({info['samples']})", ""]
-        lines += ["## Use", "", "```python", "from utils.inference.trained import TrainedVAE",
+        lines += ["## Use", "", "```python", "from utils.inference import TrainedVAE",
                   "vae = TrainedVAE.load(\"this/folder\")  # or the Hub repo id",
                   "images = vae.sample(16" + (", labels=torch.full((16,), 3))" if self.n_classes else ")"),
                   "```", "", "## Config", "", "```yaml",
@@ -146,58 +141,31 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _headline(evaluation: dict) -> list[tuple[str, str]]:
-    rows = []
-    if "nll" in evaluation:
-        n = evaluation["nll"]
-        rows.append((f"NLL (IWAE, k={n['k']}, {n['n']} images)", f"{n['nll']:.2f} nats ({n['nll_bpd']:.4f} bits/dim)"))
-    if "elbo" in evaluation:
-        rows.append(("ELBO", f"{evaluation['elbo']['elbo']:.2f} nats"))
-    if "au" in evaluation:
-        rows.append(("active units", f"{evaluation['au']['active_units']} of {evaluation['au']['z_dim']}"))
-    if "fid" in evaluation:
-        rows.append(("FID", f"{evaluation['fid']['fid']:.2f} ({evaluation['fid']['n']} samples)"))
-    return rows
+def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -> TrainedVAE:
+    """Build the config's VAE and fill it from a safetensors file, checking every tensor first."""
+    if not weights.is_file():
+        raise UserError(f"weights '{weights}' not found: train first (python train_vae.py -c CONFIG) "
+                        f"or pass an existing model.safetensors with --weights")
+    return fill_checked(TrainedVAE(config_to_dict(cfg)), weights).to(device)
 
 
-def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
-    """Save a run in the Hub layout into the empty folder ``out`` (with 64 samples and the model card), and
-    upload it to ``push_to_hub`` (a repo id) when given: that needs network and a token (``hf auth login``)."""
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty: export into a new or empty folder")
-    vae = TrainedVAE.load(run)
-    out.mkdir(parents=True, exist_ok=True)
-    from utils.grids import save_grid
-
-    save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0)).cpu(), out / "samples.png",
-              per_row=8)
-    vae._card = {"command": f"python train_vae.py -c config.yaml -e {run.name}", "samples": "samples.png"}
-    if (run / "eval.json").is_file():
-        vae._card["eval"] = json.loads((run / "eval.json").read_text())
-    vae.save_pretrained(out)
-    if push_to_hub:
-        try:
-            vae.push_to_hub(push_to_hub)
-        except Exception as e:  # network, authentication and repository errors all end here
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise UserError(f"the upload to {push_to_hub} failed ({e.__class__.__name__}: {first[:200]}): the "
-                            f"folder {out} is complete; log in (hf auth login) and upload it when online") from None
-    return out
-
-
-def main(argv: list[str]) -> None:
-    from utils.errors import CliParser
-
-    p = CliParser(description="Save a run in the Hugging Face Hub layout (config.json, model.safetensors, model "
-                              "card, samples).", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run directory (config.yaml + model.safetensors)")
-    p.add_argument("out", help="new or empty folder for the Hub layout")
-    p.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload to this Hub repository")
-    args = p.parse_args(argv)
-    print(f"wrote {export(Path(args.run), Path(args.out), args.push_to_hub)}")
-
-
-if __name__ == "__main__":
-    from utils.errors import run_cli
-
-    run_cli(main)
+def fill_checked(model: TrainedVAE, weights: Path) -> TrainedVAE:
+    """Fill ``model`` from a safetensors file after checking every tensor's name and shape; eval mode."""
+    if weights.suffix != ".safetensors":
+        raise UserError(f"weights '{weights}' are not a .safetensors file: only safetensors are loaded "
+                        f"(no pickles); use the run's model.safetensors")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"weights '{weights}' cannot be read as safetensors ({e}): the file is damaged or "
+                        f"not safetensors") from None
+    cfg = model.config
+    problems = tensor_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                 {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise UserError(f"weights '{weights}' do not fit the config's model (z_dim={cfg.model.z_dim}, "
+                        f"net={cfg.model.net}, likelihood={cfg.model.likelihood}): {shown}; "
+                        f"pass the config the weights were trained with")
+    model.load_state_dict(state)
+    return model.eval()

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from utils.errors import UserError
-from utils.training.run_folder import newest_run
+from utils.files import save_tensors, tensor_mismatches
+from utils.training.run_folder import newest_run_folder
 
 STATE_FILE = "trainer_state.json"
 NAME = re.compile(r"step_(\d+)$")
@@ -112,7 +113,7 @@ def resolve_resume(resume: str, exp_dir: str | None, config_path: str | None,
             raise UserError(f"-r {resume}: not a checkpoint (runs/X/checkpoints/step_N) or a run with checkpoints; "
                             f"use -r latest or an existing path")
         exp_dir = str(path)
-    run_dir = Path(exp_dir) if exp_dir else newest_run(config_path)
+    run_dir = Path(exp_dir) if exp_dir else newest_run_folder(config_path)
     good = checkpoints(run_dir)
     newest_good = checkpoint_step(good[-1]) if good else -1
     for tmp in sorted((run_dir / "checkpoints").glob("step_*.tmp")):
@@ -153,10 +154,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int,
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-        save_file(_generator_states(accelerator.device), str(tmp / _rng_file(accelerator.process_index)))
+        save_tensors(_generator_states(accelerator.device), tmp / _rng_file(accelerator.process_index))
         for name, tensors in (extras or {}).items():
             if accelerator.is_main_process:
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+                save_tensors(tensors, tmp / name)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_manifest(tmp, step)
@@ -197,8 +198,6 @@ def supersede_newer(run_dir: Path, step: int) -> None:
 
 
 def _shape_problems(ckpt: Path, model: torch.nn.Module) -> list[str]:
-    from utils.inference.loading import tensor_mismatches
-
     try:
         with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -37,10 +37,11 @@ from utils.data.registry import class_count, load_data
 from utils.data.splits import ImageSplit
 from utils.errors import Interrupted, UserError
 from utils.evaluation.bounds import elbo_terms
+from utils.files import write_atomic
 from utils.grids import save_grid, save_pairs
 from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
 from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
-from utils.training.run_folder import MetricsLog, create_run_dir, save_weights, write_atomic
+from utils.training.run_folder import MetricsLog, create_run_dir, save_weights
 from utils.training.schedules import Schedule, build_schedule
 from utils.training.trackers import check_installed, log_images, start_trackers, tracker_names
 

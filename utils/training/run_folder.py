@@ -1,4 +1,4 @@
-"""The run directory: where it is, creating and replacing it, its metrics log, and atomic writes into it.
+"""The run folder: where it is, creating and replacing it, its metrics log, and atomic writes into it.
 
     runs/<name>-<time>/
       config.yaml            resolved config, written by the trainer once data and model have loaded
@@ -6,23 +6,22 @@
       metrics.jsonl          one JSON object per logged step: step, split, loss, rec, kl, ...
       samples/               step_0001000_samples.png, step_0001000_recon.png
       checkpoints/step_0001000/   full Accelerate state (model, optimizer, scaler, RNG), rng_R.safetensors,
-                             trainer_state.json (step, each file's size and SHA-256); see utils/checkpoint.py
+                             trainer_state.json (step, each file's size and SHA-256); see utils/training/checkpoints.py
       tb/                    TensorBoard events (train.log_with)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from utils.errors import UserError
+from utils.files import save_tensors, write_atomic
 
 RUNS = Path("runs")
 
@@ -32,7 +31,7 @@ def default_run_dir(config_path: str | None) -> Path:
     return RUNS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def newest_run(config_path: str | None = None, require: str = "checkpoints") -> Path:
+def newest_run_folder(config_path: str | None = None, require: str = "checkpoints") -> Path:
     """The most recently modified run under runs/ (of this config's name when one is given)."""
     prefix = f"{Path(config_path).stem}-" if config_path else ""
     runs = [p for p in RUNS.glob(f"{prefix}*") if (p / require).exists()] if RUNS.is_dir() else []
@@ -76,14 +75,10 @@ def create_run_dir(run_dir: Path, config_text: str, overwrite: bool) -> None:
 def save_weights(model: torch.nn.Module, run_dir: Path, step: int) -> None:
     """model.safetensors, made visible only complete. safetensors reports a full disk as a SafetensorError,
     not an OSError, so it is turned into the one-line error here; the final checkpoint is already complete."""
-    final, tmp = run_dir / "model.safetensors", run_dir / "model.safetensors.tmp"
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    final = run_dir / "model.safetensors"
     try:
-        save_file(weights, str(tmp), metadata={"step": str(step)})
-        os.replace(tmp, final)
+        save_tensors(model.state_dict(), final, metadata={"step": str(step)})
     except (OSError, SafetensorError) as e:
-        if tmp.is_file():
-            tmp.unlink()
         raise UserError(f"could not write {final} ({str(e).strip().splitlines()[-1]}): free disk space or fix "
                         f"permissions, then rerun with -r latest -e {run_dir} (its checkpoint at step {step} is "
                         f"complete; it only writes the weights)") from None
@@ -117,13 +112,3 @@ def _records(text: str) -> list[dict]:
         except ValueError:
             continue
     return rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` only once the new text is completely written: a crash leaves the old file or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

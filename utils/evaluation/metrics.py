@@ -1,0 +1,212 @@
+"""The metrics ``evaluate.py`` reports, registered by their ``--metrics`` name in ``METRICS``.
+
+A metric is one ``Metric`` entry: ``compute`` fills its part of the results (eval.json) from an
+``Evaluation`` (the model, the held-out split, the process group and the command's options),
+``rows`` turns that part into lines of the printed table, and ``headline`` into the model card's
+rows. Adding one is a function or three and an entry; the docs' table of metrics is generated
+from the registry (``metrics_markdown``). ELBO and NLL share one pass over the held-out set (the
+NLL's k samples give the ELBO too), as active units and reconstruction share another.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from models.vae import VAE
+from utils.data.dsprites import classes_to_index
+from utils.data.splits import ImageSplit
+from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
+from utils.evaluation.disentanglement import Representation, beta_vae_metric, dci, factor_vae_metric, mig, sap
+from utils.evaluation.fid import build_fid, fid_score
+
+Rows = list[tuple[str, str]]
+
+
+@dataclass
+class Evaluation:
+    """What every metric reads: the model, the held-out split, the processes, the options, and the results so
+    far (``results``, written to eval.json)."""
+
+    vae: VAE
+    test: ImageSplit
+    accelerator: Accelerator
+    options: Namespace  # evaluate.py's parsed options: k, n_test, batch_size, binarize, seed, fid_*, dis_*, ...
+    metrics: list[str]
+    results: dict[str, Any]
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not self.accelerator.is_main_process, mininterval=2.0)
+
+    def bounds(self) -> dict[str, Any]:
+        """ELBO and IWAE bound in one pass (k = --k when the NLL is asked for, else 1); optimal σ fixed first."""
+        if "bounds" not in self._cache:
+            o = self.options
+            self.results["sigma"] = fix_optimal_sigma(self.vae, self.test, o.batch_size, self.accelerator, o.n_test)
+            k = o.k if "nll" in self.metrics else 1
+            n = len(self.test) if o.n_test <= 0 else min(o.n_test, len(self.test))
+            with self.bar(n, f"ELBO and IWAE (k={k})") as bar:
+                self._cache["bounds"] = likelihood_bounds(self.vae, self.test, k, self.accelerator, o.batch_size,
+                                                          limit=o.n_test, seed=o.seed, binarize=o.binarize,
+                                                          progress=bar)
+        return self._cache["bounds"]
+
+    def usage(self) -> dict[str, Any]:
+        """Active units, per-dimension KL and reconstruction error, in one pass."""
+        if "usage" not in self._cache:
+            o = self.options
+            self._cache["usage"] = latent_usage(self.vae, self.test, self.accelerator, o.batch_size, o.n_test)
+        return self._cache["usage"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric. ``default``: computed when --metrics is not given; ``needs_factors``: only on data
+    with ground-truth factors (``DataSet.has_factors``), and then a default; ``main_only``: computed by
+    the main process alone."""
+
+    help: str
+    compute: Callable[[Evaluation], None]
+    rows: Callable[[dict], Rows] = lambda results: []
+    headline: Callable[[dict], Rows] = lambda results: []
+    default: bool = False
+    needs_factors: bool = False
+    main_only: bool = False
+
+
+def _elbo(ev: Evaluation) -> None:
+    b = ev.bounds()
+    ev.results["elbo"] = {key: b[key] for key in ("elbo", "rec", "kl", "elbo_bpd", "n", "dequantised", "binarised",
+                                                  "kl_estimate")}
+
+
+def _nll(ev: Evaluation) -> None:
+    """The bound's pass gives the ELBO too: both are reported."""
+    _elbo(ev)
+    ev.results["nll"] = ev.bounds()
+
+
+def _bound_rows(results: dict) -> Rows:
+    """The ELBO, the NLL when it was computed, and the images they are on (the NLL's line belongs here)."""
+    b = results.get("nll") or results["elbo"]
+    rows = [("ELBO", f"{b['elbo']:.2f} nats  ({b['elbo_bpd']:.4f} bits/dim)  rec {b['rec']:.2f}, KL {b['kl']:.2f}"
+                     + ("" if b["kl_estimate"] == "closed form" else f" ({b['kl_estimate']})"))]
+    if "nll" in results:
+        rows.append((f"NLL (IWAE, k={b['k']})", f"{b['nll']:.2f} nats  ({b['nll_bpd']:.4f} bits/dim)"))
+    how = "dequantised, 8-bit scale" if b["dequantised"] else ("binarised" if b["binarised"] else "as is")
+    rows.append(("  on", f"{b['n']} held-out images, {how}"
+                 + (f", sigma {results['sigma']:.4f}" if results.get("sigma") else "")))
+    return rows
+
+
+def _au(ev: Evaluation) -> None:
+    u = ev.usage()
+    ev.results["au"] = {key: u[key] for key in ("active_units", "z_dim", "variance", "kl_per_dim", "kl", "kl_to")}
+
+
+def _au_rows(results: dict) -> Rows:
+    u = results["au"]
+    to = "" if u.get("kl_to", "prior") == "prior" else f" to {u['kl_to']}"
+    return [("active units", f"{u['active_units']} of {u['z_dim']} (Var_x E[z] > 0.01); KL{to} {u['kl']:.2f}")]
+
+
+def _recon(ev: Evaluation) -> None:
+    u = ev.usage()
+    ev.results["recon"] = {"mse": u["mse"], "psnr": u["psnr"]}
+
+
+def _fid(ev: Evaluation) -> None:
+    o, acc = ev.options, ev.accelerator
+    metric = build_fid(o.fid_weights, device=acc.device)
+    n = min(o.fid_samples, len(ev.test))
+    with ev.bar(n, "FID") as bar:
+        score = fid_score(ev.vae, ev.test, metric, n, o.batch_size, acc.device, acc.process_index,
+                          acc.num_processes, o.seed, bar)
+    ev.results["fid"] = {"fid": score, "n": n, "features": "inception-v3 pool3 (2048)"}
+
+
+def representation(vae: VAE, grid: ImageSplit, device: torch.device, chunk: int = 1024) -> Representation:
+    """classes -> the posterior means of the images with those factor classes, (N, z): what the scores read."""
+    @torch.no_grad()
+    def codes(classes: torch.Tensor) -> torch.Tensor:
+        idx = classes_to_index(classes)
+        return torch.cat([vae.encode(grid.batch(part.to(device)))[0].float().cpu() for part in idx.split(chunk)])
+    return codes
+
+
+def _disentanglement(ev: Evaluation) -> None:
+    o = ev.options
+    codes = representation(ev.vae, ev.test.factor_grid(), ev.accelerator.device)
+    g = torch.Generator().manual_seed(o.seed)
+    ev.results["disentanglement"] = {
+        "beta_vae": beta_vae_metric(codes, g, o.dis_batch, o.dis_train, o.dis_eval),
+        "factor_vae": factor_vae_metric(codes, g, o.dis_batch, o.dis_train, o.dis_eval, o.dis_variance),
+        "mig": mig(codes, g, o.mig_samples),
+        "dci": dci(codes, g, o.dci_train, o.dci_test, o.seed),
+        "sap": sap(codes, g, o.dci_train, o.dci_test),
+        "sizes": {"batch": o.dis_batch, "train": o.dis_train, "eval": o.dis_eval, "variance": o.dis_variance,
+                  "mig": o.mig_samples, "dci_train": o.dci_train, "dci_test": o.dci_test}}
+
+
+def _disentanglement_rows(results: dict) -> Rows:
+    d = results["disentanglement"]
+    return [("beta-VAE metric", f"{d['beta_vae']['eval_accuracy']:.3f}"),
+            ("FactorVAE metric", f"{d['factor_vae']['eval_accuracy']:.3f}"),
+            ("MIG", f"{d['mig']['mig']:.3f}"),
+            ("DCI", f"disentanglement {d['dci']['disentanglement']:.3f}, completeness {d['dci']['completeness']:.3f}, "
+                    f"informativeness {d['dci']['informativeness_test']:.3f}"),
+            ("SAP", f"{d['sap']['sap']:.3f}")]
+
+
+METRICS: dict[str, Metric] = {
+    "elbo": Metric("evidence lower bound, its reconstruction and KL parts (nats per image, bits per dimension)",
+                   _elbo, rows=_bound_rows, default=True,
+                   headline=lambda r: [("ELBO", f"{r['elbo']['elbo']:.2f} nats")]),
+    "nll": Metric("negative log-likelihood by the importance-weighted bound with --k samples (Burda et al. 2016)",
+                  _nll, default=True,
+                  headline=lambda r: [(f"NLL (IWAE, k={r['nll']['k']}, {r['nll']['n']} images)",
+                                       f"{r['nll']['nll']:.2f} nats ({r['nll']['nll_bpd']:.4f} bits/dim)")]),
+    "au": Metric("active units (Var_x E[z_j] > 0.01) and the KL per latent dimension", _au, rows=_au_rows,
+                 default=True, headline=lambda r: [("active units", f"{r['au']['active_units']} of "
+                                                                    f"{r['au']['z_dim']}")]),
+    "recon": Metric("reconstruction error of the posterior means: MSE and PSNR", _recon, default=True,
+                    rows=lambda r: [("reconstruction", f"MSE {r['recon']['mse']:.5f}, PSNR "
+                                                       f"{r['recon']['psnr']:.2f} dB")]),
+    "fid": Metric("FID of --fid_samples prior samples against held-out images (Inception-v3, --fid_weights)", _fid,
+                  rows=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples vs held-out images)")],
+                  headline=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples)")]),
+    "disentanglement": Metric("beta-VAE and FactorVAE metrics, MIG, DCI and SAP on ground-truth factors",
+                              _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True),
+}
+
+
+def default_metrics(has_factors: bool) -> list[str]:
+    return [name for name, m in METRICS.items() if m.default or (m.needs_factors and has_factors)]
+
+
+def table(results: dict) -> str:
+    """The printed table: each computed metric's rows, in the registry's order."""
+    rows = [row for name, m in METRICS.items() if name in results for row in m.rows(results)]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+
+
+def headline(results: dict) -> Rows:
+    """The model card's rows: each computed metric's headline, in the registry's order."""
+    return [row for name, m in METRICS.items() if name in results for row in m.headline(results)]
+
+
+def metrics_markdown() -> str:
+    """The docs' table of metrics, generated from the registry."""
+    lines = ["| `--metrics` name | what it reports | default |", "| --- | --- | --- |"]
+    for name, m in METRICS.items():
+        default = "yes" if m.default else ("on data with ground-truth factors" if m.needs_factors else "no")
+        lines.append(f"| `{name}` | {m.help} | {default} |")
+    return "\n".join(lines)
