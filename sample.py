@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,8 +28,6 @@ from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
 from utils.inference.loading import load_trained
-
-MODES = ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent")
 
 
 @torch.no_grad()
@@ -58,6 +57,7 @@ def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
 
 
 def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
+    """Prior samples as one grid (--n_samples; --individual: one PNG each); a conditional model: one row per class."""
     path = out / "samples.png"
     if model.n_classes and args.label is None:  # one row per class, the same code z down each column
         per = max(1, args.n_samples // model.n_classes)
@@ -78,6 +78,8 @@ def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
+    """Rows from one code to another (--n_pairs, --n_interpolate, --interp linear or slerp), between prior draws
+    and between test images."""
     p = args.n_pairs
     prior = model.prior.sample(2 * p, g).view(2, p, model.z_dim).to(args.device)
     test = test_set(cfg)
@@ -97,6 +99,8 @@ def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
+    """Each latent dimension swept over ±--traverse_range around a test image's code (or a prior draw), rows
+    ordered by KL; a PNG and an animated GIF."""
     test = test_set(cfg)
     _, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
     dims = dims_by_kl(kl, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
@@ -125,6 +129,7 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
+    """Test images above their posterior-mean reconstructions."""
     test = test_set(cfg)
     idx = pick(args.n_samples, len(test), g)
     x, y = test.batch(idx).to(args.device), labels_for(model, args, len(idx), g, test.labels_at(idx))
@@ -135,6 +140,7 @@ def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
+    """The test set's posterior means coloured by class (PCA beyond 2 dimensions) and the KL per dimension."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,6 +179,23 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
     fig.savefig(bars)
     plt.close(fig)
     return [scatter, bars]
+
+
+# the modes, by their --mode name: each writes its files into the output folder and returns their paths
+MODES: dict[str, Callable[..., list[Path]]] = {
+    "sample": mode_sample,
+    "interpolate": mode_interpolate,
+    "traverse": mode_traverse,
+    "reconstruct": mode_reconstruct,
+    "visualize_latent": mode_visualize_latent,
+}
+
+
+def modes_markdown() -> str:
+    """The docs' table of modes, generated from the registry."""
+    rows = ["| `--mode` | what it writes |", "| --- | --- |"]
+    rows += [f"| `{name}` | {' '.join(fn.__doc__.split())} |" for name, fn in MODES.items()]
+    return "\n".join(rows)
 
 
 def main(argv: list[str]) -> None:
@@ -234,7 +257,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.save_dir) if args.save_dir else run / args.mode
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    paths = globals()[f"mode_{args.mode}"](model, cfg, args, g, out)
+    paths = MODES[args.mode](model, cfg, args, g, out)
     print("\n".join(f"wrote {p}" for p in paths))
 
 

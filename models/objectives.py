@@ -17,25 +17,55 @@ regulariser's weights, so runs with different β compare on the same scale.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from models.gaussian import gaussian_log_density
-from models.regularisers import REGULARISERS, PosteriorSample
+from models.likelihoods import Likelihood, LikelihoodTerms
+from models.priors import Prior
+from models.regularisers import REGULARISERS, PosteriorSample, Regulariser
 from utils.errors import UserError
 
 if TYPE_CHECKING:
     from models.config import LossConfig
-    from models.vae import VAE
 
-def kl_divergence(vae: VAE, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+class Model(Protocol):
+    """What an objective uses of the VAE (models/vae.py, which composes the objectives: a protocol here, so the
+    two modules do not import each other)."""
+
+    likelihood: Likelihood
+    prior: Prior
+    regulariser: Regulariser
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decoder_out(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def decoder_out_k(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def kl_weight(self, step: int | None) -> float: ...
+
+
+def kl_divergence(vae: Model, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x) || p(z)) per image (B,): closed form where the prior has one, else the one-sample Monte Carlo
     estimate log q(z|x) − log p(z) at the sampled z (unbiased, noisier)."""
     per_dim = vae.prior.kl_per_dim(mu, logvar)
     if per_dim is not None:
         return per_dim.sum(1)
     return gaussian_log_density(z, mu, logvar) - vae.prior.log_prob(z)
+
+
+def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LikelihoodTerms]:
+    """The parts of the importance weights w_j = p(x|z_j) p(z_j) / q(z_j|x) of k codes per image, in fp32:
+    (log p(x|z_j) (k, B), log p(z_j) − log q(z_j|x) (k, B), the likelihood's terms), from images x (B, ...),
+    codes z (k, B, z), the posterior's (mu, logvar) and the decoder's output for the codes (k·B, ...). The one
+    computation behind the IWAE objective and the bounds evaluate.py reports."""
+    k = z.shape[0]
+    lik = vae.likelihood(x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1), out)
+    log_ratio = vae.prior.log_prob(z) - gaussian_log_density(z, mu, logvar)
+    return -lik.nll.view(k, -1), log_ratio, lik
 
 
 class Objective:
@@ -54,7 +84,7 @@ class Objective:
         if loss.k > 1:
             raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
 
-    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
+    def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -62,7 +92,7 @@ class Objective:
 class ELBO(Objective):
     """The evidence lower bound with one reparameterised sample per image (Kingma & Welling 2014)."""
 
-    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
+    def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         mu, logvar = vae.encode(x, y)                                # (B, z) each
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)      # reparameterisation
@@ -96,7 +126,7 @@ class IWAE(Objective):
             raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
                             f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
 
-    def __call__(self, vae: VAE, x: torch.Tensor, step: int | None,
+    def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         k = self.cfg.k
         mu, logvar = vae.encode(x, y)                                           # (B, z) each
@@ -104,10 +134,7 @@ class IWAE(Objective):
         out = vae.decoder_out_k(z, y)                                           # (k·B, C·n_params, H, W)
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
-            x_k = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-            lik = vae.likelihood(x_k, out)
-            log_px_z = -lik.nll.view(k, -1)                                     # (k, B)
-            log_ratio = vae.prior.log_prob(z) - gaussian_log_density(z, mu, logvar)  # log p(z) − log q(z|x)
+            log_px_z, log_ratio, lik = importance_parts(vae, x, z, mu, logvar, out)  # (k, B) each
             log_w = log_px_z + vae.kl_weight(step) * log_ratio
             bound = torch.logsumexp(log_w, 0) - math.log(k)                     # (B,)
             kl = kl_divergence(vae, mu, logvar, z[0])

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import DATA, FAST, REPO, run_script, train, train_cli
+from models.gaussian import gaussian_log_density
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
-from models.objectives import gaussian_log_density
 from models.priors import VampPrior, logsumexp_floored
 from models.vae import VAE
 from utils.config import load_config

@@ -19,10 +19,11 @@ import torch
 from accelerate import Accelerator
 
 from models.likelihoods import OptimalSigma, softclip_log_sigma
-from models.objectives import gaussian_log_density, kl_divergence
+from models.objectives import importance_parts, kl_divergence
 from models.vae import VAE
 from utils.data.batching import shard
 from utils.data.splits import ImageSplit
+from utils.evaluation.latents import encode_with_kl
 
 LOG_256 = math.log(256.0)
 
@@ -137,13 +138,8 @@ def log_weights(vae: VAE, x: torch.Tensor, k: int,
     mu, logvar = mu.float(), logvar.float()
     std = torch.exp(0.5 * logvar)
     z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (k, B, z)
-    out = vae.decoder_out_k(z, y).float()
-    x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-    log_px_z = -vae.likelihood(x_rep, out).nll.view(k, -1)
-    log_pz = vae.prior.log_prob(z)
-    log_qz = gaussian_log_density(z, mu, logvar)
-    kl = kl_divergence(vae, mu, logvar, z[0])
-    return log_px_z + log_pz - log_qz, log_px_z, kl
+    log_px_z, log_ratio, _ = importance_parts(vae, x, z, mu, logvar, vae.decoder_out_k(z, y).float())
+    return log_px_z + log_ratio, log_px_z, kl_divergence(vae, mu, logvar, z[0])
 
 
 @torch.no_grad()
@@ -216,9 +212,9 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
     means, kls, sse, psnr = [], [], torch.zeros((), device=accelerator.device), []
     for idx, x in _held_out(data, n, batch_size, accelerator):
         y = data.labels_at(idx)
-        mu, logvar = vae.encode(x, y)
-        means.append(mu.float())
-        kls.append(vae.prior.dimension_kl(mu.float(), logvar.float()))
+        mu, kl = encode_with_kl(vae, x, y)
+        means.append(mu)
+        kls.append(kl)
         err = (vae.decode(mu, y) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
@@ -228,5 +224,5 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
     variance = means.var(0)
     return {"active_units": int((variance > threshold).sum()), "z_dim": vae.z_dim,
             "variance": variance.tolist(), "kl_per_dim": kl.tolist(), "kl": kl.sum().item(),
-            "kl_to": "prior" if vae.prior.kl_per_dim(mu[:1].float(), logvar[:1].float()) is not None else "N(0, I)",
+            "kl_to": "prior" if vae.prior.kl_per_dim(mu[:1], mu[:1]) is not None else "N(0, I)",
             "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item()}

@@ -43,6 +43,15 @@ def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -
 
 
 @torch.no_grad()
+def encode_with_kl(model: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior means (B, z), KL per image and latent dimension (B, z)), in fp32: what ranks, counts and plots
+    the dimensions (the prior's own KL per dimension where it has one, else each dimension's to N(0, 1))."""
+    mu, logvar = model.encode(x, y)
+    mu, logvar = mu.float(), logvar.float()
+    return mu, model.prior.dimension_kl(mu, logvar)
+
+
+@torch.no_grad()
 def posterior_stats(model: VAE, data: ImageSplit, batch_size: int = 500, limit: int = 0,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior means (N, z), mean KL per latent dimension (z,)) over the first ``limit`` images (0: all)."""
@@ -50,10 +59,9 @@ def posterior_stats(model: VAE, data: ImageSplit, batch_size: int = 500, limit: 
     means, kl_sum = [], torch.zeros(model.z_dim, device=device)
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        x, y = data.batch(idx).to(device), data.labels_at(idx.to(device))
-        mu, logvar = model.encode(x, y)
-        means.append(mu.float())
-        kl_sum += model.prior.dimension_kl(mu.float(), logvar.float()).sum(0)
+        mu, kl = encode_with_kl(model, data.batch(idx).to(device), data.labels_at(idx.to(device)))
+        means.append(mu)
+        kl_sum += kl.sum(0)
     return torch.cat(means), kl_sum / n
 
 
