@@ -1,4 +1,4 @@
-"""Print the README's Results tables from the eval JSONs that assets/make_results.sh wrote."""
+"""Print the Results tables of docs/results.md from the eval JSONs that assets/make_results.sh wrote."""
 
 from __future__ import annotations
 

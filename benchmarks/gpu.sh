@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README in one command, on a machine with a CUDA GPU (no network needed):
+# The GPU figures of docs/results.md and benchmarks/README.md in one command, on a machine with a CUDA GPU (no network needed):
 #
 #   bash benchmarks/gpu.sh DATA_ROOT OUT_DIR [STAGE ...]
 #
@@ -55,10 +55,10 @@ stage_check() {
 
 stage_tests() {
   local skip=()  # tests whose optional package or data is not here (none of them touches the GPU)
-  python -c "import mlflow" 2>/dev/null || skip+=(--ignore tests/test_trackers.py)
-  python -c "import datasets" 2>/dev/null || skip+=(--ignore tests/test_hf_data.py)
-  [[ -d "$data/FashionMNIST/raw" ]] || skip+=(--deselect "tests/test_train.py::test_short_run_writes_the_run_directory[fashion]"
-    --deselect tests/test_networks_data.py::test_mnist_loads_once_as_uint8)  # they read Fashion-MNIST
+  python -c "import mlflow" 2>/dev/null || skip+=(--ignore tests/test_training_trackers.py)
+  python -c "import datasets" 2>/dev/null || skip+=(--ignore tests/test_data_hf.py)
+  [[ -d "$data/FashionMNIST/raw" ]] || skip+=(--deselect "tests/test_training_loop.py::test_short_run_writes_the_run_directory[fashion]"
+    --deselect tests/test_data_loading.py::test_mnist_loads_once_as_uint8)  # they read Fashion-MNIST
   local workers=()
   python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
   VAE_TEST_DATA="$data" python -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" "${skip[@]}" \

@@ -163,7 +163,7 @@ def flat(d: dict, prefix: str = ""):
 
 def nan_batch_is_skipped(precision: str) -> list[str]:
     """The guard on the accelerator: a NaN batch changes no weight, Adam state or batch-norm statistic, and the
-    clean batches after it train. The trainer's order of calls (utils/trainer.py); a list of failures."""
+    clean batches after it train. The trainer's order of calls (utils/training/loop.py); a list of failures."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState

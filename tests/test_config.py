@@ -61,7 +61,7 @@ def test_docs_config_reference_is_current():
 # holding bad.yaml (broken at line 3), list.yaml (a list, not sections), scalar.yaml (train: 5), inf.yaml (beta: .inf),
 # twice.yaml (two model sections), twice_inner.yaml (beta twice in one section), a file
 # 'afile', a non-empty folder 'stuff' that is not a run. A batch size that does not divide among the
-# processes needs two of them: tests/test_train.py::test_batch_not_divisible_by_processes.
+# processes needs two of them: tests/test_training_loop.py::test_batch_not_divisible_by_processes.
 CASES = [
     (["loss.betta=4"], ["unknown config key 'loss.betta'", "did you mean 'loss.beta'"]),
     (["--train.stepz", "5"], ["train.stepz", "train.steps"]),

@@ -85,3 +85,13 @@ def test_a_planted_broken_link_is_reported(tmp_path):
     assert broken_links(text, docs, root=tmp_path) == [
         "no-such-page.md#anchor", "../assets/no-such-image.png", "../../outside.md", "../docs/no-such-reference.md"]
     assert broken_links("[fine](page.md) ![fine](../assets/image.png)", docs, root=tmp_path) == []
+
+
+def test_the_generated_tables_of_metrics_and_modes_are_current():
+    """docs/extending.md carries the tables the registries generate: a metric or mode added without them fails."""
+    import sample
+    from utils.evaluation.metrics import metrics_markdown
+
+    text = (REPO / "docs" / "extending.md").read_text()
+    assert metrics_markdown() in text
+    assert sample.modes_markdown() in text

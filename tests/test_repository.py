@@ -16,20 +16,39 @@ from utils.config import Config, config_to_dict, load_config
 MACHINE_PATHS = ["/" + "work/", "/" + "root/", "/" + "home/", "/" + "Users/", "/" + "mnt/", "C:" + "\\Users"]
 
 
-def tracked() -> list[tuple[str, str]]:
+def tracked(repo: Path = REPO) -> list[tuple[str, str]]:
     """(git mode, path) of every tracked file."""
-    out = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=repo, capture_output=True, text=True, check=True).stdout
     return [(line.split()[0], line.split("\t", 1)[1]) for line in out.splitlines()]
 
 
-def test_no_tracked_link_leaves_the_repository():
-    for mode, path in tracked():
+def leaving_links(repo: Path) -> list[str]:
+    """Each tracked symbolic link that points at an absolute path, outside the repository, or at nothing."""
+    bad = []
+    for mode, path in tracked(repo):
         if mode != "120000":
             continue
-        target = os.readlink(REPO / path)
-        resolved = (REPO / path).parent.joinpath(target).resolve()
-        assert not os.path.isabs(target), f"{path} links to the absolute path {target}"
-        assert resolved.is_relative_to(REPO.resolve()) and resolved.exists(), f"{path} -> {target} leaves the repo"
+        target = os.readlink(repo / path)
+        resolved = (repo / path).parent.joinpath(target).resolve()
+        if os.path.isabs(target) or not resolved.is_relative_to(repo.resolve()) or not resolved.exists():
+            bad.append(f"{path} -> {target}")
+    return bad
+
+
+def test_no_tracked_link_leaves_the_repository():
+    assert leaving_links(REPO) == []
+
+
+def test_a_planted_link_out_of_the_repository_is_reported(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "inside.txt").write_text("x")
+    (repo / "good").symlink_to("data/inside.txt")
+    (repo / "absolute").symlink_to(tmp_path)
+    (repo / "up").symlink_to("../outside")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    assert sorted(leaving_links(repo)) == [f"absolute -> {tmp_path}", "up -> ../outside"]
 
 
 def test_no_tracked_text_names_a_machine_path():

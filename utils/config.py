@@ -213,7 +213,7 @@ def config_yaml(cfg: Config) -> str:
 
 
 def reference_markdown() -> str:
-    """The README's config reference table, generated from the schema."""
+    """The config reference table of docs/configuration.md, generated from the schema."""
     rows = ["| key | default | accepts | what it is for |", "| --- | --- | --- | --- |"]
     for key in all_keys():
         section, name = key.split(".")

@@ -4,6 +4,8 @@ reload through the Hub mixin to bit-identical outputs, and the bound is evaluate
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 
 import huggingface_hub
@@ -13,7 +15,7 @@ from huggingface_hub import ModelCard
 
 import evaluate
 import sample
-from conftest import cli
+from conftest import REPO, cli, run_script
 from utils.data.registry import load_data
 from utils.errors import UserError
 from utils.inference import export as exporter
@@ -104,3 +106,19 @@ def test_only_safetensors_and_one_line_errors(exported, evaluated, tmp_path, mon
     res = cli(exporter.main, [str(evaluated), str(tmp_path / "up"), "--push_to_hub", "someone/mnist-vae"])
     assert res.returncode == 2 and "the upload to someone/mnist-vae failed" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and (tmp_path / "up" / "model.safetensors").is_file()
+
+
+def test_the_documented_python_example_runs_as_pasted(mnist_300, tmp_path):
+    """The Python API example of docs/sampling-evaluation.md, with only the run's path replaced, in a fresh CPU-only
+    interpreter started in a folder of the user's (the repository's root on the path, as the docs say)."""
+    text = (REPO / "docs" / "sampling-evaluation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    example = next(b for b in blocks if b.startswith("# given a run trained by"))
+    assert example.count("runs/mnist-20261202-101500") == 1
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(mnist_300, tmp_path / "runs" / "mnist-20261202-101500")
+    proc = run_script(["-c", example], cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("8 (16, 1, 28, 28) (16, 8) ")
+    assert math.isfinite(float(proc.stdout.split()[-1]))
+    assert (tmp_path / "hub" / "mnist" / "model.safetensors").is_file()
