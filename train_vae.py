@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
+import sys
 from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-from utils.config import config_yaml, load_config
+from utils.config import config_yaml, load_config, run_warnings
 from utils.errors import CliParser, UserError, guarded_main
-from utils.training.checkpoints import resolve_resume
+from utils.files import disk_advice
+from utils.training.checkpoints import after_failed_write, resolve_resume
 from utils.training.loop import train
 from utils.training.run_folder import check_new_run_dir, default_run_dir
 
@@ -44,6 +47,16 @@ def parser() -> CliParser:
     return p
 
 
+def launch_warnings(num_processes: int) -> list[str]:
+    """A launch that asked for several processes and got one: ``accelerate launch --num_processes N`` without
+    ``--multi_gpu`` runs one process, and says so only in the launcher's set-up (MASTER_PORT, no WORLD_SIZE)."""
+    if num_processes == 1 and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        return ["the launch asked for several processes but this run has one (accelerate launch --num_processes "
+                "without --multi_gpu starts one): add --multi_gpu (with ACCELERATE_USE_CPU=1 on CPUs), or drop "
+                "--num_processes"]
+    return []
+
+
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
     # every process builds the same view; only the main one prints warnings
@@ -59,6 +72,9 @@ def main(argv: list[str]) -> None:
         cfg = load_config(args.config, overrides)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
+    if state.is_main_process:
+        for line in run_warnings(cfg) + launch_warnings(state.num_processes):
+            print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         if state.is_main_process:
             what = f"resume {ckpt}" if ckpt else f"train into {run_dir}"
@@ -74,8 +90,8 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
-        raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror}): free disk space or fix permissions, "
-                        f"then resume with -r latest -e {run_dir} (complete checkpoints are intact)") from None
+        raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror}): {disk_advice(e, run_dir)}, then "
+                        f"{after_failed_write(run_dir)}") from None
 
 
 if __name__ == "__main__":

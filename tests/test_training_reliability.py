@@ -265,7 +265,8 @@ def test_full_disk_during_a_checkpoint_leaves_the_last_one_intact(tmp_path, real
     assert proc.wait(timeout=120) == 2
     line = (tmp_path / "t.err").read_text().strip().splitlines()[-1]
     good = checkpoints(run)
-    assert line.startswith("error: could not write checkpoint ") and "free disk space" in line
+    assert line.startswith("error: could not write checkpoint ") and "raise the file-size limit" in line
+    assert "free disk space" not in line  # the advice fits the cause: a file-size limit, not a full disk
     assert f"the last complete checkpoint {good[-1]} is intact" in line
     assert all(problem(c) is None for c in good)
     assert not list((run / "checkpoints").glob("*.tmp"))

@@ -119,6 +119,22 @@ def _check_together(cfg: Config) -> None:
     regulariser.check(loss)
 
 
+def run_warnings(cfg: Config) -> list[str]:
+    """Settings that cannot take full effect in a run this long, though the run is still of use: one line each,
+    for the trainer to print at start. (Settings that make a run useless are errors in ``_check_together``.)"""
+    t, loss, out = cfg.train, cfg.loss, []
+    if t.warmup_steps > t.steps:
+        out.append(f"train.warmup_steps={t.warmup_steps} is longer than the run (train.steps={t.steps}): the learning "
+                   f"rate never reaches train.lr={t.lr:g} (it peaks at {t.lr * t.steps / t.warmup_steps:.3g}); "
+                   f"shorten the warm-up or raise train.steps")
+    if loss.kl_warmup_steps > t.steps - 1:
+        reached = (t.steps - 1) / loss.kl_warmup_steps
+        out.append(f"loss.kl_warmup_steps={loss.kl_warmup_steps} is not shorter than the run (train.steps={t.steps}): "
+                   f"the KL weight never reaches its full value (it ends at {100 * reached:.0f}% of it); shorten "
+                   f"the warm-up or raise train.steps")
+    return out
+
+
 def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
     """``['loss.beta=4', '--train.lr', '3e-4']`` -> ``[('loss.beta', 4), ('train.lr', 3e-4)]``.
 
@@ -174,7 +190,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file '{path}' not found: pass an existing YAML file, e.g. -c configs/mnist.yaml")
     try:
-        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no tags that build objects
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is not; a binary or damaged file?): pass a YAML "
+                        f"config file") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file '{path}' ({e.strerror}): fix its permissions or pass "
+                        f"another") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no tags that build objects
     except _DuplicateKey as e:
         raise UserError(f"{path}: key '{e.key}' appears twice, at lines {e.first} and {e.second} (YAML would "
                         f"silently keep only the second): merge them into one") from None

@@ -8,8 +8,10 @@ runs code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +54,48 @@ def tensor_mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> li
     problems += [f"{k} unexpected" for k in found if k not in expected]
     problems += [f"{k} {found[k]} vs {v}" for k, v in expected.items() if k in found and found[k] != v]
     return problems
+
+
+def private_temporary(target: Path) -> Path:
+    """A temporary name beside ``target`` that no other process writes: machines sharing a folder each have their
+    own (host and process id in the name), and ``remove_stale_temporaries`` can tell whose it is."""
+    return target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``private_temporary`` files in ``folder`` left by processes of this machine that are no longer
+    running (a build killed half-way); those of live processes and of other machines stay. Returns the removed."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in sorted(folder.glob(f"*.{host}.*.tmp")) if folder.is_dir() else []:
+        pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and tmp.name.endswith(f".{host}.{pid}.tmp") and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def disk_advice(e: BaseException, where: Path) -> str:
+    """What to do about a failed write, for its cause: a full disk, a file-size limit, permissions, the disk itself.
+    Reads the errno of an OSError, else the message (safetensors and torch report the OS's text)."""
+    code = getattr(e, "errno", None)
+    text = str(e).lower()
+    if code in (errno.ENOSPC, errno.EDQUOT) or "no space" in text or "quota" in text:
+        return f"free disk space where {where} is (the disk or the quota is full)"
+    if code == errno.EFBIG or "file too large" in text:
+        return "raise the file-size limit of the shell that runs training (ulimit -f)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission denied" in text or "read-only" in text:
+        return f"make {where} writable (its permissions, or a read-only file system)"
+    if code == errno.EIO or "input/output error" in text:
+        return f"check the disk that holds {where} (an input/output error)"
+    return f"fix what stopped the write to {where}"

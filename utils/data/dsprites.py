@@ -15,7 +15,6 @@ scale, shape.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from utils.data.splits import ImageSplit, seeded_split
+from utils.data.splits import ImageSplit, read_cache, seeded_split
 from utils.errors import UserError
+from utils.files import private_temporary, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from utils.data.config import DataConfig
@@ -90,10 +90,15 @@ def official_images(npz: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / "dsprites_imgs.npy"
+    remove_stale_temporaries(cache_dir)  # copies killed half-way
     try:
         with zipfile.ZipFile(npz) as zf:
-            if not target.is_file():
-                tmp = target.with_suffix(f".{os.getpid()}.tmp")  # machines sharing the folder: each its own
+            with zf.open("imgs.npy") as f:  # the array's shape, from its .npy header
+                header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f)[0] == 1
+                          else np.lib.format.read_array_header_2_0)
+                shape = header(f)[0]
+            if read_cache(target, shape) is None:  # none yet, or a damaged one (deleted)
+                tmp = private_temporary(target)
                 with zf.open("imgs.npy") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, length=16 << 20)
                 tmp.replace(target)

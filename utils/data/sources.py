@@ -4,6 +4,7 @@ folders. Each takes the ``data`` section and the images' shape and returns (trai
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 from pathlib import Path
@@ -55,8 +56,12 @@ def torchvision_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int])
     for train in (True, False):
         try:
             ds = getattr(torchvision.datasets, cls_name)(root=str(root), train=train, download=cfg.download)
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, ValueError, AssertionError, EOFError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            damaged = damaged_idx_files(where)
+            if damaged:
+                raise UserError(f"{damaged[0]} is damaged ({damaged[1]}): delete it and rerun with data.download=true "
+                                f"to fetch it again, or restore the official file") from None
             if not cfg.download:  # torchvision: "Dataset not found or corrupted"
                 raise UserError(f"{cls_name} not found in {where}: {fix}, or set data.download=true "
                                 f"(needs internet) [{first}]") from None
@@ -72,6 +77,28 @@ def torchvision_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int])
         labels = torch.as_tensor(np.asarray(ds.targets)).long()
         splits.append(TensorImages(_resize(images, shape[1]), labels))
     return splits[0], splits[1], cfg.root
+
+
+def damaged_idx_files(folder: Path) -> tuple[Path, str] | None:
+    """(the first IDX file in ``folder`` whose size is not the one its header declares, why), or None. The IDX
+    header (MNIST, Fashion-MNIST) gives the element type and every dimension, so a truncated or padded file shows
+    in its size alone."""
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*-ubyte")):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0":
+                return path, "no IDX header"
+            ndim, width = head[3], {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(head[2], 0)
+            dims = f.read(4 * ndim)
+        if not width or len(dims) < 4 * ndim:
+            return path, "its header is cut short"
+        expected = 4 + 4 * ndim + width * math.prod(int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(ndim))
+        if size != expected:
+            return path, f"{size:,} bytes where its header declares {expected:,}"
+    return None
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.files import private_temporary, remove_stale_temporaries
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -135,9 +137,11 @@ class DecodedImages(ImageSplit, torch.utils.data.Dataset):
         same."""
         key = hashlib.sha1(self.cache_key())
         target = cache_dir / f"images-{len(self)}-{'x'.join(map(str, self.shape))}-{key.hexdigest()[:12]}.npy"
-        if not target.is_file():
+        remove_stale_temporaries(cache_dir)  # builds killed half-way
+        images = read_cache(target, (len(self), *self.shape))
+        if images is None:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # machines sharing the folder: each its own
+            tmp = private_temporary(target)
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self), *self.shape))
             loader = torch.utils.data.DataLoader(self, batch_size=256, num_workers=cpu_workers(num_workers))
             start = 0
@@ -147,8 +151,25 @@ class DecodedImages(ImageSplit, torch.utils.data.Dataset):
             arr.flush()
             del arr
             tmp.replace(target)
-        images = torch.from_numpy(np.load(target, mmap_mode="c"))
+            images = torch.from_numpy(np.load(target, mmap_mode="c"))
         return TensorImages(images, self.labels)
+
+
+def read_cache(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A decoded cache, memory-mapped (copy-on-write: the file never changes), or None when there is none or it is
+    damaged (truncated, not a .npy, another shape): a damaged one is deleted, to be rebuilt, with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, mmap_mode="c")
+        if arr.shape != shape or arr.dtype != np.uint8:
+            raise ValueError(f"shape {arr.shape} {arr.dtype}, expected {shape} uint8")
+    except (ValueError, OSError, EOFError) as e:
+        print(f"warning: the cache {path} is damaged ({str(e).splitlines()[0][:120]}): rebuilding it",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+    return torch.from_numpy(arr)
 
 
 @dataclass

@@ -23,10 +23,15 @@ from utils.inference.trained import TrainedVAE
 def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     """Save a run in the Hub layout into the empty folder ``out`` (with 64 samples and the model card), and
     upload it to ``push_to_hub`` (a repo id) when given: that needs network and a token (``hf auth login``)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: export into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new or empty folder")
     vae = TrainedVAE.load(run)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
     save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0)).cpu(), out / "samples.png",
               per_row=8)
     vae._card = {"command": f"python train_vae.py -c config.yaml -e {run.name}", "samples": "samples.png"}

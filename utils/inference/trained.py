@@ -18,12 +18,18 @@ drift. Loading reads safetensors only: a folder with pickled weights is refused.
 
 from __future__ import annotations
 
+import json
 import math
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -56,11 +62,52 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> TrainedVAE:
         """A run directory (config.yaml + model.safetensors), a Hub-format folder (config.json +
-        model.safetensors), or a Hub repo id (downloaded, cached)."""
-        path = Path(path)
-        if (path / "config.yaml").is_file():
-            return load_model(load_config(path / "config.yaml"), path / "model.safetensors", device)
-        return cls.from_pretrained(str(path)).to(device)
+        model.safetensors), or a Hub repo id (``user/name``, downloaded and cached). Anything that looks like a
+        local path (see ``looks_local``) is read as one, and a missing one is named at once, never looked up on
+        the Hub. Bad input of any kind is a one-line ``UserError``."""
+        folder = Path(path)
+        if folder.exists() or looks_local(str(path)):
+            return cls._load_folder(folder).to(device)
+        return cls._load_hub(str(path)).to(device)
+
+    @classmethod
+    def _load_folder(cls, folder: Path) -> TrainedVAE:
+        what = "pass a run folder (config.yaml + model.safetensors) or a Hub-format folder (config.json + " \
+               "model.safetensors)"
+        if not folder.exists():
+            raise UserError(f"{folder} not found: {what}")
+        if not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder: {what}")
+        if (folder / "config.yaml").is_file():
+            return load_model(load_config(folder / "config.yaml"), folder / "model.safetensors")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder} has neither config.yaml (a run) nor config.json (a Hub-format folder): {what}")
+        try:
+            json.loads((folder / "config.json").read_text())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{folder / 'config.json'} is damaged ({e.__class__.__name__}): export the run again "
+                            f"with python -m utils.inference.export") from None
+        return cls.from_pretrained(str(folder))
+
+    @classmethod
+    def _load_hub(cls, repo_id: str) -> TrainedVAE:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            raise UserError(f"{repo_id!r} is neither an existing folder nor a Hub repo id (user/name): pass a run "
+                            f"folder, a Hub-format folder or a repo id") from None
+        offline = not hub_reachable()
+        try:
+            return cls.from_pretrained(repo_id, local_files_only=offline)  # offline: a copy in the cache, if any
+        except UserError:
+            raise
+        except Exception as e:  # no network, no such repository, no access: the library raises many kinds
+            if offline:
+                raise UserError(f"{repo_id} is not a folder here, and the Hub cannot be reached (no network?) nor "
+                                f"holds it in the local cache: pass a local folder, or connect") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UserError(f"{repo_id} could not be loaded from the Hub ({e.__class__.__name__}: {first[:160]}): "
+                            f"check the name and the network, or pass a local folder") from None
 
     # ---- inference ----------------------------------------------------------------------------------------
 
@@ -139,6 +186,26 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
                   yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
         data = ModelCardData(library_name="vae-toolkit", tags=["vae", "pytorch", "generative", cfg.data.name])
         return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub's host resolves (one quick name look-up), so that an offline machine is told so at once
+    instead of after the download library's half-minute of retries. False in offline mode (HF_HUB_OFFLINE)."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(hf_constants.ENDPOINT).hostname, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def looks_local(path: str) -> bool:
+    """Whether a path names something on this machine rather than a Hub repo id: absolute, ``./``, ``../``, ``~``,
+    more than one ``/`` (a repo id has exactly one), or a parent folder that exists here."""
+    parent = Path(path).parent
+    return (Path(path).is_absolute() or path.startswith(("./", "../", "~")) or path in (".", "..", "")
+            or path.count("/") > 1 or (parent != Path(".") and parent.exists()))
 
 
 def load_model(cfg: Config, weights: Path, device: torch.device | str = "cpu") -> TrainedVAE:

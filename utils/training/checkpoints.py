@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from utils.errors import UserError
-from utils.files import save_tensors, tensor_mismatches
+from utils.files import disk_advice, save_tensors, tensor_mismatches
 from utils.training.run_folder import newest_run_folder
 
 STATE_FILE = "trainer_state.json"
@@ -164,11 +164,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int,
             _replace_dir(tmp, final)
     except Exception as e:  # disk full, quota, permissions: the writers raise OSError, RuntimeError, SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoints(run_dir)
-        kept = f"the last complete checkpoint {previous[-1]} is intact" if previous else "no checkpoint was complete"
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"could not write checkpoint {final} ({reason}): free disk space or fix permissions of "
-                        f"{run_dir}, then resume with -r latest -e {run_dir}; {kept}") from None
+        raise UserError(f"could not write checkpoint {final} ({reason}): {disk_advice(e, run_dir)}, then "
+                        f"{after_failed_write(run_dir)}") from None
     if accelerator.is_main_process and keep > 0:
         for old in checkpoints(run_dir)[:-keep]:
             doomed = old.with_name(old.name + ".old")
@@ -176,6 +174,15 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int,
             shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
+
+
+def after_failed_write(run_dir: Path) -> str:
+    """How to go on after a write into a run failed: resume from its last complete checkpoint, or, when it has
+    none, start it again."""
+    previous = checkpoints(run_dir)
+    if previous:
+        return f"resume with -r latest -e {run_dir}; the last complete checkpoint {previous[-1]} is intact"
+    return f"start the run again with --overwrite -e {run_dir} (no checkpoint was complete yet)"
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from utils.errors import UserError
-from utils.files import save_tensors, write_atomic
+from utils.files import disk_advice, save_tensors, write_atomic
 
 RUNS = Path("runs")
 
@@ -68,8 +68,8 @@ def create_run_dir(run_dir: Path, config_text: str, overwrite: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", config_text)
     except OSError as e:
-        raise UserError(f"cannot write the run directory {run_dir} ({e.strerror}): choose a writable place "
-                        f"with -e") from None
+        raise UserError(f"cannot write the run directory {run_dir} ({e.strerror}): {disk_advice(e, run_dir)}, "
+                        f"or choose another place with -e") from None
 
 
 def save_weights(model: torch.nn.Module, run_dir: Path, step: int) -> None:
@@ -79,9 +79,9 @@ def save_weights(model: torch.nn.Module, run_dir: Path, step: int) -> None:
     try:
         save_tensors(model.state_dict(), final, metadata={"step": str(step)})
     except (OSError, SafetensorError) as e:
-        raise UserError(f"could not write {final} ({str(e).strip().splitlines()[-1]}): free disk space or fix "
-                        f"permissions, then rerun with -r latest -e {run_dir} (its checkpoint at step {step} is "
-                        f"complete; it only writes the weights)") from None
+        raise UserError(f"could not write {final} ({str(e).strip().splitlines()[-1]}): {disk_advice(e, run_dir)}, "
+                        f"then rerun with -r latest -e {run_dir} (its checkpoint at step {step} is complete; it "
+                        f"only writes the weights)") from None
 
 
 class MetricsLog:
