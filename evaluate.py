@@ -22,7 +22,7 @@ from utils.data.registry import DATASETS, load_data
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import METRICS, Evaluation, default_metrics, table
 from utils.files import write_json
-from utils.inference.loading import load_trained
+from utils.inference.loading import load_trained, output_folder
 
 
 def main(argv: list[str]) -> None:
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
         if name in metrics and (accelerator.is_main_process or not metric.main_only):
             metric.compute(ev)
     if accelerator.is_main_process:
-        out = Path(args.out) if args.out else run / "eval.json"
+        out = Path(args.out) if args.out else output_folder(run, "eval.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, results)
         print(table(results))

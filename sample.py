@@ -27,7 +27,7 @@ from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
-from utils.inference.loading import load_trained
+from utils.inference.loading import load_trained, output_folder
 
 
 @torch.no_grad()
@@ -254,7 +254,7 @@ def main(argv: list[str]) -> None:
         return  # one process does the (small) work; the others have nothing to add
     if auto:
         print(f"using the newest run: {run} (pass --exp_dir to choose another)")
-    out = Path(args.save_dir) if args.save_dir else run / args.mode
+    out = Path(args.save_dir) if args.save_dir else output_folder(run, args.mode)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
     paths = MODES[args.mode](model, cfg, args, g, out)

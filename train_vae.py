@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def parser() -> CliParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config as YAML and exit without touching the disk")
     return p
+
+
+def command_line(argv: list[str], num_processes: int) -> str:
+    """The command as a user would type it again (recorded in the run's command.txt, quoted by the model card)."""
+    launcher = f"accelerate launch --num_processes {num_processes} " if num_processes > 1 else "python "
+    return launcher + shlex.join(["train_vae.py", *argv])
 
 
 def launch_warnings(num_processes: int) -> list[str]:
@@ -86,7 +93,7 @@ def main(argv: list[str]) -> None:
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     state.wait_for_everyone()  # all have checked the directory before the main process writes into it
     try:
-        train(cfg, run_dir, ckpt, args.overwrite)
+        train(cfg, run_dir, ckpt, args.overwrite, command_line(argv, state.num_processes))
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise

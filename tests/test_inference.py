@@ -49,7 +49,8 @@ def test_hub_folder_and_its_model_card(evaluated, exported):
     assert card.data.library_name == "vae-toolkit" and "mnist" in card.data.tags
     nll = json.loads((evaluated / "eval.json").read_text())["nll"]
     assert f"{nll['nll']:.2f} nats" in card.text and "![64 prior samples](samples.png)" in card.text
-    assert "python train_vae.py -c config.yaml" in card.text and "z_dim: 8" in card.text
+    command = (evaluated / "command.txt").read_text().splitlines()[0]  # the command that was run, recorded at start
+    assert command.startswith("python train_vae.py -c ") and f"`{command}`" in card.text and "z_dim: 8" in card.text
 
 
 def test_reloaded_from_the_hub_layout_gives_the_same_outputs(evaluated, exported):

@@ -36,16 +36,25 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """A state dict (or any name -> tensor map) as safetensors, written atomically: detached, contiguous, on
-    the CPU. On failure the partial file is removed and the error raised (safetensors reports a full disk as a
-    SafetensorError, not an OSError)."""
+    the CPU, with the permissions any other new file gets (safetensors alone would make it 0600, unreadable to a
+    group sharing the file system). On failure the partial file is removed and the error raised (safetensors
+    reports a full disk as a SafetensorError, not an OSError)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; readable like every other file here
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def tensor_mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> list[str]:

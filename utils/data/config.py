@@ -27,5 +27,5 @@ class DataConfig:
     hf_image_column: str = opt("image", "hf: the column holding the images")
     hf_label_column: str = opt("label", "hf: class labels from this column when it exists ('' for none)")
     hf_train_split: str = opt("train", "hf: the split to train on")
-    hf_test_split: str = opt("test", "hf: the held-out split ('' holds out a seeded data.test_fraction of the "
-                                     "training split)")
+    hf_test_split: str = opt("test", "hf: the held-out split ('' or a set without a test split: a seeded "
+                                     "data.test_fraction of the training split is held out)")

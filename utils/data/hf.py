@@ -17,16 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from utils.data.config import DataConfig
 from utils.data.splits import DecodedImages, ImageSplit, crop_resize, seeded_split
 from utils.errors import UserError
-
-if TYPE_CHECKING:
-    from utils.data.config import DataConfig
 
 
 @dataclass
@@ -113,12 +111,17 @@ def load_hf(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, I
     def part(ds) -> HFImages:
         return HFImages(ds.select_columns([column]), _labels(ds, cfg.hf_label_column), shape)
 
-    if cfg.hf_test_split:
+    # the default test split, absent (a folder or Parquet set with one split): hold out a seeded fraction, as for
+    # image folders; a split named on purpose must exist
+    no_test = cfg.hf_test_split == DataConfig.hf_test_split and cfg.hf_test_split not in splits
+    if cfg.hf_test_split and not no_test:
         train, test = part(train_ds), part(_split(splits, cfg.hf_test_split, "hf_test_split"))
         how = f"splits {cfg.hf_train_split}/{cfg.hf_test_split}"
     else:
         train_idx, test_idx = seeded_split(len(train_ds), cfg.test_fraction, cfg.split_seed)
         train, test = part(train_ds.select(train_idx.tolist())), part(train_ds.select(test_idx.tolist()))
         how = f"seeded {cfg.test_fraction:g} fraction of {cfg.hf_train_split}"
+        if no_test:
+            how += f" (the set has no '{cfg.hf_test_split}' split)"
     labelled = ", labels from " + cfg.hf_label_column if train.labels is not None else ""
     return train, test, f"{source}, column {column}{labelled}, split: {how}"

@@ -18,6 +18,7 @@ import torch
 from utils.errors import CliParser, UserError, guarded_main
 from utils.grids import save_grid
 from utils.inference.trained import TrainedVAE
+from utils.training.run_folder import started_with
 
 
 def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
@@ -34,7 +35,8 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
     save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0)).cpu(), out / "samples.png",
               per_row=8)
-    vae._card = {"command": f"python train_vae.py -c config.yaml -e {run.name}", "samples": "samples.png"}
+    command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
+    vae._card = {"command": command, "samples": "samples.png"}
     if (run / "eval.json").is_file():
         vae._card["eval"] = json.loads((run / "eval.json").read_text())
     vae.save_pretrained(out)

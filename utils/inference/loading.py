@@ -53,3 +53,11 @@ def _load_trained(exp_dir: str | None, config: str | None, weights: str | None,
         return model.config, model, run, auto
     cfg = load_config(run / "config.yaml")
     return cfg, load_model(cfg, run / "model.safetensors", device), run, auto
+
+
+def output_folder(model_folder: Path, name: str) -> Path:
+    """Where sample.py and evaluate.py write by default: inside a run folder (``<run>/<name>``), but beside a
+    Hub-format folder (``<folder>-<name>``), whose files a later upload would otherwise publish."""
+    if (model_folder / "config.yaml").is_file() or not (model_folder / "config.json").is_file():
+        return model_folder / name
+    return model_folder.parent / f"{model_folder.name}-{name}"

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from utils.errors import UserError
-from utils.files import disk_advice, save_tensors, tensor_mismatches
+from utils.files import current_umask, disk_advice, save_tensors, tensor_mismatches
 from utils.training.run_folder import newest_run_folder
 
 STATE_FILE = "trainer_state.json"
@@ -160,6 +160,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int,
                 save_tensors(tensors, tmp / name)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            for f in tmp.iterdir():  # safetensors writes 0600: readable like every other file of the run
+                os.chmod(f, 0o666 & ~current_umask())
             write_manifest(tmp, step)
             _replace_dir(tmp, final)
     except Exception as e:  # disk full, quota, permissions: the writers raise OSError, RuntimeError, SafetensorError

@@ -41,7 +41,7 @@ from utils.files import write_atomic
 from utils.grids import save_grid, save_pairs
 from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
 from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
-from utils.training.run_folder import MetricsLog, create_run_dir, save_weights
+from utils.training.run_folder import MetricsLog, create_run_dir, record_command, save_weights
 from utils.training.schedules import Schedule, build_schedule
 from utils.training.trackers import check_installed, log_images, start_trackers, tracker_names
 
@@ -79,14 +79,15 @@ class Session:
         return self.ema.module if self.ema is not None else self.vae
 
 
-def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: bool = False) -> None:
+def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: bool = False,
+          command: str = "") -> None:
     """Train ``cfg`` into ``run_dir``, optionally from a checkpoint; writes the resolved config.yaml once data
     and model have loaded.
 
     Raises ``Interrupted`` after saving a checkpoint when SIGINT/SIGTERM arrives, and
     ``UserError`` when training diverges (``train.max_bad_steps`` non-finite steps in a row).
     """
-    s = start_session(cfg, run_dir, resume, overwrite)
+    s = start_session(cfg, run_dir, resume, overwrite, command)
     t, acc = cfg.train, s.accelerator
     guard, meter = StepGuard(s.vae, acc.device), Meter(acc.device)
     done = saved_at = s.start
@@ -150,7 +151,7 @@ def forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor | None, step: 
     return total
 
 
-def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool) -> Session:
+def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool, command: str = "") -> Session:
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
     mp = None if t.mixed_precision == "launcher" else t.mixed_precision
@@ -187,7 +188,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     if t.ema_decay > 0:  # a copy on the device; its first update copies the weights, later ones interpolate
         ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     if acc.is_main_process and resume is None:  # only now, with data and model known good:
-        create_run_dir(run_dir, config_yaml(cfg), overwrite)  # a failed start leaves nothing behind
+        create_run_dir(run_dir, config_yaml(cfg), overwrite, command)  # a failed start leaves nothing behind
     acc.wait_for_everyone()
     device = acc.device
     train_set, test_set = train_set.to(device), test_set.to(device)
@@ -199,6 +200,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         start = load_checkpoint(acc, resume, vae, resume_extras(vae, ema))
         if acc.is_main_process:  # the run's config changes only once its checkpoint has loaded
             write_atomic(run_dir / "config.yaml", config_yaml(cfg))
+            record_command(run_dir, command, resumed_at=start)
             supersede_newer(run_dir, start)
         for group in optimizer.param_groups:  # the optimizer state brings the old values; the config wins
             group["lr"], group["weight_decay"] = t.lr, t.weight_decay

@@ -2,6 +2,7 @@
 
     runs/<name>-<time>/
       config.yaml            resolved config, written by the trainer once data and model have loaded
+      command.txt            the command line that started the run, then one line per resume
       model.safetensors      final weights, written at the end (with config.yaml, all a sampler needs)
       metrics.jsonl          one JSON object per logged step: step, split, loss, rec, kl, ...
       samples/               step_0001000_samples.png, step_0001000_recon.png
@@ -56,8 +57,9 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
                         f"--overwrite, or choose another -e")
 
 
-def create_run_dir(run_dir: Path, config_text: str, overwrite: bool) -> None:
-    """Create the run directory with its config.yaml (replacing the run there with ``overwrite``).
+def create_run_dir(run_dir: Path, config_text: str, overwrite: bool, command: str = "") -> None:
+    """Create the run directory with its config.yaml and command.txt (replacing the run there with
+    ``overwrite``).
 
     Called only once data and model have loaded, so a start that fails leaves nothing behind.
     """
@@ -67,9 +69,27 @@ def create_run_dir(run_dir: Path, config_text: str, overwrite: bool) -> None:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", config_text)
+        record_command(run_dir, command)
     except OSError as e:
         raise UserError(f"cannot write the run directory {run_dir} ({e.strerror}): {disk_advice(e, run_dir)}, "
                         f"or choose another place with -e") from None
+
+
+def record_command(run_dir: Path, command: str, resumed_at: int | None = None) -> None:
+    """The command line that started the run, as typed (command.txt, first line), and each resume's after it:
+    the model card quotes the first."""
+    if not command:
+        return
+    line = command if resumed_at is None else f"# resumed at step {resumed_at}: {command}"
+    with (run_dir / "command.txt").open("a") as f:
+        f.write(line + "\n")
+
+
+def started_with(run_dir: Path) -> str | None:
+    """The command that started the run (command.txt's first line), or None for a run without one."""
+    path = Path(run_dir) / "command.txt"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return lines[0] if lines else None
 
 
 def save_weights(model: torch.nn.Module, run_dir: Path, step: int) -> None:
