@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import sample
 import train_vae
 from conftest import DATA, FAST, REPO, cli, require_data, train, train_cli
@@ -213,3 +215,44 @@ def test_sample_writes_beside_a_hub_folder_not_into_it(tiny_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in hub.iterdir()) == before
     assert (tmp_path / "hub-sample" / "samples.png").is_file()
+
+
+# ---- the table of refusals in docs/errors.md ----------------------------------------------------------------
+
+def refusal_rows() -> list[tuple[str, str, str]]:
+    """(entry point, input, message) of every row of docs/errors.md's table."""
+    rows = []
+    for line in (REPO / "docs" / "errors.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        if len(cells) == 3:
+            rows.append(tuple(c.strip("`").strip() for c in cells))
+    return rows
+
+
+ENTRY_POINTS = {"train_vae.py": train_vae.main, "sample.py": sample.main, "evaluate.py": evaluate.main,
+                "python -m utils.inference.export": exporter.main}
+
+
+def test_the_documented_refusals_are_what_the_entry_points_say(tiny_run, tmp_path, monkeypatch):
+    rows = refusal_rows()
+    assert len(rows) >= 30 and {r[0] for r in rows} == {*ENTRY_POINTS, "TrainedVAE.load"}
+    shutil.copytree(tiny_run, tmp_path / "run")
+    (tmp_path / "file.txt").write_text("not a run")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\x00")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trained_module, "hub_reachable", lambda: False)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for entry, given, says in rows:
+        if entry == "TrainedVAE.load":
+            with pytest.raises(UserError) as e:
+                TrainedVAE.load(given)
+            line = str(e.value)
+        else:
+            res = cli(ENTRY_POINTS[entry], shlex.split(given))
+            assert res.returncode == 2, (entry, given, res.stderr)
+            line = res.stderr.strip().splitlines()[-1]
+        assert says in line, (entry, given, line)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written by any refusal

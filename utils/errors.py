@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
@@ -38,7 +39,13 @@ def guarded_main(main: Callable[[list[str]], None], argv: list[str] | None = Non
     if debug:
         argv.remove("--debug")
     try:
-        main(argv)
+        try:
+            main(argv)
+        except (OSError, ValueError) as e:
+            unusable = unusable_path(e)
+            if unusable is None:
+                raise
+            raise UserError(unusable) from e
     except UserError as e:
         if debug:
             raise
@@ -55,6 +62,18 @@ def guarded_main(main: Callable[[list[str]], None], argv: list[str] | None = Non
         sys.exit(130)
     finally:
         leave_process_group()
+
+
+def unusable_path(e: BaseException) -> str | None:
+    """The one-line error for a path the operating system refuses to look at, wherever it was given (a name
+    longer than the file system allows, a NUL character), or None for any other error."""
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        name = str(e.filename)
+        shown = name if len(name) < 60 else f"{name[:40]}...{name[-12:]}"
+        return f"the path {shown} is too long for the file system ({len(name)} characters): give a shorter one"
+    if isinstance(e, ValueError) and "embedded null" in str(e):
+        return "a path given contains a NUL character: give it without one"
+    return None
 
 
 def leave_process_group() -> None:

@@ -28,7 +28,7 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         raise UserError(f"{out} is a file: export into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new or empty folder")
-    vae = TrainedVAE.load(run)
+    vae = TrainedVAE.load_local(run)  # a run on this machine: its eval.json and command.txt are read too
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

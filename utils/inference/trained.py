@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from models.vae import VAE
 from utils.config import Config, build_config, config_to_dict, load_config
 from utils.data.registry import image_shape
-from utils.errors import UserError
+from utils.errors import UserError, unusable_path
 from utils.evaluation.bounds import image_bounds
 from utils.evaluation.metrics import headline
 from utils.files import save_tensors, tensor_mismatches
@@ -66,12 +66,15 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         local path (see ``looks_local``) is read as one, and a missing one is named at once, never looked up on
         the Hub. Bad input of any kind is a one-line ``UserError``."""
         folder = Path(path)
-        if folder.exists() or looks_local(str(path)):
-            return cls._load_folder(folder).to(device)
-        return cls._load_hub(str(path)).to(device)
+        try:
+            local = folder.exists() or looks_local(str(path))
+        except (OSError, ValueError) as e:  # a name too long for the file system, a NUL character
+            raise UserError(unusable_path(e) or f"{path!r} cannot be used as a path ({e})") from None
+        return (cls.load_local(folder) if local else cls._load_hub(str(path))).to(device)
 
     @classmethod
-    def _load_folder(cls, folder: Path) -> TrainedVAE:
+    def load_local(cls, folder: Path) -> TrainedVAE:
+        """A run folder or a Hub-format folder on this machine (never looked up on the Hub), on the CPU."""
         what = "pass a run folder (config.yaml + model.safetensors) or a Hub-format folder (config.json + " \
                "model.safetensors)"
         if not folder.exists():
