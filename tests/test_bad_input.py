@@ -256,3 +256,15 @@ def test_the_documented_refusals_are_what_the_entry_points_say(tiny_run, tmp_pat
             line = res.stderr.strip().splitlines()[-1]
         assert says in line, (entry, given, line)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written by any refusal
+
+
+def test_a_damaged_cifar_folder_is_named_not_called_missing(tmp_path):
+    where = tmp_path / "cifar-10-batches-py"
+    where.mkdir()
+    (where / "data_batch_1").write_bytes(b"\x80\x04 cut short")
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={tmp_path}", "data.download=false"]).data
+    with pytest.raises(UserError, match=f"the CIFAR10 files in {where} are incomplete or damaged"):
+        load_data(cfg)
+    (where / "data_batch_1").unlink()  # an empty folder is missing data, as before
+    with pytest.raises(UserError, match="CIFAR10 not found in"):
+        load_data(cfg)

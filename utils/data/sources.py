@@ -62,6 +62,10 @@ def torchvision_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int])
             if damaged:
                 raise UserError(f"{damaged[0]} is damaged ({damaged[1]}): delete it and rerun with data.download=true "
                                 f"to fetch it again, or restore the official file") from None
+            if where.is_dir() and any(where.iterdir()) and "corrupt" in first.lower():  # files there, not whole
+                raise UserError(f"the {cls_name} files in {where} are incomplete or damaged ({first.rstrip('.')}): "
+                                f"delete the folder and rerun with data.download=true, or restore the official "
+                                f"files") from None
             if not cfg.download:  # torchvision: "Dataset not found or corrupted"
                 raise UserError(f"{cls_name} not found in {where}: {fix}, or set data.download=true "
                                 f"(needs internet) [{first}]") from None
