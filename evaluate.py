@@ -21,8 +21,9 @@ from accelerate.utils import parse_flag_from_env
 from utils.data.registry import DATASETS, load_data
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import METRICS, Evaluation, default_metrics, table
+from utils.evaluation.samplers import check_usable
 from utils.files import write_json
-from utils.inference.loading import load_trained, output_folder
+from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
 
 
 def main(argv: list[str]) -> None:
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--mig_samples", type=int, default=10_000, help="MIG: images (10,000)")
     p.add_argument("--dci_train", type=int, default=10_000, help="DCI and SAP: training images (10,000)")
     p.add_argument("--dci_test", type=int, default=5_000, help="DCI and SAP: held-out images (5,000)")
+    add_sampler_arguments(p)
     args, rest = p.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python evaluate.py --help")
@@ -61,14 +63,21 @@ def main(argv: list[str]) -> None:
     accelerator = Accelerator(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cfg, vae, run, auto = load_trained(args.exp_dir, args.config, args.weights, accelerator.device, args.data_root)
     has_factors = DATASETS[cfg.data.name].has_factors
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else default_metrics(has_factors)
+    metrics = ([m.strip() for m in args.metrics.split(",")] if args.metrics
+               else default_metrics(has_factors, vae.deterministic))
     for m in metrics:
         if m not in METRICS:
             raise UserError(f"unknown metric '{m}' in --metrics: choose from {','.join(METRICS)}")
+        if METRICS[m].needs_posterior and vae.deterministic:
+            raise UserError(f"{m} needs a posterior and a KL, and this model is a deterministic autoencoder "
+                            f"(loss.objective=ae): drop it from --metrics (recon, fid and samplers apply)")
         if METRICS[m].needs_factors and not has_factors:
             having = ", ".join(name for name, ds in DATASETS.items() if ds.has_factors)
             raise UserError(f"{m} needs ground-truth factors, which only {having} has (this run is "
                             f"{cfg.data.name}): drop it from --metrics")
+    sampler_options(args)  # checks them before anything is read
+    if "fid" in metrics:
+        check_usable(vae, args.sampler)
     if args.binarize and vae.likelihood.continuous:
         raise UserError(f"--binarize is for bernoulli models; this one is {cfg.model.likelihood}: drop --binarize")
     if auto:

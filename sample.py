@@ -27,7 +27,7 @@ from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
-from utils.inference.loading import load_trained, output_folder
+from utils.inference.loading import add_sampler_arguments, chosen_sampler, load_trained, output_folder
 
 
 @torch.no_grad()
@@ -57,7 +57,8 @@ def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
 
 
 def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
-    """Prior samples as one grid (--n_samples; --individual: one PNG each); a conditional model: one row per class."""
+    """Samples as one grid (--n_samples; --individual: one PNG each), codes from --sampler (the prior, or one
+    fitted to the training codes: samples_<sampler>.png); a conditional model: one row per class."""
     path = out / "samples.png"
     if model.n_classes and args.label is None:  # one row per class, the same code z down each column
         per = max(1, args.n_samples // model.n_classes)
@@ -66,8 +67,9 @@ def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
         x = decode(model, z, args.batch_size, y)
         labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]).save(path)
         return [path]
+    path = out / f"samples{args.suffix}.png"
     labels = None if args.label is None else torch.full((args.n_samples,), args.label)
-    x = model.sample(args.n_samples, labels, g, args.batch_size).float().cpu()
+    x = decode(model, args.draw(args.n_samples, g), args.batch_size, labels)
     save_grid(x, path, per_row=math.ceil(math.sqrt(len(x))))
     paths = [path]
     if args.individual:
@@ -81,13 +83,13 @@ def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
     """Rows from one code to another (--n_pairs, --n_interpolate, --interp linear or slerp), between prior draws
     and between test images."""
     p = args.n_pairs
-    prior = model.prior.sample(2 * p, g).view(2, p, model.z_dim).to(args.device)
+    prior = args.draw(2 * p, g).view(2, p, model.z_dim)
     test = test_set(cfg)
     idx = pick(2 * p, len(test), g)
     y = labels_for(model, args, 2 * p, g, test.labels_at(idx))
     mu, _ = model.encode(test.batch(idx).to(args.device), y)
     # a conditional model decodes each row with one label: --label, else drawn (prior) or the first image's (test)
-    rows = {"prior": ((prior[0], prior[1]), labels_for(model, args, p, g)), "test": ((mu[:p], mu[p:]), y)}
+    rows = {args.sampler: ((prior[0], prior[1]), labels_for(model, args, p, g)), "test": ((mu[:p], mu[p:]), y)}
     paths = []
     for name, ((z0, z1), row_y) in rows.items():
         codes = interpolate(z0, z1, args.n_interpolate, args.interp)  # (P, steps, z)
@@ -105,7 +107,7 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     _, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
     dims = dims_by_kl(kl, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
     if args.from_ == "prior":
-        base = model.prior.sample(1, g)[0].to(args.device)
+        base = args.draw(1, g)[0]
         y = labels_for(model, args, 1, g)
     else:
         idx = pick(1, len(test), g)
@@ -223,6 +225,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--from", dest="from_", default="posterior", choices=("posterior", "prior"),
                    help="traverse: base code from a test image's posterior mean or a prior draw")
     p.add_argument("--kl_samples", type=int, default=10000, help="test images used to rank dimensions by KL")
+    add_sampler_arguments(p)
     args, rest = p.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python sample.py --help")
@@ -252,6 +255,10 @@ def main(argv: list[str]) -> None:
                         "(model.conditional=false); drop --label"))
     if not state.is_main_process:
         return  # one process does the (small) work; the others have nothing to add
+    drawn = args.mode in ("sample", "interpolate") or (args.mode == "traverse" and args.from_ == "prior")
+    sampler = chosen_sampler(model, cfg, run, args) if drawn else None
+    args.draw = lambda n, gen: sampler.sample(n, gen).to(args.device)
+    args.suffix = "" if args.sampler == "prior" else f"_{args.sampler}"
     if auto:
         print(f"using the newest run: {run} (pass --exp_dir to choose another)")
     out = Path(args.save_dir) if args.save_dir else output_folder(run, args.mode)

@@ -34,12 +34,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = opt("elbo", "elbo (one reparameterised sample per image) or iwae (importance-weighted "
-                                 "bound with loss.k samples)")
+    objective: str = opt("elbo", "elbo (one reparameterised sample per image), iwae (importance-weighted bound "
+                                 "with loss.k samples) or ae (a deterministic autoencoder: z is the posterior "
+                                 "mean, no KL)")
     k: int = opt(1, "objective=iwae: importance samples per image (Burda et al. 2016: 5 or 50)", min=1, max=5000)
     regulariser: str = opt("kl", "latent term: kl (beta * KL), mmd (beta * KL + mmd_weight * MMD, InfoVAE), tcvae "
                                  "(KL + (beta - 1) * total correlation), factorvae (beta * KL + factor_gamma * "
-                                 "critic's TC), dip_i or dip_ii (beta * KL + DIP penalty)")
+                                 "critic's TC), dip_i or dip_ii (beta * KL + DIP penalty), aae (beta * KL + "
+                                 "aae_weight * adversarial loss, with objective=ae the AAE), none (nothing: with "
+                                 "objective=ae the plain AE)")
     beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
     kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
     mmd_weight: float = opt(0.0, "regulariser=mmd: weight of MMD(q(z) || p(z)), > 0", min=0.0)
@@ -58,3 +61,9 @@ class LossConfig:
                                min=0.0)
     dip_lambda_d: float = opt(100.0, "regulariser=dip_i, dip_ii: weight of the diagonal penalty (Kumar et al.: "
                                      "10 x dip_lambda_od for dip_i, 1 x for dip_ii)", min=0.0)
+    aae_weight: float = opt(1.0, "regulariser=aae: weight of the encoder's adversarial loss (nats per image "
+                                 "sit beside it: MNIST's configs use 100)", min=0.0, min_exclusive=True)
+    aae_hidden: list[int] = opt([1000, 1000], "regulariser=aae: the discriminator's hidden layers (the paper's "
+                                              "2 x 1000)")
+    aae_lr: float = opt(1e-4, "regulariser=aae: the discriminator's Adam learning rate", min=0.0,
+                        min_exclusive=True)

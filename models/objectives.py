@@ -9,6 +9,8 @@ KL and regulariser do not.
     elbo   loss = rec(x, x̂) + regulariser,  z ~ q(z|x) once per image (reparameterised)
     iwae   loss = −log (1/k) Σ_j w_j,  w_j = p(x|z_j) · (p(z_j) / q(z_j|x))^β_t,  z_1..z_k ~ q(z|x)
            (Burda et al. 2016; ``loss.k`` samples; k = 1 is the ELBO with a one-sample KL estimate)
+    ae     loss = rec(x, x̂) + regulariser, z = E[z|x]: the deterministic autoencoder (AE, and with a
+           regulariser that matches the prior, the AAE or WAE)
 
 The reported ELBO is always −(−log p(x|z) + KL(q(z|x) || p(z))), whatever the
 regulariser's weights, so runs with different β compare on the same scale.
@@ -69,7 +71,10 @@ def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Ten
 
 
 class Objective:
-    """Computes the training loss of a batch; ``__call__(vae, x, step, y) -> terms`` (y: labels, or None)."""
+    """Computes the training loss of a batch; ``__call__(vae, x, step, y) -> terms`` (y: labels, or None).
+    ``deterministic``: no posterior sampling and no KL (an autoencoder), so no bound on log p(x) either."""
+
+    deterministic = False
 
     def __init__(self, loss: LossConfig):
         self.cfg = loss
@@ -146,9 +151,43 @@ class IWAE(Objective):
         return terms
 
 
+class AE(Objective):
+    """A deterministic autoencoder: z is the encoder's mean, the loss the reconstruction term plus the
+    regulariser's (an AAE's adversarial loss, a WAE's MMD), with no KL and no posterior variance. There is no
+    bound on log p(x): the terms are rec, nll (−log p(x|z) at the code) and the regulariser's."""
+
+    deterministic = True
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        super().check(loss)
+        if not REGULARISERS[loss.regulariser].deterministic_ok:
+            ok = ", ".join(k for k, r in REGULARISERS.items() if r.deterministic_ok)
+            raise UserError(f"loss.objective=ae has no posterior variance and no KL, which loss.regulariser="
+                            f"{loss.regulariser} needs: use one of {ok}, or loss.objective=elbo")
+        if loss.beta != 1.0 or loss.kl_warmup_steps:
+            raise UserError("loss.beta and loss.kl_warmup_steps weigh the KL, which loss.objective=ae does not have: "
+                            "drop them")
+
+    def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        mu, logvar = vae.encode(x, y)                                # (B, z) each; logvar unused but by DIP-II
+        out = vae.decoder_out(mu, y)                                 # (B, C·n_params, H, W)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            mu, logvar, out, x = mu.float(), logvar.float(), out.float(), x.float()
+            lik = vae.likelihood(x, out)
+            penalty, extra = vae.regulariser(torch.zeros(len(x), device=x.device), PosteriorSample(mu, mu, logvar),
+                                             vae.prior, step)
+            terms = {"rec": lik.rec.mean(), "nll": lik.nll.mean(), **extra, "loss": lik.rec.mean() + penalty}
+            if lik.log_sigma is not None:
+                terms["sigma"] = lik.log_sigma.detach().exp()
+        return terms
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "elbo": ELBO,
     "iwae": IWAE,
+    "ae": AE,
 }
 
 

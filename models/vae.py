@@ -54,6 +54,17 @@ class VAE(nn.Module):
         self.objective = build_objective(loss)
 
     @property
+    def deterministic(self) -> bool:
+        """An autoencoder (``loss.objective=ae``): no posterior variance, no KL, no bound on log p(x)."""
+        return self.objective.deterministic
+
+    @property
+    def has_prior(self) -> bool:
+        """Whether draws from the prior decode to images: a VAE's, or an autoencoder whose regulariser pulls its
+        codes to the prior (AAE, WAE); a plain autoencoder needs an ex-post sampler (sample.py --sampler)."""
+        return not self.deterministic or self.regulariser.matches_prior
+
+    @property
     def convolutional(self) -> bool:
         """Whether the networks are convolutional (faster on channels-last images)."""
         return getattr(self.encoder, "convolutional", False)

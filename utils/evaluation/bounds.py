@@ -95,9 +95,11 @@ def elbo_terms(model: torch.nn.Module, data: ImageSplit, batch_size: int, accele
     out = dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))
     d = math.prod(data.shape)
     if continuous:  # a density on [0, 1]: onto the 8-bit scale, an upper bound on the 8-bit image's NLL
-        out["elbo"] -= d * LOG_256
         out["nll"] += d * LOG_256
-    out["bpd"] = -out["elbo"] / (d * math.log(2))
+        if "elbo" in out:
+            out["elbo"] -= d * LOG_256
+    if "elbo" in out:  # (an autoencoder has no bound: its nll is −log p(x|z) at the code)
+        out["bpd"] = -out["elbo"] / (d * math.log(2))
     return out
 
 

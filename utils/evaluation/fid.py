@@ -66,8 +66,9 @@ def build_fid(weights: str | None = None, features: torch.nn.Module | None = Non
 
 @torch.no_grad()
 def fid_score(vae: VAE, data: ImageSplit, metric, n: int, batch_size: int, device: torch.device | str,
-              rank: int = 0, world: int = 1, seed: int = 0, progress=None) -> float:
-    """FID between n prior samples and the first n held-out images (each process takes every world-th batch)."""
+              rank: int = 0, world: int = 1, seed: int = 0, progress=None, draw=None) -> float:
+    """FID between n samples and the first n held-out images (each process takes every world-th batch); codes
+    from ``draw(n, generator)`` (an ex-post sampler's), else from the prior."""
     n = min(n, len(data))
     g = torch.Generator().manual_seed(seed + rank)
 
@@ -79,7 +80,7 @@ def fid_score(vae: VAE, data: ImageSplit, metric, n: int, batch_size: int, devic
             continue
         idx = torch.arange(start, min(start + batch_size, n), device=device)
         metric.update(three(data.batch(idx).to(device)).clamp(0, 1), real=True)
-        z = vae.prior.sample(len(idx), g).to(device)  # a conditional model: the held-out images' classes
+        z = (draw or vae.prior.sample)(len(idx), g).to(device)  # a conditional model: the held-out images' classes
         metric.update(three(vae.decode(z, data.labels_at(idx))).clamp(0, 1), real=False)
         if progress is not None:
             progress.update(len(idx) * world)

@@ -19,12 +19,16 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from models.samplers import SAMPLERS, Sampler, SamplerOptions
 from models.vae import VAE
 from utils.data.dsprites import classes_to_index
+from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
 from utils.evaluation.disentanglement import Representation, beta_vae_metric, dci, factor_vae_metric, mig, sap
 from utils.evaluation.fid import build_fid, fid_score
+from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
+from utils.evaluation.samplers import fitted_sampler, posterior_means, sampler_scores
 
 Rows = list[tuple[str, str]]
 
@@ -58,6 +62,23 @@ class Evaluation:
                                                           progress=bar)
         return self._cache["bounds"]
 
+    def train(self) -> ImageSplit:
+        """The training split (read once, on first use: the fitted samplers need its codes)."""
+        if "train" not in self._cache:
+            cfg = self.vae.config.data
+            self._cache["train"] = load_data(cfg, cfg.num_workers)[0].to(self.accelerator.device)
+        return self._cache["train"]
+
+    def sampler(self, name: str) -> Sampler:
+        """The sampler ``name``: the prior, or kept in the model's folder, or fitted now (and kept)."""
+        o = self.options
+        options = SamplerOptions(gmm_components=o.gmm_components, gmm_covariance=o.gmm_covariance,
+                                 two_stage_steps=o.two_stage_steps, seed=o.seed)
+        folder = self.vae.folder
+        kept = (folder / SAMPLER_FOLDER / f"{name}.safetensors").is_file()
+        train = self.train() if SAMPLERS[name].fitted and (o.refit or not kept) else None
+        return fitted_sampler(self.vae, folder, name, train, options, o.refit, self.accelerator.device)
+
     def usage(self) -> dict[str, Any]:
         """Active units, per-dimension KL and reconstruction error, in one pass."""
         if "usage" not in self._cache:
@@ -70,7 +91,7 @@ class Evaluation:
 class Metric:
     """A registered metric. ``default``: computed when --metrics is not given; ``needs_factors``: only on data
     with ground-truth factors (``DataSet.has_factors``), and then a default; ``main_only``: computed by
-    the main process alone."""
+    the main process alone; ``needs_posterior``: only for a model with a posterior and a KL (not an AE)."""
 
     help: str
     compute: Callable[[Evaluation], None]
@@ -79,6 +100,7 @@ class Metric:
     default: bool = False
     needs_factors: bool = False
     main_only: bool = False
+    needs_posterior: bool = False  # a bound on log p(x) or a KL: not for a deterministic autoencoder
 
 
 def _elbo(ev: Evaluation) -> None:
@@ -126,10 +148,24 @@ def _fid(ev: Evaluation) -> None:
     o, acc = ev.options, ev.accelerator
     metric = build_fid(o.fid_weights, device=acc.device)
     n = min(o.fid_samples, len(ev.test))
-    with ev.bar(n, "FID") as bar:
+    sampler = ev.sampler(o.sampler)
+    with ev.bar(n, f"FID ({o.sampler})") as bar:
         score = fid_score(ev.vae, ev.test, metric, n, o.batch_size, acc.device, acc.process_index,
-                          acc.num_processes, o.seed, bar)
-    ev.results["fid"] = {"fid": score, "n": n, "features": "inception-v3 pool3 (2048)"}
+                          acc.num_processes, o.seed, bar, draw=sampler.sample)
+    ev.results["fid"] = {"fid": score, "n": n, "features": "inception-v3 pool3 (2048)", "sampler": o.sampler}
+
+
+def _samplers(ev: Evaluation) -> None:
+    """Each usable sampler's two offline numbers (utils/evaluation/samplers.py), fitting what is not fitted yet."""
+    train = posterior_means(ev.vae, ev.train(), ev.accelerator.device)
+    test = posterior_means(ev.vae, ev.test, ev.accelerator.device, limit=ev.options.n_test)
+    names = [n for n in SAMPLERS if n != "prior" or ev.vae.has_prior]
+    ev.results["samplers"] = {n: sampler_scores(ev.sampler(n), train, test, seed=ev.options.seed) for n in names}
+
+
+def _sampler_rows(results: dict) -> Rows:
+    return [(f"sampler {name}", f"held-out codes {s['held_out']:.2f} nats/code, its draws under the training codes "
+                                f"{s['reverse']:.2f}") for name, s in results["samplers"].items()]
 
 
 def representation(vae: VAE, grid: ImageSplit, device: torch.device, chunk: int = 1024) -> Representation:
@@ -167,28 +203,32 @@ def _disentanglement_rows(results: dict) -> Rows:
 
 METRICS: dict[str, Metric] = {
     "elbo": Metric("evidence lower bound, its reconstruction and KL parts (nats per image, bits per dimension)",
-                   _elbo, rows=_bound_rows, default=True,
+                   _elbo, rows=_bound_rows, default=True, needs_posterior=True,
                    headline=lambda r: [("ELBO", f"{r['elbo']['elbo']:.2f} nats")]),
     "nll": Metric("negative log-likelihood by the importance-weighted bound with --k samples (Burda et al. 2016)",
-                  _nll, default=True,
+                  _nll, default=True, needs_posterior=True,
                   headline=lambda r: [(f"NLL (IWAE, k={r['nll']['k']}, {r['nll']['n']} images)",
                                        f"{r['nll']['nll']:.2f} nats ({r['nll']['nll_bpd']:.4f} bits/dim)")]),
     "au": Metric("active units (Var_x E[z_j] > 0.01) and the KL per latent dimension", _au, rows=_au_rows,
-                 default=True, headline=lambda r: [("active units", f"{r['au']['active_units']} of "
-                                                                    f"{r['au']['z_dim']}")]),
+                 default=True, needs_posterior=True,
+                 headline=lambda r: [("active units", f"{r['au']['active_units']} of {r['au']['z_dim']}")]),
     "recon": Metric("reconstruction error of the posterior means: MSE and PSNR", _recon, default=True,
                     rows=lambda r: [("reconstruction", f"MSE {r['recon']['mse']:.5f}, PSNR "
                                                        f"{r['recon']['psnr']:.2f} dB")]),
     "fid": Metric("FID of --fid_samples prior samples against held-out images (Inception-v3, --fid_weights)", _fid,
                   rows=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples vs held-out images)")],
                   headline=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples)")]),
+    "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
+                       "log-density of held-out codes under it, and of its draws under the training codes' KDE "
+                       "(nats per code)", _samplers, rows=_sampler_rows, main_only=True),
     "disentanglement": Metric("beta-VAE and FactorVAE metrics, MIG, DCI and SAP on ground-truth factors",
                               _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True),
 }
 
 
-def default_metrics(has_factors: bool) -> list[str]:
-    return [name for name, m in METRICS.items() if m.default or (m.needs_factors and has_factors)]
+def default_metrics(has_factors: bool, deterministic: bool = False) -> list[str]:
+    return [name for name, m in METRICS.items() if (m.default or (m.needs_factors and has_factors))
+            and not (m.needs_posterior and deterministic)]
 
 
 def table(results: dict) -> str:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from utils.errors import CliParser, UserError, guarded_main
+from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
 from utils.grids import save_grid
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import started_with
@@ -40,6 +42,8 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     if (run / "eval.json").is_file():
         vae._card["eval"] = json.loads((run / "eval.json").read_text())
     vae.save_pretrained(out)
+    if (run / SAMPLER_FOLDER).is_dir():  # fitted samplers travel with the model
+        shutil.copytree(run / SAMPLER_FOLDER, out / SAMPLER_FOLDER)
     if push_to_hub:
         try:
             vae.push_to_hub(push_to_hub)

@@ -8,12 +8,16 @@ what differs, not a ``load_state_dict`` dump.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
+from models.samplers import SAMPLERS, Sampler, SamplerOptions
 from utils.config import Config, load_config
+from utils.data.registry import load_data
 from utils.errors import UserError
+from utils.evaluation.samplers import FOLDER, check_usable, fitted_sampler
 from utils.inference.trained import TrainedVAE, load_model
 from utils.training.run_folder import newest_run_folder
 
@@ -61,3 +65,36 @@ def output_folder(model_folder: Path, name: str) -> Path:
     if (model_folder / "config.yaml").is_file() or not (model_folder / "config.json").is_file():
         return model_folder / name
     return model_folder.parent / f"{model_folder.name}-{name}"
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """sample.py's and evaluate.py's choice of ex-post sampler and its fit options."""
+    p.add_argument("--sampler", default="prior", help=f"where codes are drawn from: {', '.join(SAMPLERS)} "
+                                                      "(default prior; gmm and two_stage are fitted to the "
+                                                      "training codes once, and kept in the model's folder)")
+    p.add_argument("--refit", action="store_true", help="fit the sampler again, replacing the kept one")
+    p.add_argument("--gmm_components", type=int, default=10, help="gmm: mixture components (default 10)")
+    p.add_argument("--gmm_covariance", default="full", choices=("full", "tied", "diag", "spherical"),
+                   help="gmm: covariance type (default full)")
+    p.add_argument("--two_stage_steps", type=int, default=3000, help="two_stage: training steps of the second "
+                                                                     "VAE (default 3000)")
+
+
+def sampler_options(args: argparse.Namespace) -> SamplerOptions:
+    for name in ("gmm_components", "two_stage_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return SamplerOptions(gmm_components=args.gmm_components, gmm_covariance=args.gmm_covariance,
+                          two_stage_steps=args.two_stage_steps, seed=args.seed)
+
+
+def chosen_sampler(model: TrainedVAE, cfg: Config, folder: Path, args: argparse.Namespace) -> Sampler:
+    """The --sampler for a loaded model: the prior, or one fitted to its training codes (fitted now, reading the
+    training set, when the folder keeps none yet or --refit asks)."""
+    options = sampler_options(args)
+    check_usable(model, args.sampler)
+    kept = (Path(folder) / FOLDER / f"{args.sampler}.safetensors").is_file()
+    train = None
+    if SAMPLERS[args.sampler].fitted and (args.refit or not kept):
+        train = load_data(cfg.data, cfg.data.num_workers)[0].to(model.device)
+    return fitted_sampler(model, folder, args.sampler, train, options, args.refit, model.device)

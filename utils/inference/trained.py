@@ -33,12 +33,15 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from models.samplers import Sampler, SamplerOptions
 from models.vae import VAE
 from utils.config import Config, build_config, config_to_dict, load_config
-from utils.data.registry import image_shape
+from utils.data.registry import image_shape, load_data
 from utils.errors import UserError, unusable_path
 from utils.evaluation.bounds import image_bounds
 from utils.evaluation.metrics import headline
+from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
+from utils.evaluation.samplers import check_usable, fitted_sampler
 from utils.files import save_tensors, tensor_mismatches
 
 HUB_WEIGHTS = "model.safetensors"
@@ -119,12 +122,27 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
 
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               batch_size: int = 256) -> torch.Tensor:
-        """n images (n, C, H, W) in [0, 1], the decoder's means at codes drawn from the prior (with a CPU
-        ``generator``, the same codes on any device); a conditional model decodes ``labels`` (n,)."""
-        z = self.prior.sample(n, generator).to(self.device)
+               batch_size: int = 256, sampler: str = "prior") -> torch.Tensor:
+        """n images (n, C, H, W) in [0, 1], the decoder's means at codes drawn from ``sampler`` (the prior, or
+        ``gmm`` / ``two_stage`` fitted to the training codes, see ``ex_post_sampler``; with a CPU ``generator``,
+        the same codes on any device); a conditional model decodes ``labels`` (n,)."""
+        check_usable(self, sampler)
+        z = (self.prior.sample(n, generator) if sampler == "prior"
+             else self.ex_post_sampler(sampler).sample(n, generator)).to(self.device)
         ys = [None] * math.ceil(n / batch_size) if labels is None else self._to(labels).split(batch_size)
         return torch.cat([self.decode(part, y) for part, y in zip(z.split(batch_size), ys)])
+
+    def ex_post_sampler(self, name: str, refit: bool = False, options: SamplerOptions | None = None) -> Sampler:
+        """The sampler ``name`` fitted to this model's training codes: the one kept in its folder, or fitted now
+        (reading the training set its config names) and kept there."""
+        folder = getattr(self, "folder", None)
+        if folder is None:
+            raise UserError("this model was not loaded from a folder, where a fitted sampler is kept: load it with "
+                            "TrainedVAE.load")
+        options = options or SamplerOptions()
+        kept = (folder / SAMPLER_FOLDER / f"{name}.safetensors").is_file()
+        train = load_data(self.config.data)[0].to(self.device) if refit or not kept else None
+        return fitted_sampler(self, folder, name, train, options, refit, self.device)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,4 +256,5 @@ def fill_checked(model: TrainedVAE, weights: Path) -> TrainedVAE:
                         f"net={cfg.model.net}, likelihood={cfg.model.likelihood}): {shown}; "
                         f"pass the config the weights were trained with")
     model.load_state_dict(state)
+    model.folder = weights.parent  # where fitted samplers are kept
     return model.eval()

@@ -293,7 +293,10 @@ def log_test(s: Session, bar: tqdm, done: int) -> None:
     s.accelerator.log({f"test/{k}": v for k, v in stats.items()}, step=done)
     if s.log:
         s.log.write({"step": done, "split": "test", **stats})
-        bar.write(f"step {done}: test elbo {stats['elbo']:.2f} nats/image, {stats['bpd']:.3f} bits/dim")
+        if "elbo" in stats:
+            bar.write(f"step {done}: test elbo {stats['elbo']:.2f} nats/image, {stats['bpd']:.3f} bits/dim")
+        else:
+            bar.write(f"step {done}: test reconstruction -log p(x|z) {stats['nll']:.2f} nats/image")
 
 
 @torch.no_grad()
@@ -309,7 +312,10 @@ def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, test_y: torch.Tensor |
     y = vae.grid_labels(64)
     paths = {"samples": out_dir / f"step_{step:07d}_samples.png",
              "reconstructions": out_dir / f"step_{step:07d}_recon.png"}
-    save_grid(vae.decode(z, y), paths["samples"], per_row=8)
+    if vae.has_prior:  # (a plain autoencoder has none to draw from)
+        save_grid(vae.decode(z, y), paths["samples"], per_row=8)
+    else:
+        del paths["samples"]
     save_pairs(test_x, vae.decode(vae.encode(test_x, test_y)[0], test_y), paths["reconstructions"])
     vae.train(was_training)
     return paths

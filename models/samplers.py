@@ -1,0 +1,207 @@
+"""Ex-post samplers: a density fitted to a trained model's codes after training, to draw codes that decode to
+images even where the aggregate posterior does not fill the prior (or, for an autoencoder, where there is no
+prior at all). Chosen by name (``sample.py --sampler``), each one class and one ``SAMPLERS`` entry:
+
+    prior      the model's own p(z), nothing fitted
+    gmm        a Gaussian mixture fitted to the training set's posterior means (Ghosh et al. 2020), by
+               scikit-learn's GaussianMixture; its parameters are kept, and drawn from with torch
+    two_stage  a second, small VAE trained on those codes (Dai & Wipf 2019): codes are drawn by decoding
+               N(0, I) draws through it
+
+A fitted sampler is tensors plus a few settings (``state``/``from_state``), kept as safetensors: no pickle.
+Every sampler draws from a CPU ``torch.Generator``, so the same seed gives the same codes on any machine,
+and gives a log-density of codes (``log_prob``, nats per code) for the offline comparison of samplers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.gaussian import HALF_LOG_2PI, gaussian_nll, log_normal
+from models.priors import Prior, StandardNormal
+from utils.errors import UserError
+
+
+@dataclass
+class SamplerOptions:
+    """What a fit depends on; a fitted sampler is reused only while these are the same."""
+
+    gmm_components: int = 10
+    gmm_covariance: str = "full"
+    two_stage_steps: int = 3000
+    two_stage_hidden: list[int] = field(default_factory=lambda: [512, 512])
+    seed: int = 0
+
+    def of(self, name: str) -> dict[str, str]:
+        keys = {"gmm": ("gmm_components", "gmm_covariance", "seed"),
+                "two_stage": ("two_stage_steps", "two_stage_hidden", "seed")}.get(name, ())
+        return {k: str(getattr(self, k)) for k in keys}
+
+
+class Sampler:
+    """Codes z (n, d) for a model whose codes it was fitted to."""
+
+    fitted = True  # fitted to codes (False: the model's prior, nothing to fit or keep)
+
+    def fit(self, codes: torch.Tensor, options: SamplerOptions) -> Sampler:
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> Sampler:
+        return self
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log-density of codes (n, d) -> (n,), in nats."""
+        raise NotImplementedError
+
+
+class PriorSampler(Sampler):
+    """The model's own prior."""
+
+    fitted = False
+
+    def __init__(self, prior: Prior):
+        self.prior = prior
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.prior.sample(n, generator).cpu()
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.prior.log_prob(z)
+
+
+class GaussianMixtureSampler(Sampler):
+    """K Gaussians fitted by EM (scikit-learn's GaussianMixture, k-means initialisation, ``seed``); each covariance
+    kept as its Cholesky factor L (Σ = L Lᵀ), whatever scikit-learn's covariance type."""
+
+    def __init__(self):
+        self.weights = self.means = self.cholesky = torch.empty(0)
+
+    def fit(self, codes: torch.Tensor, options: SamplerOptions) -> GaussianMixtureSampler:
+        from sklearn.mixture import GaussianMixture
+
+        k = options.gmm_components
+        if len(codes) < 2 * k:
+            raise UserError(f"--gmm_components {k} needs at least {2 * k} training codes, there are {len(codes)}: "
+                            f"use fewer components")
+        gm = GaussianMixture(k, covariance_type=options.gmm_covariance, random_state=options.seed, max_iter=200)
+        gm.fit(codes.double().numpy())
+        d = codes.shape[1]
+        cov = {"full": lambda c: c, "tied": lambda c: np.broadcast_to(c, (k, d, d)),
+               "diag": lambda c: np.stack([np.diag(v) for v in c]),
+               "spherical": lambda c: np.stack([np.eye(d) * v for v in c])}[options.gmm_covariance](gm.covariances_)
+        self.weights = torch.as_tensor(gm.weights_)
+        self.means = torch.as_tensor(gm.means_)
+        self.cholesky = torch.linalg.cholesky(torch.as_tensor(np.array(cov)))
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.weights, "means": self.means, "cholesky": self.cholesky}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> GaussianMixtureSampler:
+        self.weights, self.means, self.cholesky = state["weights"], state["means"], state["cholesky"]
+        return self
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        pick = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return (self.means[pick] + (self.cholesky[pick] @ eps[:, :, None])[:, :, 0]).float()
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        diff = z.double()[:, None, :] - self.means[None]                                     # (n, K, d)
+        solved = torch.linalg.solve_triangular(self.cholesky[None], diff[..., None], upper=False)[..., 0]
+        log_det = torch.log(torch.diagonal(self.cholesky, dim1=-2, dim2=-1)).sum(-1)           # (K,) ½ log |Σ|
+        comp = -0.5 * solved.pow(2).sum(-1) - log_det - z.shape[1] * HALF_LOG_2PI            # (n, K)
+        return torch.logsumexp(comp + torch.log(self.weights), 1).float()
+
+
+class CodeVAE(nn.Module):
+    """The second stage of Dai & Wipf 2019: a VAE on codes z (d) with latents u (d), MLP encoder and decoder, and
+    a Gaussian p(z|u) whose shared variance γ is learned (as the σ-VAE's): the second stage's own balance."""
+
+    def __init__(self, d: int, hidden: list[int]):
+        super().__init__()
+
+        def mlp(a: int, b: int) -> nn.Sequential:
+            sizes = [a, *hidden, b]
+            layers: list[nn.Module] = []
+            for i, (p, q) in enumerate(zip(sizes[:-1], sizes[1:])):
+                layers += [nn.Linear(p, q)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+            return nn.Sequential(*layers)
+
+        self.encoder, self.decoder = mlp(d, 2 * d), mlp(d, d)
+        self.log_gamma = nn.Parameter(torch.zeros(()))
+
+    def loss(self, z: torch.Tensor) -> torch.Tensor:
+        """The negative ELBO of codes z (B, d), averaged over the batch."""
+        mu, logvar = self.encoder(z).chunk(2, dim=1)
+        u = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        nll = gaussian_nll(z, self.decoder(u), self.log_gamma)
+        return (nll + StandardNormal(z.shape[1]).kl_per_dim(mu, logvar).sum(1)).mean()
+
+
+class TwoStageSampler(Sampler):
+    """Draws z = the second-stage decoder's mean at u ~ N(0, I), as Dai & Wipf 2019 sample."""
+
+    def __init__(self):
+        self.net: CodeVAE | None = None
+
+    def fit(self, codes: torch.Tensor, options: SamplerOptions) -> TwoStageSampler:
+        g = torch.Generator().manual_seed(options.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(options.seed)
+            self.net = CodeVAE(codes.shape[1], options.two_stage_hidden)
+            opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+            batch = min(256, len(codes))
+            for step in range(options.two_stage_steps):
+                idx = torch.randint(len(codes), (batch,), generator=g)
+                for group in opt.param_groups:  # halved twice over the run, as a short schedule
+                    group["lr"] = 1e-3 * 0.5 ** (2 * step // max(1, options.two_stage_steps))
+                opt.zero_grad(set_to_none=True)
+                self.net.loss(codes[idx].float()).backward()
+                opt.step()
+        self.net.eval()
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.net.state_dict())
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> TwoStageSampler:
+        d = state["decoder.0.weight"].shape[1]
+        hidden = [state[k].shape[0] for k in sorted(state) if k.startswith("decoder.") and k.endswith(".weight")][:-1]
+        self.net = CodeVAE(d, hidden)
+        self.net.load_state_dict(state)
+        self.net.eval()
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        d = self.net.decoder[0].in_features
+        return self.net.decoder(torch.randn(n, d, generator=generator))
+
+    @torch.no_grad()
+    def log_prob(self, z: torch.Tensor, k: int = 100) -> torch.Tensor:
+        """The importance-weighted bound on log p(z) with k samples (a lower bound on the second stage's density)."""
+        mu, logvar = self.net.encoder(z.float()).chunk(2, dim=1)
+        u = mu + torch.randn(k, *mu.shape) * torch.exp(0.5 * logvar)                          # (k, n, d)
+        mean = self.net.decoder(u)
+        log_pz_u = log_normal(z.float(), mean, 2 * self.net.log_gamma).sum(-1)
+        log_w = log_pz_u + StandardNormal(z.shape[1]).log_prob(u) - log_normal(u, mu, logvar).sum(-1)
+        return torch.logsumexp(log_w, 0) - math.log(k)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "prior": PriorSampler,
+    "gmm": GaussianMixtureSampler,
+    "two_stage": TwoStageSampler,
+}
