@@ -35,7 +35,7 @@ class SamplerOptions:
     gmm_covariance: str = "full"
     two_stage_steps: int = 3000
     two_stage_hidden: list[int] = field(default_factory=lambda: [512, 512])
-    seed: int = 0
+    seed: int = 0  # the fit's (not a drawing's: --seed chooses the draws from a fitted sampler)
 
     def of(self, name: str) -> dict[str, str]:
         keys = {"gmm": ("gmm_components", "gmm_covariance", "seed"),

@@ -73,7 +73,7 @@ class Evaluation:
         """The sampler ``name``: the prior, or kept in the model's folder, or fitted now (and kept)."""
         o = self.options
         options = SamplerOptions(gmm_components=o.gmm_components, gmm_covariance=o.gmm_covariance,
-                                 two_stage_steps=o.two_stage_steps, seed=o.seed)
+                                 two_stage_steps=o.two_stage_steps)
         folder = self.vae.folder
         kept = (folder / SAMPLER_FOLDER / f"{name}.safetensors").is_file()
         train = self.train() if SAMPLERS[name].fitted and (o.refit or not kept) else None

@@ -85,7 +85,7 @@ def sampler_options(args: argparse.Namespace) -> SamplerOptions:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return SamplerOptions(gmm_components=args.gmm_components, gmm_covariance=args.gmm_covariance,
-                          two_stage_steps=args.two_stage_steps, seed=args.seed)
+                          two_stage_steps=args.two_stage_steps)
 
 
 def chosen_sampler(model: TrainedVAE, cfg: Config, folder: Path, args: argparse.Namespace) -> Sampler:

@@ -1,0 +1,167 @@
+"""The autoencoder family and the ex-post samplers: the AAE's discriminator against a hand computation and its exact
+resume, AE and AAE trained from their configs, the GMM sampler against scikit-learn, the two-stage sampler closer to
+the training codes than N(0, I), every sampler reproducible from its seed, and the one-line refusals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import evaluate
+import sample
+from conftest import REPO, cli, train, train_cli
+from models.regularisers import PosteriorSample, discriminator_losses
+from models.samplers import GaussianMixtureSampler, SamplerOptions, TwoStageSampler
+from models.vae import VAE
+from utils.config import load_config
+from utils.errors import UserError
+from utils.evaluation.samplers import fitted_sampler, kde_log_density, sampler_scores
+from utils.inference import TrainedVAE
+from utils.training.run_folder import read_metrics
+
+AE, AAE = "configs/mnist_ae.yaml", "configs/mnist_aae.yaml"
+SMALL = ["model.hidden=64", "model.z_dim=2", "train.batch_size=64"]
+
+
+def test_discriminator_losses_by_hand():
+    on_prior, on_codes = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-3.0, 0.0, 1.5])
+    sig = torch.sigmoid
+    d_hand = 0.5 * (-torch.log(sig(on_prior)).mean() - torch.log(1 - sig(on_codes)).mean())
+    g_hand = -torch.log(sig(on_codes)).mean()
+    d, g = discriminator_losses(on_prior, on_codes)
+    assert d.item() == pytest.approx(d_hand.item(), rel=1e-6) and g.item() == pytest.approx(g_hand.item(), rel=1e-6)
+
+
+def test_the_aae_trains_its_discriminator_on_prior_draws_against_codes():
+    """The discriminator's loss after a step is the hand computation on the step's codes and the prior draws the
+    global generator gives next; the encoder's term is BCE(D(codes), 1), weighted by loss.aae_weight."""
+    cfg = load_config(None, ["loss.objective=ae", "loss.regulariser=aae", "loss.aae_hidden=[8]", "model.z_dim=3",
+                             "loss.aae_weight=7"])
+    vae = VAE(cfg.model, cfg.loss, (1, 4, 4))
+    reg = vae.regulariser
+    z = torch.randn(16, 3)
+    penalty, terms = reg(torch.zeros(16), PosteriorSample(z, z, z), vae.prior, 0)
+    by_hand = F.binary_cross_entropy_with_logits(reg.critic(z)[:, 0], torch.ones(16))
+    assert terms["adversarial"].item() == pytest.approx(by_hand.item()) and penalty.item() == pytest.approx(
+        7 * by_hand.item())
+    torch.manual_seed(5)
+    drawn = torch.randn(16, 3)
+    expected, _ = discriminator_losses(reg.critic(drawn)[:, 0], reg.critic(z)[:, 0])
+    before = [p.detach().clone() for p in reg.critic.parameters()]
+    torch.manual_seed(5)
+    out = reg.after_step(type("One", (), {"num_processes": 1})(), torch.zeros(()))
+    assert out["critic_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, reg.critic.parameters()))  # a step was taken
+    assert {id(p) for p in reg.critic.parameters()}.isdisjoint({id(p) for p in vae.trained_parameters()})
+
+
+def test_aae_resumes_exactly_and_ae_trains_from_its_config(tmp_path, real_data):
+    common = [*SMALL, "loss.aae_hidden=[32]", "train.save_every=3", "train.eval_every=6"]
+    train(tmp_path / "full", AAE, [*common, "train.steps=6"])
+    train(tmp_path / "part", AAE, [*common, "train.steps=3"])
+    assert (tmp_path / "part" / "checkpoints" / "step_0000003" / "regulariser.safetensors").is_file()
+    assert train_cli(["-r", "latest", "-e", str(tmp_path / "part"), "train.steps=6"]).returncode == 0
+    full, part = read_metrics(tmp_path / "full", "train"), read_metrics(tmp_path / "part", "train")
+    assert [(r["loss"], r["critic_loss"], r["adversarial"]) for r in full] == [
+        (r["loss"], r["critic_loss"], r["adversarial"]) for r in part]
+    wa, wb = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert any(k.startswith("regulariser.critic.") for k in wa) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    test = read_metrics(tmp_path / "full", "test")[-1]
+    assert "elbo" not in test and "kl" not in test and math.isfinite(test["nll"])  # no bound for an autoencoder
+
+    train(tmp_path / "ae", AE, [*SMALL, "train.steps=200", "train.log_every=50"])
+    rows = read_metrics(tmp_path / "ae", "train")
+    assert rows[-1]["rec"] < rows[0]["rec"] and "kl" not in rows[0]
+    assert not list((tmp_path / "ae" / "samples").glob("*_samples.png"))  # no prior to draw grids from
+
+
+def test_autoencoder_refusals(tmp_path):
+    with pytest.raises(UserError, match="has no posterior variance and no KL, which loss.regulariser=kl needs"):
+        load_config(None, ["loss.objective=ae"])
+    with pytest.raises(UserError, match="weigh the KL, which loss.objective=ae does not have"):
+        load_config(str(REPO / AE), ["loss.beta=4"])
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory, real_data):
+    run = tmp_path_factory.mktemp("ae") / "run"
+    train(run, AE, [*SMALL, "train.steps=400", "train.log_every=100"])
+    return run
+
+
+def test_gmm_sampler_is_scikit_learns_fit(ae_run):
+    from sklearn.mixture import GaussianMixture
+
+    vae = TrainedVAE.load(ae_run)
+    codes = torch.randn(300, 2, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 3.0])
+    for cov in ("full", "diag"):
+        ours = GaussianMixtureSampler().fit(codes, SamplerOptions(gmm_components=3, gmm_covariance=cov, seed=4))
+        ref = GaussianMixture(3, covariance_type=cov, random_state=4, max_iter=200).fit(codes.double().numpy())
+        assert np.allclose(ours.weights.numpy(), ref.weights_) and np.allclose(ours.means.numpy(), ref.means_)
+        full = ref.covariances_ if cov == "full" else np.stack([np.diag(v) for v in ref.covariances_])
+        assert np.allclose((ours.cholesky @ ours.cholesky.transpose(1, 2)).numpy(), full)
+        assert np.allclose(ours.log_prob(codes[:50]).double().numpy(), ref.score_samples(codes[:50].double().numpy()),
+                           atol=1e-4)
+    assert vae.deterministic and not vae.has_prior
+
+
+def test_samplers_are_reproducible_kept_and_refused_in_one_line(ae_run, tmp_path):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(ae_run, run)
+    res = cli(sample.main, ["--exp_dir", str(run), "--mode", "sample"])
+    assert res.returncode == 2 and "has no prior to draw from" in res.stderr
+    first = cli(sample.main, ["--exp_dir", str(run), "--sampler", "gmm", "--n_samples", "9", "--seed", "3"])
+    assert first.returncode == 0, first.stderr
+    png = (run / "sample" / "samples_gmm.png").read_bytes()
+    kept = run / "samplers" / "gmm.safetensors"
+    stamp = kept.stat().st_mtime_ns
+    assert cli(sample.main, ["--exp_dir", str(run), "--sampler", "gmm", "--n_samples", "9", "--seed", "3"]
+               ).returncode == 0
+    assert kept.stat().st_mtime_ns == stamp and (run / "sample" / "samples_gmm.png").read_bytes() == png
+    res = cli(sample.main, ["--exp_dir", str(run), "--sampler", "gmm", "--gmm_components", "4"])
+    assert res.returncode == 2 and "pass --refit" in res.stderr
+    vae = TrainedVAE.load(run)
+    a = vae.sample(5, generator=torch.Generator().manual_seed(0), sampler="gmm")
+    b = vae.sample(5, generator=torch.Generator().manual_seed(0), sampler="gmm")
+    assert torch.equal(a, b) and a.shape == (5, 1, 28, 28)
+    two = TwoStageSampler().fit(torch.randn(200, 2), SamplerOptions(two_stage_steps=20, two_stage_hidden=[16]))
+    assert torch.equal(two.sample(4, torch.Generator().manual_seed(1)), two.sample(4, torch.Generator().manual_seed(1)))
+    conditional = load_config(None, ["model.conditional=true", "model.n_classes=10"])
+    cvae = VAE(conditional.model, conditional.loss, (1, 28, 28))
+    with pytest.raises(UserError, match="this model is conditional"):
+        fitted_sampler(cvae, tmp_path, "gmm", None, SamplerOptions())
+
+
+def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
+    """On a trained autoencoder's codes, by both offline numbers: N(0, I) does not know where its codes are."""
+    res = cli(evaluate.main, ["--exp_dir", str(ae_run), "--metrics", "recon,samplers", "--two_stage_steps", "1500",
+                              "--n_test", "2000", "--out", str(ae_run.parent / "eval.json")])
+    assert res.returncode == 0, res.stderr
+    import json
+
+    s = json.loads((ae_run.parent / "eval.json").read_text())["samplers"]
+    assert set(s) == {"gmm", "two_stage"}  # an AE has no prior
+    vae = TrainedVAE.load(ae_run)
+    from utils.data.registry import load_data
+    from utils.evaluation.samplers import PriorSampler, posterior_means
+
+    train_set, test_set, _ = load_data(vae.config.data)
+    prior = sampler_scores(PriorSampler(vae.prior), posterior_means(vae, train_set),
+                           posterior_means(vae, test_set, limit=2000))
+    for name in ("gmm", "two_stage"):
+        assert s[name]["held_out"] > prior["held_out"] and s[name]["reverse"] > prior["reverse"], (name, s, prior)
+
+
+def test_kde_log_density_against_a_direct_sum():
+    codes, points = torch.randn(50, 2), torch.randn(7, 2)
+    h = 50 ** (-1 / 6) * codes.std(0).mean().item()
+    direct = torch.stack([torch.log(torch.exp(-0.5 * ((p - codes) ** 2).sum(1) / h**2).mean() / (2 * math.pi * h**2))
+                          for p in points])
+    assert torch.allclose(kde_log_density(points, codes), direct, atol=1e-4)
