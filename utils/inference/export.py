@@ -35,10 +35,14 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
-    save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0)).cpu(), out / "samples.png",
-              per_row=8)
+    # 64 samples: from the prior, or, for an autoencoder without one, from the first sampler fitted to its codes
+    kept = [n for n in ("gmm", "two_stage") if (run / SAMPLER_FOLDER / f"{n}.safetensors").is_file()]
+    sampler = "prior" if vae.has_prior else (kept[0] if kept else None)
+    if sampler is not None:
+        save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0), sampler=sampler).cpu(),
+                  out / "samples.png", per_row=8)
     command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
-    vae._card = {"command": command, "samples": "samples.png"}
+    vae._card = {"command": command, "samples": "samples.png" if sampler else None}
     if (run / "eval.json").is_file():
         vae._card["eval"] = json.loads((run / "eval.json").read_text())
     vae.save_pretrained(out)

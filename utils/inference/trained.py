@@ -188,7 +188,8 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         """The card: data set, how it was trained, the held-out numbers (eval.json), the config, samples."""
         info = getattr(self, "_card", {})
         cfg = self.config
-        kind = "conditional " * cfg.model.conditional + f"{cfg.model.likelihood} VAE"
+        kind = "conditional " * cfg.model.conditional + f"{cfg.model.likelihood} " + (
+            f"autoencoder ({cfg.loss.regulariser})" if self.deterministic else "VAE")
         lines = [f"# A {kind} on {cfg.data.name}", "",
                  f"Trained with vae-toolkit: `{info.get('command', 'python train_vae.py -c config.yaml')}`, "
                  f"the config below; {cfg.train.steps:,} steps at batch {cfg.train.batch_size}.", ""]
