@@ -104,8 +104,9 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     """Each latent dimension swept over ±--traverse_range around a test image's code (or a prior draw), rows
     ordered by KL; a PNG and an animated GIF."""
     test = test_set(cfg)
-    _, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
-    dims = dims_by_kl(kl, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
+    means, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
+    score, what = (means.var(0), "var") if model.deterministic else (kl, "KL")  # an AE: no KL, its codes' variance
+    dims = dims_by_kl(score, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
     if args.from_ == "prior":
         base = args.draw(1, g)[0]
         y = labels_for(model, args, 1, g)
@@ -119,7 +120,7 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     x = decode(model, codes.flatten(0, 1), args.batch_size, None if y is None else y.repeat(codes.shape[0] *
                                                                                             codes.shape[1]))
     path = out / "traverse.png"
-    labelled_rows(x, args.n_traverse, [f"z{d}  KL {kl[d]:.2f}" for d in dims]).save(path)
+    labelled_rows(x, args.n_traverse, [f"z{d}  {what} {score[d]:.2f}" for d in dims]).save(path)
     # animation: frame j shows every traversed dimension at values[j], there and back
     frames = []
     for j in list(range(args.n_traverse)) + list(range(args.n_traverse - 2, 0, -1)):
@@ -142,7 +143,8 @@ def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
 
 
 def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
-    """The test set's posterior means coloured by class (PCA beyond 2 dimensions) and the KL per dimension."""
+    """The test set's posterior means coloured by class (PCA beyond 2 dimensions) and the KL per dimension (not
+    for an autoencoder)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,6 +173,8 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
     fig.savefig(scatter)
     plt.close(fig)
 
+    if model.deterministic:  # an autoencoder has no KL per dimension to plot
+        return [scatter]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     active = kl > 0.01
     ax.bar(range(model.z_dim), kl.cpu().numpy(), color=["tab:blue" if a else "tab:gray" for a in active.tolist()])
