@@ -113,16 +113,17 @@ def script_arguments(options: list[str]):
     option = st.tuples(st.sampled_from(options), st.one_of(numbers, paths)).map(list)
     where = st.tuples(st.sampled_from(["--exp_dir", "-e", "-c", "--weights", "--data_root", "--save_dir", "--out"]),
                       paths).map(list)
-    return st.lists(st.one_of(option, where, st.just(["--binarize"]), st.just(["--individual"])),
+    return st.lists(st.one_of(option, where, st.just(["--binarize"]), st.just(["--individual"]),
+                              st.just(["--refit"])),
                     max_size=5).map(lambda ls: [t for o in ls for t in o])
 
 
 SAMPLE_OPTIONS = ["--mode", "--seed", "--n_samples", "--label", "--batch_size", "--n_pairs", "--n_interpolate",
                   "--interp", "--n_traverse", "--traverse_range", "--traverse_dim", "--n_dims", "--from",
-                  "--kl_samples"]
+                  "--kl_samples", "--sampler", "--gmm_components", "--gmm_covariance", "--two_stage_steps"]
 EVALUATE_OPTIONS = ["--metrics", "--k", "--n_test", "--batch_size", "--seed", "--fid_samples", "--fid_weights",
                     "--dis_batch", "--dis_train", "--dis_eval", "--dis_variance", "--mig_samples", "--dci_train",
-                    "--dci_test"]
+                    "--dci_test", "--sampler", "--gmm_components", "--gmm_covariance", "--two_stage_steps"]
 
 
 @fast(500)
