@@ -78,7 +78,7 @@ CASES = [
     (["loss.mmd_weight=10"], ["loss.mmd_weight=10 has no effect with loss.regulariser=kl",
                               "set loss.regulariser=mmd"]),
     (["loss.regulariser=mmd"], ["loss.regulariser=mmd needs loss.mmd_weight > 0"]),
-    (["loss.regulariser=tc"], ["loss.regulariser", "one of kl, mmd"]),
+    (["loss.regulariser=tc"], ["loss.regulariser", "one of kl, none, mmd"]),
     (["model.prior=gmm"], ["model.prior", "one of normal, vamp"]),
     (["loss.objective=vae"], ["loss.objective", "one of elbo, iwae"]),
     (["loss.k=5"], ["loss.k=5 is used only by loss.objective=iwae"]),

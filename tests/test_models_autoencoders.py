@@ -141,7 +141,7 @@ def test_samplers_are_reproducible_kept_and_refused_in_one_line(ae_run, tmp_path
 
 def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
     """On a trained autoencoder's codes, by both offline numbers: N(0, I) does not know where its codes are."""
-    res = cli(evaluate.main, ["--exp_dir", str(ae_run), "--metrics", "recon,samplers", "--two_stage_steps", "1500",
+    res = cli(evaluate.main, ["--exp_dir", str(ae_run), "--metrics", "recon,samplers", "--two_stage_steps", "600",
                               "--n_test", "2000", "--out", str(ae_run.parent / "eval.json")])
     assert res.returncode == 0, res.stderr
     import json
