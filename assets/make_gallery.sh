@@ -30,7 +30,7 @@ done
 # CELEBA_ROOT: the folder holding img_align_celeba/ (default data/celeba)
 celeba="${CELEBA_ROOT:-data/celeba}"
 timed python train_vae.py -c configs/celeba.yaml -e runs/gallery-celeba data.root="$celeba" data.cache=true \
-  train.log_with=none train.steps=STEPS
+  train.log_with=none train.steps=4792
 python sample.py --exp_dir runs/gallery-celeba --mode reconstruct --save_dir assets/celeba --n_samples 32
 for sampler in prior gmm two_stage; do
   python sample.py --exp_dir runs/gallery-celeba --mode sample --save_dir assets/celeba --n_samples 64 \
