@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
             having = ", ".join(name for name, ds in DATASETS.items() if ds.has_factors)
             raise UserError(f"{m} needs ground-truth factors, which only {having} has (this run is "
                             f"{cfg.data.name}): drop it from --metrics")
-    sampler_options(args)  # checks them before anything is read
+    args.sampler_options = sampler_options(args)  # checked before anything is read
     if "fid" in metrics:
         check_usable(vae, args.sampler)
     if args.binarize and vae.likelihood.continuous:

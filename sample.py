@@ -27,7 +27,7 @@ from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
-from utils.inference.loading import add_sampler_arguments, chosen_sampler, load_trained, output_folder
+from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
 
 
 @torch.no_grad()
@@ -260,7 +260,7 @@ def main(argv: list[str]) -> None:
     if not state.is_main_process:
         return  # one process does the (small) work; the others have nothing to add
     drawn = args.mode in ("sample", "interpolate") or (args.mode == "traverse" and args.from_ == "prior")
-    sampler = chosen_sampler(model, cfg, run, args) if drawn else None
+    sampler = model.ex_post_sampler(args.sampler, args.refit, sampler_options(args)) if drawn else None
     args.draw = lambda n, gen: sampler.sample(n, gen).to(args.device)
     args.suffix = "" if args.sampler == "prior" else f"_{args.sampler}"
     if auto:

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.data.registry import load_data  # noqa: E402
-from utils.evaluation.samplers import posterior_means  # noqa: E402
+from utils.evaluation.latents import posterior_stats  # noqa: E402
 from utils.inference import TrainedVAE  # noqa: E402
 
 TITLES = {"none": "AE", "kl": "VAE", "aae": "AAE", "mmd": "MMD-VAE"}
@@ -37,7 +37,7 @@ def main() -> None:
         if args.data_root:
             vae.config.data.root = args.data_root
         test = load_data(vae.config.data)[1]
-        codes, labels = posterior_means(vae, test), test.labels.cpu()
+        codes, labels = posterior_stats(vae, test)[0], test.labels.cpu()
         for c in range(10):
             sel = labels == c
             ax.scatter(codes[sel, 0], codes[sel, 1], s=1.5, alpha=0.5, color=plt.cm.tab10(c), label=str(c))

@@ -178,7 +178,9 @@ class TwoStageSampler(Sampler):
 
     def load_state(self, state: dict[str, torch.Tensor]) -> TwoStageSampler:
         d = state["decoder.0.weight"].shape[1]
-        hidden = [state[k].shape[0] for k in sorted(state) if k.startswith("decoder.") and k.endswith(".weight")][:-1]
+        layers = sorted((int(k.split(".")[1]), v) for k, v in state.items()
+                        if k.startswith("decoder.") and k.endswith(".weight"))
+        hidden = [v.shape[0] for _, v in layers][:-1]
         self.net = CodeVAE(d, hidden)
         self.net.load_state_dict(state)
         self.net.eval()

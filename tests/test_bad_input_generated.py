@@ -126,21 +126,15 @@ EVALUATE_OPTIONS = ["--metrics", "--k", "--n_test", "--batch_size", "--seed", "-
                     "--dci_test", "--sampler", "--gmm_components", "--gmm_covariance", "--two_stage_steps"]
 
 
+@pytest.mark.parametrize("main, options", [(sample.main, SAMPLE_OPTIONS), (evaluate.main, EVALUATE_OPTIONS)],
+                         ids=["sample", "evaluate"])
 @fast(500)
-@given(script_arguments(SAMPLE_OPTIONS))
-def test_sample_arguments(sandbox, argv):
+@given(data=st.data())
+def test_script_arguments(sandbox, main, options, data):
     """No run exists here: every case ends in a one-line refusal, whatever its other arguments."""
+    argv = data.draw(script_arguments(options))
     before = listing(sandbox)
-    res = cli(sample.main, argv)
-    assert res.returncode == 2
-    check(res, sandbox, before)
-
-
-@fast(500)
-@given(script_arguments(EVALUATE_OPTIONS))
-def test_evaluate_arguments(sandbox, argv):
-    before = listing(sandbox)
-    res = cli(evaluate.main, argv)
+    res = cli(main, argv)
     assert res.returncode == 2
     check(res, sandbox, before)
 

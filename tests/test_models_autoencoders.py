@@ -136,7 +136,7 @@ def test_samplers_are_reproducible_kept_and_refused_in_one_line(ae_run, tmp_path
     conditional = load_config(None, ["model.conditional=true", "model.n_classes=10"])
     cvae = VAE(conditional.model, conditional.loss, (1, 28, 28))
     with pytest.raises(UserError, match="this model is conditional"):
-        fitted_sampler(cvae, tmp_path, "gmm", None, SamplerOptions())
+        fitted_sampler(cvae, tmp_path, "gmm", lambda: pytest.fail("no data is read"), SamplerOptions())
 
 
 def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
@@ -150,11 +150,12 @@ def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
     assert set(s) == {"gmm", "two_stage"}  # an AE has no prior
     vae = TrainedVAE.load(ae_run)
     from utils.data.registry import load_data
-    from utils.evaluation.samplers import PriorSampler, posterior_means
+    from utils.evaluation.latents import posterior_stats
+    from utils.evaluation.samplers import PriorSampler
 
     train_set, test_set, _ = load_data(vae.config.data)
-    prior = sampler_scores(PriorSampler(vae.prior), posterior_means(vae, train_set),
-                           posterior_means(vae, test_set, limit=2000))
+    prior = sampler_scores(PriorSampler(vae.prior), posterior_stats(vae, train_set)[0],
+                           posterior_stats(vae, test_set, limit=2000)[0])
     for name in ("gmm", "two_stage"):
         assert s[name]["held_out"] > prior["held_out"] and s[name]["reverse"] > prior["reverse"], (name, s, prior)
 

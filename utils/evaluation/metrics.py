@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from models.samplers import SAMPLERS, Sampler, SamplerOptions
+from models.samplers import SAMPLERS, Sampler
 from models.vae import VAE
 from utils.data.dsprites import classes_to_index
 from utils.data.registry import load_data
@@ -27,8 +27,8 @@ from utils.data.splits import ImageSplit
 from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
 from utils.evaluation.disentanglement import Representation, beta_vae_metric, dci, factor_vae_metric, mig, sap
 from utils.evaluation.fid import build_fid, fid_score
-from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
-from utils.evaluation.samplers import fitted_sampler, posterior_means, sampler_scores
+from utils.evaluation.latents import posterior_stats
+from utils.evaluation.samplers import fitted_sampler, sampler_scores
 
 Rows = list[tuple[str, str]]
 
@@ -41,7 +41,7 @@ class Evaluation:
     vae: VAE
     test: ImageSplit
     accelerator: Accelerator
-    options: Namespace  # evaluate.py's parsed options: k, n_test, batch_size, binarize, seed, fid_*, dis_*, ...
+    options: Namespace  # evaluate.py's parsed options: k, n_test, batch_size, seed, fid_*, dis_*, sampler_options, ..
     metrics: list[str]
     results: dict[str, Any]
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -72,12 +72,8 @@ class Evaluation:
     def sampler(self, name: str) -> Sampler:
         """The sampler ``name``: the prior, or kept in the model's folder, or fitted now (and kept)."""
         o = self.options
-        options = SamplerOptions(gmm_components=o.gmm_components, gmm_covariance=o.gmm_covariance,
-                                 two_stage_steps=o.two_stage_steps)
-        folder = self.vae.folder
-        kept = (folder / SAMPLER_FOLDER / f"{name}.safetensors").is_file()
-        train = self.train() if SAMPLERS[name].fitted and (o.refit or not kept) else None
-        return fitted_sampler(self.vae, folder, name, train, options, o.refit, self.accelerator.device)
+        return fitted_sampler(self.vae, self.vae.folder, name, self.train, o.sampler_options, o.refit,
+                              self.accelerator.device)
 
     def usage(self) -> dict[str, Any]:
         """Active units, per-dimension KL and reconstruction error, in one pass."""
@@ -157,8 +153,9 @@ def _fid(ev: Evaluation) -> None:
 
 def _samplers(ev: Evaluation) -> None:
     """Each usable sampler's two offline numbers (utils/evaluation/samplers.py), fitting what is not fitted yet."""
-    train = posterior_means(ev.vae, ev.train(), ev.accelerator.device)
-    test = posterior_means(ev.vae, ev.test, ev.accelerator.device, limit=ev.options.n_test)
+    device = ev.accelerator.device
+    train = posterior_stats(ev.vae, ev.train(), device=device)[0].cpu()
+    test = posterior_stats(ev.vae, ev.test, limit=ev.options.n_test, device=device)[0].cpu()
     names = [n for n in SAMPLERS if n != "prior" or ev.vae.has_prior]
     ev.results["samplers"] = {n: sampler_scores(ev.sampler(n), train, test, seed=ev.options.seed) for n in names}
 

@@ -11,6 +11,7 @@ under the aggregate of the training codes, a Gaussian kernel density estimate wi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,21 +22,10 @@ from models.samplers import SAMPLERS, PriorSampler, Sampler, SamplerOptions
 from models.vae import VAE
 from utils.data.splits import ImageSplit
 from utils.errors import UserError
+from utils.evaluation.latents import posterior_stats
 from utils.files import save_tensors
 
 FOLDER = "samplers"
-
-
-@torch.no_grad()
-def posterior_means(vae: VAE, data: ImageSplit, device: torch.device | str = "cpu", batch_size: int = 500,
-                    limit: int = 0) -> torch.Tensor:
-    """The codes E[z|x] of the first ``limit`` images of a split (0: all), (N, z) on the CPU in fp32."""
-    n = len(data) if limit <= 0 else min(limit, len(data))
-    out = []
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n), device=device)
-        out.append(vae.encode(data.batch(idx), data.labels_at(idx))[0].float().cpu())
-    return torch.cat(out)
 
 
 def check_usable(vae: VAE, name: str) -> None:
@@ -50,10 +40,11 @@ def check_usable(vae: VAE, name: str) -> None:
                         f"use --sampler prior, which draws for the class asked")
 
 
-def fitted_sampler(vae: VAE, folder: Path, name: str, train: ImageSplit | None, options: SamplerOptions,
+def fitted_sampler(vae: VAE, folder: Path, name: str, train: Callable[[], ImageSplit], options: SamplerOptions,
                    refit: bool = False, device: torch.device | str = "cpu") -> Sampler:
     """The sampler ``name`` for the model in ``folder``: the model's prior, the one fitted before (when its
-    options match), or one fitted now to the codes of ``train`` and kept there."""
+    options match), or one fitted now to the codes of the training split ``train()`` (read only then) and kept
+    there."""
     check_usable(vae, name)
     if not SAMPLERS[name].fitted:
         return PriorSampler(vae.prior)
@@ -72,10 +63,7 @@ def fitted_sampler(vae: VAE, folder: Path, name: str, train: ImageSplit | None, 
             raise UserError(f"{path} was fitted with {changed}: pass --refit to fit it again, or the options it "
                             f"was fitted with")
         return SAMPLERS[name]().load_state(state)
-    if train is None:
-        raise UserError(f"--sampler {name} has not been fitted for {folder}: fit it once with sample.py --sampler "
-                        f"{name} (it reads the training set)")
-    sampler = SAMPLERS[name]().fit(posterior_means(vae, train, device), options)
+    sampler = SAMPLERS[name]().fit(posterior_stats(vae, train(), device=device)[0].cpu(), options)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(sampler.state(), path, metadata=want)
     return sampler

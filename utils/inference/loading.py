@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-from models.samplers import SAMPLERS, Sampler, SamplerOptions
+from models.samplers import SAMPLERS, SamplerOptions
 from utils.config import Config, load_config
-from utils.data.registry import load_data
 from utils.errors import UserError
-from utils.evaluation.samplers import FOLDER, check_usable, fitted_sampler
 from utils.inference.trained import TrainedVAE, load_model
 from utils.training.run_folder import newest_run_folder
 
@@ -38,8 +36,8 @@ def load_trained(exp_dir: str | None, config: str | None, weights: str | None,
     """(config, model, run directory, auto-picked) from --exp_dir, or -c with --weights. ``data_root`` replaces the
     config's data.root: a run evaluated on another machine than it was trained on finds its data there."""
     cfg, model, run, auto = _load_trained(exp_dir, config, weights, device)
-    if data_root:
-        cfg.data.root = data_root
+    if data_root:  # the model's own copy too: a sampler fitted later reads the training set through it
+        cfg.data.root = model.config.data.root = data_root
     return cfg, model, run, auto
 
 
@@ -81,20 +79,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_options(args: argparse.Namespace) -> SamplerOptions:
+    """The fit options of sample.py's and evaluate.py's arguments, checked."""
     for name in ("gmm_components", "two_stage_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return SamplerOptions(gmm_components=args.gmm_components, gmm_covariance=args.gmm_covariance,
                           two_stage_steps=args.two_stage_steps)
-
-
-def chosen_sampler(model: TrainedVAE, cfg: Config, folder: Path, args: argparse.Namespace) -> Sampler:
-    """The --sampler for a loaded model: the prior, or one fitted to its training codes (fitted now, reading the
-    training set, when the folder keeps none yet or --refit asks)."""
-    options = sampler_options(args)
-    check_usable(model, args.sampler)
-    kept = (Path(folder) / FOLDER / f"{args.sampler}.safetensors").is_file()
-    train = None
-    if SAMPLERS[args.sampler].fitted and (args.refit or not kept):
-        train = load_data(cfg.data, cfg.data.num_workers)[0].to(model.device)
-    return fitted_sampler(model, folder, args.sampler, train, options, args.refit, model.device)

@@ -40,7 +40,6 @@ from utils.data.registry import image_shape, load_data
 from utils.errors import UserError, unusable_path
 from utils.evaluation.bounds import image_bounds
 from utils.evaluation.metrics import headline
-from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
 from utils.evaluation.samplers import check_usable, fitted_sampler
 from utils.files import save_tensors, tensor_mismatches
 
@@ -133,16 +132,14 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         return torch.cat([self.decode(part, y) for part, y in zip(z.split(batch_size), ys)])
 
     def ex_post_sampler(self, name: str, refit: bool = False, options: SamplerOptions | None = None) -> Sampler:
-        """The sampler ``name`` fitted to this model's training codes: the one kept in its folder, or fitted now
-        (reading the training set its config names) and kept there."""
+        """The sampler ``name``: the prior, or one fitted to this model's training codes, the one kept in its
+        folder, or fitted now (reading the training set its config names) and kept there."""
         folder = getattr(self, "folder", None)
         if folder is None:
             raise UserError("this model was not loaded from a folder, where a fitted sampler is kept: load it with "
                             "TrainedVAE.load")
-        options = options or SamplerOptions()
-        kept = (folder / SAMPLER_FOLDER / f"{name}.safetensors").is_file()
-        train = load_data(self.config.data)[0].to(self.device) if refit or not kept else None
-        return fitted_sampler(self, folder, name, train, options, refit, self.device)
+        return fitted_sampler(self, folder, name, lambda: load_data(self.config.data)[0].to(self.device),
+                              options or SamplerOptions(), refit, self.device)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

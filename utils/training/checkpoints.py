@@ -160,8 +160,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int,
                 save_tensors(tensors, tmp / name)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            mode = 0o666 & ~current_umask()
             for f in tmp.iterdir():  # safetensors writes 0600: readable like every other file of the run
-                os.chmod(f, 0o666 & ~current_umask())
+                os.chmod(f, mode)
             write_manifest(tmp, step)
             _replace_dir(tmp, final)
     except Exception as e:  # disk full, quota, permissions: the writers raise OSError, RuntimeError, SafetensorError
