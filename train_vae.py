@@ -27,6 +27,7 @@ from utils.config import config_yaml, load_config, run_warnings
 from utils.errors import CliParser, UserError, guarded_main
 from utils.files import disk_advice
 from utils.training.checkpoints import after_failed_write, resolve_resume
+from utils.training.config import native_cpu_bf16
 from utils.training.loop import train
 from utils.training.run_folder import check_new_run_dir, default_run_dir
 
@@ -64,6 +65,18 @@ def launch_warnings(num_processes: int) -> list[str]:
     return []
 
 
+def precision_warnings(precision: str, device_type: str) -> list[str]:
+    """bf16 on a CPU without bf16 instructions: the run is correct but slower than fp32, the opposite of why one
+    asks for bf16 (benchmarks/README.md has the figures). ``precision`` is train.mixed_precision; ``launcher``
+    reads accelerate's setting as the Accelerator will."""
+    if precision == "launcher":
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision == "bf16" and device_type == "cpu" and not native_cpu_bf16():
+        return ["bf16 on this CPU runs through converting kernels (it has no AVX-512 BF16 or AMX instructions) and "
+                "trains several times slower than fp32: use train.mixed_precision=no here"]
+    return []
+
+
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
     # every process builds the same view; only the main one prints warnings
@@ -80,7 +93,8 @@ def main(argv: list[str]) -> None:
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
     if state.is_main_process:
-        for line in run_warnings(cfg) + launch_warnings(state.num_processes):
+        for line in (run_warnings(cfg) + launch_warnings(state.num_processes)
+                     + precision_warnings(cfg.train.mixed_precision, state.device.type)):
             print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         if state.is_main_process:

@@ -29,6 +29,7 @@ from utils.inference import TrainedVAE
 from utils.inference import export as exporter
 from utils.inference import trained as trained_module
 from utils.training.checkpoints import after_failed_write
+from utils.training.config import native_cpu_bf16
 
 MNIST = str(REPO / "configs" / "mnist.yaml")
 
@@ -141,6 +142,20 @@ def test_a_launch_that_got_one_process_is_said(monkeypatch):
     res = train_cli(["-c", MNIST, "--dry-run"])
     assert res.returncode == 0 and "warning: the launch asked for several processes but this run has one" in res.stderr
     assert train_vae.launch_warnings(2) == []
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_said(monkeypatch):
+    # what this machine's CPU has decides whether the real CLI warns
+    res = train_cli(["-c", MNIST, "--dry-run", "train.mixed_precision=bf16"])
+    assert res.returncode == 0 and ("converting kernels" in res.stderr) == (not native_cpu_bf16())
+    # and each case, whatever this CPU: the launcher's setting counts, a GPU or a bf16 CPU does not warn
+    monkeypatch.setattr(train_vae, "native_cpu_bf16", lambda: False)
+    assert "train.mixed_precision=no" in train_vae.precision_warnings("bf16", "cpu")[0]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert len(train_vae.precision_warnings("launcher", "cpu")) == 1
+    assert train_vae.precision_warnings("no", "cpu") == train_vae.precision_warnings("bf16", "cuda") == []
+    monkeypatch.setattr(train_vae, "native_cpu_bf16", lambda: True)
+    assert train_vae.precision_warnings("bf16", "cpu") == []
 
 
 # ---- advice that fits the cause ----------------------------------------------------------------------------------

@@ -41,3 +41,11 @@ class TrainConfig:
                              min=1)
     channels_last: bool = opt(True, "conv nets: channels-last memory format (faster convolutions on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the model (slow first steps, then faster on GPUs)")
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX) for oneDNN's kernels. Without them CPU
+    autocast still runs in bf16, through converting fallback kernels that are several times slower than fp32."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
