@@ -65,6 +65,12 @@ class Likelihood(nn.Module):
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         raise NotImplementedError
 
+    def terms_k(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
+        """The terms of k decoder outputs per image, out (k·B, ...) sample-major, for images x (B, ...): those
+        of ``forward`` on the images repeated k times. A likelihood may avoid that k-fold copy."""
+        k = len(out) // len(x)
+        return self(x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1), out)
+
 
 class Bernoulli(Likelihood):
     """Binary cross-entropy with logits, summed over pixels; data in [0, 1]."""
@@ -74,6 +80,14 @@ class Bernoulli(Likelihood):
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
         nll = F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
         return LikelihoodTerms(nll, nll, None)
+
+    def terms_k(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:
+        """−log p(x|l) = Σ_d softplus(l_d) − x_d·l_d, the cross-entropy with logits for any x in [0, 1]: the
+        products with the image as one contraction over its k outputs, with no k-fold copy of the image and two
+        passes over the logits instead of the cross-entropy's several (twice as fast at k = 5000 on a CPU)."""
+        logits = out.flatten(1).view(-1, len(x), x[0].numel())                 # (k, B, D)
+        nll = F.softplus(logits).sum(-1) - torch.einsum("kbd,bd->kb", logits, x.flatten(1).to(logits.dtype))
+        return LikelihoodTerms(nll.flatten(), nll.flatten(), None)
 
 
 class FixedGaussian(Likelihood):

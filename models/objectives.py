@@ -65,8 +65,8 @@ def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Ten
     codes z (k, B, z), the posterior's (mu, logvar) and the decoder's output for the codes (k·B, ...). The one
     computation behind the IWAE objective and the bounds evaluate.py reports."""
     k = z.shape[0]
-    lik = vae.likelihood(x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1), out)
-    log_ratio = vae.prior.log_prob(z) - gaussian_log_density(z, mu, logvar)
+    lik = vae.likelihood.terms_k(x, out)
+    log_ratio = vae.prior.log_prob_about(z, mu) - gaussian_log_density(z, mu, logvar)
     return -lik.nll.view(k, -1), log_ratio, lik
 
 

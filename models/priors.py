@@ -43,6 +43,12 @@ class Prior(nn.Module):
         """log p(z) per code, (...,) for z (..., z_dim)."""
         raise NotImplementedError
 
+    def log_prob_about(self, z: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """log p(z) (k, B) of k codes per image, z (k, B, z_dim), drawn about each image's posterior mean
+        ``centre`` (B, z_dim): the values of ``log_prob``. A prior may use the centre to compute them faster
+        (the importance-weighted bounds evaluate millions of codes this way)."""
+        return self.log_prob(z)
+
     def sample(self, n: int, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:
         """n codes (n, z_dim) on ``device`` (default: the generator's, else the CPU), from ``generator`` or the
@@ -90,6 +96,7 @@ class VampPrior(Prior):
         super().__init__(z_dim)
         self.pseudo = nn.Parameter(torch.randn(components, *img_shape) * 0.01 + 0.05)
         self._encoder: list[nn.Module] = []
+        self._table: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # components() kept, see there
 
     @classmethod
     def from_config(cls, m: ModelConfig, img_shape: tuple[int, int, int]) -> VampPrior:
@@ -99,9 +106,23 @@ class VampPrior(Prior):
         self._encoder = [encoder]  # a list: not registered twice in the state dict
 
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar) of the K mixture components, each (K, z)."""
-        mu, logvar = self._encoder[0](F.hardtanh(self.pseudo, 0.0, 1.0))
-        return mu.float(), logvar.float()
+        """(mu, logvar) of the K mixture components, each (K, z).
+
+        Without gradients (evaluation, sampling) the table is kept and reused until a parameter or buffer of the
+        pseudo-inputs or the encoder changes (in place, as an optimiser step or a loaded state dict does, or by
+        moving) or the encoder changes mode: a k = 5000 bound asks for it thousands of times per test set.
+        """
+        encoder = self._encoder[0]
+        key = None
+        if not torch.is_grad_enabled() and isinstance(encoder, nn.Module):
+            tensors = [self.pseudo, *encoder.parameters(), *encoder.buffers()]
+            key = (encoder.training, *((t.data_ptr(), t._version) for t in tensors))
+            if self._table is not None and self._table[0] == key:
+                return self._table[1]
+        mu, logvar = encoder(F.hardtanh(self.pseudo, 0.0, 1.0))
+        table = mu.float(), logvar.float()
+        self._table = None if key is None else (key, table)
+        return table
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         mu, logvar = (t.double() for t in self.components())
@@ -115,6 +136,25 @@ class VampPrior(Prior):
         z = z.double()
         feats = torch.cat([z.pow(2), z, torch.ones_like(z[..., :1])], -1)      # (..., 2z+1)
         return logsumexp_floored((feats @ coef.T).float()) - math.log(mu.shape[0])
+
+    def log_prob_about(self, z: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """``log_prob`` in float32, about four times faster on a CPU than its float64 form. With u = z − c and
+        a_k = μ_k − c for the image's centre c, Σ_d (z_d − μ_kd)²/σ²_kd = Σ_d [u_d² − 2 u_d a_kd + a_kd²]/σ²_kd:
+        one batched matrix product of [u², u, 1] (B, k, 2z+1) with per-image coefficients (B, K, 2z+1). Codes
+        lie near their image's centre, so u is small, and where a_k is large the component's density is
+        negligible: no large terms cancel where the sum matters, which float32 needs."""
+        if z.dim() != 3:
+            return self.log_prob(z)
+        mu, logvar = self.components()
+        precision = torch.exp(-logvar)                                            # (K, z)
+        c = centre.detach().float()  # the value does not depend on the centre, nor should its gradient
+        a = mu - c.unsqueeze(1)                                                   # (B, K, z)
+        const = (a.pow(2) * precision + logvar).sum(-1, keepdim=True) + 2 * self.z_dim * HALF_LOG_2PI
+        coef = -0.5 * torch.cat([precision.expand_as(a), -2.0 * a * precision, const], -1)  # (B, K, 2z+1)
+        u = (z.float() - c).transpose(0, 1)                                       # (B, k, z)
+        feats = torch.cat([u.pow(2), u, torch.ones_like(u[..., :1])], -1)        # (B, k, 2z+1)
+        log_p = logsumexp_floored(torch.bmm(feats, coef.transpose(1, 2)))        # (B, k)
+        return log_p.transpose(0, 1) - math.log(mu.shape[0])
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 import evaluate
 from conftest import cli, reset_accelerate, train
+from models.gaussian import gaussian_log_density
 from models.likelihoods import Likelihood, LikelihoodTerms, gaussian_nll
 from models.vae import VAE
 from utils.config import DataConfig, load_config
@@ -21,7 +22,7 @@ from utils.data.dsprites import FACTOR_SIZES
 from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.errors import guarded_main
-from utils.evaluation.bounds import latent_usage, likelihood_bounds
+from utils.evaluation.bounds import image_bounds, latent_usage, likelihood_bounds
 from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
 from utils.evaluation.fid import build_fid
 from utils.evaluation.metrics import representation
@@ -118,6 +119,36 @@ def test_iwae_on_a_linear_gaussian_vae_with_known_likelihood(accelerator):
     assert gap > 0.05  # the encoder really is imperfect
     assert -0.02 < bounds["nll"] - true_nll < 0.02  # IWAE recovers the true likelihood
     assert bounds["n"] == 64
+
+
+def test_the_fast_bound_is_the_plain_one_for_a_vamp_prior_bernoulli_model():
+    """The bounds' fast parts (the Bernoulli sum without k copies of the image, the VampPrior in float32 about
+    each posterior and its kept component table) against the plain ones, on the same draws: the k-sample bound
+    computed by hand with the cross-entropy of the repeated images and the float64 mixture density."""
+    cfg = load_config("configs/binarized_mnist_vamp.yaml", ["model.hidden=[64, 64]", "model.vamp_components=50"])
+    torch.manual_seed(0)
+    vae = VAE(cfg.model, cfg.loss, (1, 28, 28), 100).eval()
+    with torch.no_grad():  # components spread over the code space, narrow, as a trained model's
+        vae.prior.pseudo.copy_(torch.rand_like(vae.prior.pseudo))
+        for p in vae.encoder.parameters():
+            p.mul_(3)
+        last = [m for m in vae.encoder.modules() if isinstance(m, nn.Linear)][-1]
+        last.bias[cfg.model.z_dim:] -= 5.0  # the log-variances' half: σ² about e^-5
+    x, k = torch.bernoulli(torch.rand(6, 1, 28, 28) * 0.5), 64
+    torch.manual_seed(1)
+    bound, rec, _ = image_bounds(vae, x, k, chunk=k)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        mu, logvar = vae.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(k, *mu.shape)
+        copies = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+        log_px_z = -nn.functional.binary_cross_entropy_with_logits(
+            vae.decoder_out_k(z), copies, reduction="none").flatten(1).sum(1).view(k, -1)
+        log_w = log_px_z + vae.prior.log_prob(z) - gaussian_log_density(z, mu, logvar)
+        plain = torch.logsumexp(log_w.double(), 0) - math.log(k)
+    assert logvar.exp().min() < 0.01 and mu.abs().max() > 3  # narrow posteriors, far from 0
+    assert torch.allclose(bound.double(), plain, rtol=0, atol=1e-3)
+    assert torch.allclose(rec.double(), -log_px_z.double().mean(0), rtol=0, atol=1e-3)
 
 
 def test_active_units_with_known_collapsed_dimensions(mnist_test, accelerator):

@@ -71,6 +71,14 @@ def test_bernoulli_is_summed_bce(batch):
     p = torch.sigmoid(out)
     by_hand = -(x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
     assert torch.allclose(Bernoulli()(x, out).nll, by_hand, atol=1e-4)
+    # k outputs per image (the importance-weighted bounds): the contraction without copies is the same sum,
+    # for grey levels as for binary pixels, and a likelihood without its own takes the k-fold copy
+    out_k = torch.randn(3 * 4, 1, 6, 5, generator=torch.Generator().manual_seed(1)) * 8.0
+    for images in (x, torch.bernoulli(x)):
+        copies = images.repeat(3, 1, 1, 1)
+        assert torch.allclose(Bernoulli().terms_k(images, out_k).nll, Bernoulli()(copies, out_k).nll, atol=1e-4)
+        sigma = FixedGaussian(0.3)
+        assert torch.equal(sigma.terms_k(images, out_k).nll, sigma(copies, out_k).nll)
 
 
 def test_optimal_sigma_is_batch_rmse(batch):

@@ -120,6 +120,51 @@ def test_vamp_prior_density_is_the_mixture_of_pseudo_input_posteriors():
     assert torch.allclose(draws.var(0), reference.variance, rtol=0.1)
 
 
+class _Narrow(nn.Module):
+    """An encoder whose posteriors are narrow (σ ≈ 0.05) and far from 0, as a trained model's are."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(12, 80)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(u.flatten(1)).chunk(2, dim=1)
+        return 3 * mu, logvar - 6
+
+
+def test_vamp_prior_fast_path_about_the_posterior_and_its_kept_table():
+    torch.manual_seed(0)
+    prior, encoder = VampPrior(40, 500, (1, 3, 4)), _Narrow()
+    prior.bind(encoder)
+    with torch.no_grad():
+        mu, logvar = prior.components()
+        ref64 = torch.distributions.MixtureSameFamily(
+            torch.distributions.Categorical(logits=torch.zeros(500, dtype=torch.float64)),
+            torch.distributions.Independent(torch.distributions.Normal(mu.double(), torch.exp(0.5 * logvar.double())),
+                                            1))
+        # 16 images whose posteriors sit near some components (and one far from all), 30 codes each
+        centre = torch.cat([mu[:15] + 0.2 * torch.randn(15, 40), torch.full((1, 40), 9.0)])
+        z = centre + 0.1 * torch.randn(30, 16, 40)
+        fast = prior.log_prob_about(z, centre)
+        assert fast.shape == (30, 16) and fast.dtype == torch.float32
+        # to 1e-4 nats, or float32's own resolution where the density is astronomically small (the far image)
+        assert torch.allclose(fast.double(), ref64.log_prob(z.double()), rtol=1e-6, atol=1e-4)
+        assert torch.allclose(fast, prior.log_prob(z), rtol=1e-6, atol=1e-4)
+        # the component table is kept without gradients, and made anew when the weights or the mode change
+        assert prior.components()[0] is prior.components()[0]
+        before = prior.components()[0]
+        encoder.net.bias.add_(0.5)  # as an optimiser step does, in place
+        assert not torch.equal(prior.components()[0], before)
+        assert torch.equal(prior.components()[0], encoder(torch.nn.functional.hardtanh(prior.pseudo, 0, 1))[0])
+        encoder.load_state_dict({k: torch.zeros_like(v) for k, v in encoder.state_dict().items()})
+        assert torch.all(prior.components()[0] == 0)
+        kept = prior.components()[0]
+        encoder.train(not encoder.training)
+        assert prior.components()[0] is not kept
+    with torch.enable_grad():  # training: every call is computed anew, with its graph
+        assert prior.components()[0].requires_grad
+
+
 def test_floored_logsumexp_is_torch_logsumexp_for_far_codes():
     """The VampPrior's log-sum-exp floors terms e^-80 below the largest (their exp would be subnormal): the value
     and the gradient are torch.logsumexp's, also where most terms are floored."""
