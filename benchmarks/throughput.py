@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+LABEL = {"no": "fp32"}  # train.mixed_precision values as the table names them
 sys.path.insert(0, str(REPO))
 
 
@@ -177,6 +178,8 @@ def main() -> None:
     p.add_argument("--sample_n", type=int, default=10_000, help="images for the sampling figures (0: skip)")
     p.add_argument("--sample_batch", type=int, default=1000, help="sample.py --batch_size for them")
     p.add_argument("--loader", action="store_true", help="time only the input pipeline (images/s)")
+    p.add_argument("--precisions", help="comma-separated train.mixed_precision values to compare in one run "
+                                        "(e.g. no,bf16), with achieved GFLOP/s against this machine's ceilings")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_decoder", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
@@ -200,33 +203,38 @@ def main() -> None:
 
     cfg = load_config(args.config, overrides)
     skip = args.warmup // args.window
-    runs: dict[str, list[dict]] = {"trainer": [], "plain loop": []}
-    for rep in range(args.repeats):  # alternate the two, so slow spells of a shared machine hit both
-        for name in runs:
+    precisions = [q.strip() for q in args.precisions.split(",")] if args.precisions else [None]
+    runs: dict[tuple[str, str | None], list[dict]] = {(n, q): [] for q in precisions for n in ("trainer", "plain loop")}
+    for rep in range(args.repeats):  # alternate the loops (and precisions), so slow spells of a shared machine hit all
+        for name, q in runs:
+            extra = [*overrides, *([f"train.mixed_precision={q}"] if q else [])]
             if name == "trainer":
-                r = trainer(args.config, overrides, args.steps, args.window,
-                            args.sample_n if rep == 0 else 0, args.sample_batch)
+                sample_n = args.sample_n if rep == 0 and q == precisions[0] else 0
+                r = trainer(args.config, extra, args.steps, args.window, sample_n, args.sample_batch)
             else:
                 proc = subprocess.run([sys.executable, __file__, "--_plain", "-c", args.config, "--steps",
                                        str(args.steps), "--window", str(args.window), "--warmup", str(args.warmup),
-                                       *overrides], capture_output=True, text=True, cwd=REPO)
+                                       *extra], capture_output=True, text=True, cwd=REPO)
                 if proc.returncode:
                     sys.exit(f"plain loop failed: {proc.stderr.strip().splitlines()[-1]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
             r["steps_per_s"] = statistics.median(r["windows"][skip:])
-            runs[name].append(r)
+            runs[name, q].append(r)
     results = {}
-    for name, reps in runs.items():
+    for (name, q), reps in runs.items():
         speeds = [r["steps_per_s"] for r in reps]
-        results[name] = {"steps_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
-                         "images_per_s": statistics.median(speeds) * cfg.train.batch_size,
-                         "peak_mb": max(r["peak_mb"] for r in reps), "device": reps[0]["device"],
-                         "sampling": reps[0].get("sampling"), "runs": speeds}
-    ratio = results["trainer"]["steps_per_s"] / results["plain loop"]["steps_per_s"]
-    device = results["trainer"]["device"]
+        results[name if q is None else f"{name} {LABEL.get(q, q)}"] = {
+            "steps_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
+            "images_per_s": statistics.median(speeds) * cfg.train.batch_size,
+            "peak_mb": max(r["peak_mb"] for r in reps),
+            "device": reps[0]["device"], "sampling": reps[0].get("sampling"), "runs": speeds}
+    first = "trainer" if precisions == [None] else f"trainer {LABEL.get(precisions[0], precisions[0])}"
+    ratio = results[first]["steps_per_s"] / results[first.replace("trainer", "plain loop")]["steps_per_s"]
+    device = results[first]["device"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{cpu_model()}, {os.cpu_count()} cores"
+    shown = cfg.train.mixed_precision if precisions == [None] else ", ".join(precisions)
     head = (f"device: {device} ({name})  torch {torch.__version__}  config: {Path(args.config).name} "
-            f"{' '.join(overrides)}  batch {cfg.train.batch_size}  precision {cfg.train.mixed_precision}  "
+            f"{' '.join(overrides)}  batch {cfg.train.batch_size}  precision {shown}  "
             f"steps {args.steps} (first {args.warmup} excluded, median of {args.window}-step windows; "
             f"median of {args.repeats} alternating runs, min-max in brackets)")
     lines = [head, "", "| loop | steps/s | images/s | peak memory (MB) |", "| --- | --- | --- | --- |"]
@@ -234,14 +242,27 @@ def main() -> None:
         lines.append(f"| {k} | {r['steps_per_s']:.2f} [{r['min']:.2f}-{r['max']:.2f}] | {r['images_per_s']:.0f} | "
                      f"{r['peak_mb']:.0f} |")
     lines.append(f"| trainer / plain | {ratio:.3f} | | |")
-    sampled = results["trainer"]["sampling"]
+    extra_json = {}
+    if precisions != [None]:
+        from step_profile import ceilings, step_flops
+        top, flops = ceilings(), step_flops(args.config, overrides)
+        lines.append("")
+        for q in precisions:
+            sps = results[f"trainer {LABEL.get(q, q)}"]["steps_per_s"]
+            ceiling = top["bf16" if q == "bf16" else "fp32"]
+            lines.append(f"trainer {LABEL.get(q, q)}: {sps / results[first]['steps_per_s']:.2f}x the {first} steps/s; "
+                         f"{flops / 1e9 * sps:.0f} GFLOP/s achieved ({flops / 1e9:.2f} GFLOP a step), "
+                         f"{100 * flops / 1e9 * sps / ceiling:.0f} % of the {ceiling:.1f} GFLOP/s "
+                         f"{'bf16' if q == 'bf16' else 'fp32'} matrix-product ceiling measured in this run")
+        extra_json = {"ceilings_gflops": top, "step_gflop": flops / 1e9}
+    sampled = results[first]["sampling"]
     if sampled:
         lines += ["", f"sampling, {sampled['n']} prior samples: decoder {sampled['decoder_images_per_s']:.0f} "
                       f"images/s; sample.py --mode sample end to end {sampled['wall_s']:.1f} s "
                       f"({sampled['end_to_end_images_per_s']:.0f} images/s, with start-up and the grid PNG)"]
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": head, "ratio": ratio, **results}, indent=2))
+        Path(args.json).write_text(json.dumps({"header": head, "ratio": ratio, **results, **extra_json}, indent=2))
 
 
 if __name__ == "__main__":
