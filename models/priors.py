@@ -97,6 +97,7 @@ class VampPrior(Prior):
         self.pseudo = nn.Parameter(torch.randn(components, *img_shape) * 0.01 + 0.05)
         self._encoder: list[nn.Module] = []
         self._table: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # components() kept, see there
+        self._coef: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None  # log_prob_about()'s, see there
 
     @classmethod
     def from_config(cls, m: ModelConfig, img_shape: tuple[int, int, int]) -> VampPrior:
@@ -145,16 +146,29 @@ class VampPrior(Prior):
         negligible: no large terms cancel where the sum matters, which float32 needs."""
         if z.dim() != 3:
             return self.log_prob(z)
-        mu, logvar = self.components()
-        precision = torch.exp(-logvar)                                            # (K, z)
         c = centre.detach().float()  # the value does not depend on the centre, nor should its gradient
-        a = mu - c.unsqueeze(1)                                                   # (B, K, z)
-        const = (a.pow(2) * precision + logvar).sum(-1, keepdim=True) + 2 * self.z_dim * HALF_LOG_2PI
-        coef = -0.5 * torch.cat([precision.expand_as(a), -2.0 * a * precision, const], -1)  # (B, K, 2z+1)
+        coef = self._coefficients(c)                                              # (B, K, 2z+1)
         u = (z.float() - c).transpose(0, 1)                                       # (B, k, z)
         feats = torch.cat([u.pow(2), u, torch.ones_like(u[..., :1])], -1)        # (B, k, 2z+1)
         log_p = logsumexp_floored(torch.bmm(feats, coef.transpose(1, 2)))        # (B, k)
-        return log_p.transpose(0, 1) - math.log(mu.shape[0])
+        return log_p.transpose(0, 1) - math.log(len(self.pseudo))
+
+    def _coefficients(self, c: torch.Tensor) -> torch.Tensor:
+        """−½ [1/σ²_k, −2 a_k/σ²_k, Σ_d (a²_kd/σ²_kd + log σ²_kd) + z log 2π] (B, K, 2z+1) for centres c (B, z).
+        Without gradients they are kept while the same centres and component table come back: a bound draws an
+        image's k codes chunk by chunk, and rebuilding these for every chunk would cost more than the chunk."""
+        mu, logvar = self.components()
+        keep = not torch.is_grad_enabled()
+        if keep and self._coef is not None:
+            (old_c, old_mu, old_logvar), coef = self._coef
+            if old_mu is mu and old_logvar is logvar and old_c.shape == c.shape and torch.equal(old_c, c):
+                return coef
+        precision = torch.exp(-logvar)                                            # (K, z)
+        a = mu - c.unsqueeze(1)                                                   # (B, K, z)
+        const = (a.pow(2) * precision + logvar).sum(-1, keepdim=True) + 2 * self.z_dim * HALF_LOG_2PI
+        coef = -0.5 * torch.cat([precision.expand_as(a), -2.0 * a * precision, const], -1)
+        self._coef = ((c.clone(), mu, logvar), coef) if keep else None
+        return coef
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:

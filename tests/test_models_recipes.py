@@ -150,6 +150,16 @@ def test_vamp_prior_fast_path_about_the_posterior_and_its_kept_table():
         # to 1e-4 nats, or float32's own resolution where the density is astronomically small (the far image)
         assert torch.allclose(fast.double(), ref64.log_prob(z.double()), rtol=1e-6, atol=1e-4)
         assert torch.allclose(fast, prior.log_prob(z), rtol=1e-6, atol=1e-4)
+        # a bound's chunks: the same centres (a new tensor, equal values) reuse the kept coefficients; other
+        # centres, or the same centres after the weights change, get their own
+        kept = prior._coef[1]
+        assert torch.equal(prior.log_prob_about(z[:7], centre.clone()), fast[:7]) and prior._coef[1] is kept
+        other = centre.flip(0)
+        assert torch.allclose(prior.log_prob_about(z.flip(1), other), prior.log_prob(z.flip(1)), rtol=1e-6, atol=1e-4)
+        assert prior._coef[1] is not kept
+        prior.pseudo.mul_(0.5)  # as an optimiser step does, in place
+        assert torch.allclose(prior.log_prob_about(z.flip(1), other), prior.log_prob(z.flip(1)), rtol=1e-6, atol=1e-4)
+        prior.pseudo.mul_(2.0)
         # the component table is kept without gradients, and made anew when the weights or the mode change
         assert prior.components()[0] is prior.components()[0]
         before = prior.components()[0]
