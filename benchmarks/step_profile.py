@@ -54,8 +54,9 @@ def ceilings(n: int = 1024, repeats: int = 10) -> dict[str, float]:
     return out
 
 
-def _model(config: str, overrides: list[str]):
-    """(cfg, vae, optimizer, a batch on the device in the trainer's memory format, dtype or None)."""
+def build(config: str, overrides: list[str]):
+    """What a bare training loop needs, as the trainer sets it up: (cfg, device, training split, the VAE on the
+    device in the trainer's memory format, that format, the trainer's optimizer, the autocast dtype or None)."""
     import torch
 
     from models.vae import VAE
@@ -69,11 +70,19 @@ def _model(config: str, overrides: list[str]):
     train, _, _ = load_data(cfg.data)
     vae = VAE(cfg.model, cfg.loss, train.shape, cfg.train.batch_size)
     fmt = torch.channels_last if cfg.train.channels_last and vae.convolutional else torch.contiguous_format
-    idx = torch.arange(cfg.train.batch_size)
-    x = train.get(idx).to(device).float().div_(255).contiguous(memory_format=fmt)
     vae = vae.to(device, memory_format=fmt)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
-    return cfg, vae, make_optimizer(vae.parameters(), cfg.train), (x, train.labels_at(idx)), dtype
+    return cfg, device, train, vae, fmt, make_optimizer(vae.parameters(), cfg.train), dtype
+
+
+def _model(config: str, overrides: list[str]):
+    """(cfg, vae, optimizer, a batch on the device in the trainer's memory format, dtype or None)."""
+    import torch
+
+    cfg, device, train, vae, fmt, opt, dtype = build(config, overrides)
+    idx = torch.arange(cfg.train.batch_size)
+    x = train.get(idx).to(device).float().div_(255).contiguous(memory_format=fmt)
+    return cfg, vae, opt, (x, train.labels_at(idx)), dtype
 
 
 def _step(vae, opt, batch, dtype, step: int) -> None:

@@ -34,28 +34,17 @@ def plain_loop(config: str, overrides: list[str], steps: int, window: int) -> di
     import resource
 
     import torch
+    from step_profile import build
 
-    from models.vae import VAE
-    from utils.config import load_config
-    from utils.data.registry import load_data
     from utils.data.splits import TensorImages
-    from utils.training.optim import make_optimizer
 
-    cfg = load_config(config, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.train.seed)
-    train, _, _ = load_data(cfg.data)
-    vae = VAE(cfg.model, cfg.loss, train.shape, cfg.train.batch_size)
-    fmt = torch.channels_last if cfg.train.channels_last and vae.convolutional else torch.contiguous_format
+    cfg, device, train, vae, fmt, opt, dtype = build(config, overrides)  # the trainer's set-up: fused Adam
     # data already decoded, on the device: a set held in memory as it is, any other (files, rendered dSprites)
     # as a pool of 20 batches decoded once, so the loop measures the model alone
     first = torch.arange(min(len(train), 20 * cfg.train.batch_size))
     pool = train.images if isinstance(train, TensorImages) else train.get(first)
     images = pool.to(device).float().div_(255).contiguous(memory_format=fmt)
-    vae = vae.to(device, memory_format=fmt)
-    opt = make_optimizer(vae.parameters(), cfg.train)  # the trainer's: fused Adam
     model = torch.compile(vae) if cfg.train.compile else vae
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     b, n = cfg.train.batch_size, len(images)
     perm = torch.randperm(n, device=device)
     times = []
