@@ -19,6 +19,7 @@ regulariser's weights, so runs with different β compare on the same scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -59,14 +60,16 @@ def kl_divergence(vae: Model, mu: torch.Tensor, logvar: torch.Tensor, z: torch.T
 
 
 def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LikelihoodTerms]:
+                     out: torch.Tensor, log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, LikelihoodTerms]:
     """The parts of the importance weights w_j = p(x|z_j) p(z_j) / q(z_j|x) of k codes per image, in fp32:
     (log p(x|z_j) (k, B), log p(z_j) − log q(z_j|x) (k, B), the likelihood's terms), from images x (B, ...),
-    codes z (k, B, z), the posterior's (mu, logvar) and the decoder's output for the codes (k·B, ...). The one
-    computation behind the IWAE objective and the bounds evaluate.py reports."""
+    codes z (k, B, z), the posterior's (mu, logvar) and the decoder's output for the codes (k·B, ...).
+    ``log_prior``: ``vae.prior.about(mu)``, made once by a caller that draws an image's codes in chunks. The
+    one computation behind the IWAE objective and the bounds evaluate.py reports."""
     k = z.shape[0]
     lik = vae.likelihood.terms_k(x, out)
-    log_ratio = vae.prior.log_prob_about(z, mu) - gaussian_log_density(z, mu, logvar)
+    log_ratio = (log_prior or vae.prior.about(mu))(z) - gaussian_log_density(z, mu, logvar)
     return -lik.nll.view(k, -1), log_ratio, lik
 
 

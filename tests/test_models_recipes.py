@@ -145,20 +145,19 @@ def test_vamp_prior_fast_path_about_the_posterior_and_its_kept_table():
         # 16 images whose posteriors sit near some components (and one far from all), 30 codes each
         centre = torch.cat([mu[:15] + 0.2 * torch.randn(15, 40), torch.full((1, 40), 9.0)])
         z = centre + 0.1 * torch.randn(30, 16, 40)
-        fast = prior.log_prob_about(z, centre)
+        density = prior.about(centre)
+        fast = density(z)
         assert fast.shape == (30, 16) and fast.dtype == torch.float32
         # to 1e-4 nats, or float32's own resolution where the density is astronomically small (the far image)
         assert torch.allclose(fast.double(), ref64.log_prob(z.double()), rtol=1e-6, atol=1e-4)
         assert torch.allclose(fast, prior.log_prob(z), rtol=1e-6, atol=1e-4)
-        # a bound's chunks: the same centres (a new tensor, equal values) reuse the kept coefficients; other
-        # centres, or the same centres after the weights change, get their own
-        kept = prior._coef[1]
-        assert torch.equal(prior.log_prob_about(z[:7], centre.clone()), fast[:7]) and prior._coef[1] is kept
+        # a bound's chunks of codes share what about() prepared: chunk by chunk, the values of all at once
+        assert torch.equal(torch.cat([density(z[:7]), density(z[7:])]), fast)
+        # other centres, or the same after the weights change, are prepared anew
         other = centre.flip(0)
-        assert torch.allclose(prior.log_prob_about(z.flip(1), other), prior.log_prob(z.flip(1)), rtol=1e-6, atol=1e-4)
-        assert prior._coef[1] is not kept
+        assert torch.allclose(prior.about(other)(z.flip(1)), prior.log_prob(z.flip(1)), rtol=1e-6, atol=1e-4)
         prior.pseudo.mul_(0.5)  # as an optimiser step does, in place
-        assert torch.allclose(prior.log_prob_about(z.flip(1), other), prior.log_prob(z.flip(1)), rtol=1e-6, atol=1e-4)
+        assert torch.allclose(prior.about(other)(z.flip(1)), prior.log_prob(z.flip(1)), rtol=1e-6, atol=1e-4)
         prior.pseudo.mul_(2.0)
         # the component table is kept without gradients, and made anew when the weights or the mode change
         assert prior.components()[0] is prior.components()[0]

@@ -128,39 +128,30 @@ def fix_optimal_sigma(vae: VAE, data: ImageSplit, batch_size: int, accelerator: 
 
 
 @torch.no_grad()
-def log_weights(vae: VAE, x: torch.Tensor, k: int,
-                y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log w, log p(x|z)) for k samples z ~ q(z|x), each (k, B), and the KL (B,) as training computes it.
-
-    log w = log p(x|z) + log p(z) − log q(z|x), with the model's own prior; its mean
-    over samples is the ELBO and log mean exp of it the IWAE bound. A conditional
-    model is given the labels ``y``: the bounds are then on log p(x|y).
-    """
-    mu, logvar = vae.encode(x, y)
-    mu, logvar = mu.float(), logvar.float()
-    std = torch.exp(0.5 * logvar)
-    z = mu + std * torch.randn(k, *mu.shape, device=mu.device)  # (k, B, z)
-    log_px_z, log_ratio, _ = importance_parts(vae, x, z, mu, logvar, vae.decoder_out_k(z, y).float())
-    return log_px_z + log_ratio, log_px_z, kl_divergence(vae, mu, logvar, z[0])
-
-
-@torch.no_grad()
 def image_bounds(vae: VAE, x: torch.Tensor, k: int, y: torch.Tensor | None = None,
                  chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image (B,): the IWAE bound log (1/k) Σ_i w_i, the reconstruction term −E log p(x|z) and the KL.
+    """Per image (B,): the IWAE bound log (1/k) Σ_i w_i, the reconstruction term −E log p(x|z) and the KL (as
+    training computes it, from one code).
 
-    The k samples are drawn ``chunk`` at a time (0: all at once) and the log-sum-exp is
-    accumulated, so memory stays bounded for any k. The one computation behind
-    evaluate.py's bounds and ``TrainedVAE.log_likelihood``.
+    log w = log p(x|z) + log p(z) − log q(z|x) for z ~ q(z|x), with the model's own
+    prior; its mean over samples is the ELBO and log mean exp of it the IWAE bound. A
+    conditional model is given the labels ``y``: the bounds are then on log p(x|y).
+    The images are encoded once; the k samples are drawn ``chunk`` at a time (0: all
+    at once) and the log-sum-exp is accumulated, so memory stays bounded for any k.
+    The one computation behind evaluate.py's bounds and ``TrainedVAE.log_likelihood``.
     """
     chunk = chunk or k
-    lse, rec, kl = None, torch.zeros(len(x), device=x.device), None
+    mu, logvar = (t.float() for t in vae.encode(x, y))
+    std, log_prior = torch.exp(0.5 * logvar), vae.prior.about(mu)
+    lse, rec, z = None, torch.zeros(len(x), device=x.device), None
     for start in range(0, k, chunk):
-        w, log_px_z, kl = log_weights(vae, x, min(chunk, k - start), y)
+        z = mu + std * torch.randn(min(chunk, k - start), *mu.shape, device=mu.device)  # (chunk, B, z)
+        log_px_z, log_ratio, _ = importance_parts(vae, x, z, mu, logvar, vae.decoder_out_k(z, y).float(),
+                                                  log_prior)
         rec -= log_px_z.sum(0) / k
-        part = torch.logsumexp(w, 0)
+        part = torch.logsumexp(log_px_z + log_ratio, 0)
         lse = part if lse is None else torch.logaddexp(lse, part)
-    return lse - math.log(k), rec, kl
+    return lse - math.log(k), rec, kl_divergence(vae, mu, logvar, z[0])
 
 
 @torch.no_grad()
