@@ -52,7 +52,7 @@ PRECISIONS = ("no", "bf16")
 
 
 def one_run(family: str, precision: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train and evaluate one (family, precision, seed); returns its steps/s, −ELBO and wall times."""
+    """Train and evaluate one (family, precision, seed); returns its steps/s, −bound and wall times."""
     config, overrides, steps, _ = FAMILIES[family]
     steps = max(20, round(steps * args.scale))
     run = Path(args.out) / f"{family}-{precision}-{seed}"
@@ -80,11 +80,11 @@ def one_run(family: str, precision: str, seed: int, args: argparse.Namespace) ->
     scores = json.loads((run / "eval.json").read_text())
     loss = scores["nll"]["nll"] if family == "iwae" else -scores["elbo"]["elbo"]
     return {"family": family, "precision": precision, "seed": seed, "steps": steps,
-            "steps_per_s": statistics.median(windows), "neg_elbo": loss, "train_s": t_train}
+            "steps_per_s": statistics.median(windows), "neg_bound": loss, "train_s": t_train}
 
 
 def summarise(results: list[dict], families: list[str]) -> list[dict]:
-    """One row per family: speeds, −ELBO mean and seed standard deviation per precision, the verdict."""
+    """One row per family: speeds, −bound mean and seed standard deviation per precision, the verdict."""
     rows = []
     for fam in families:
         got = {p: [r for r in results if r["family"] == fam and r["precision"] == p] for p in PRECISIONS}
@@ -92,7 +92,7 @@ def summarise(results: list[dict], families: list[str]) -> list[dict]:
             continue
         row = {"family": fam, "what": FAMILIES[fam][3], "steps": got["no"][0]["steps"], "seeds": len(got["no"])}
         for p, rs in got.items():
-            losses = [r["neg_elbo"] for r in rs]
+            losses = [r["neg_bound"] for r in rs]
             row[p] = {"steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
                       "mean": statistics.fmean(losses),
                       "sd": statistics.stdev(losses) if len(losses) > 1 else 0.0, "values": losses}

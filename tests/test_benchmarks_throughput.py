@@ -73,7 +73,7 @@ def test_precision_verdict_by_hand():
 
     def run(family, precision, seed, loss, speed):
         return {"family": family, "precision": precision, "seed": seed, "steps": 10, "steps_per_s": speed,
-                "neg_elbo": loss, "train_s": 1.0}
+                "neg_bound": loss, "train_s": 1.0}
 
     runs = [run("vae", "no", 0, 100.0, 10.0), run("vae", "no", 1, 102.0, 12.0),
             run("vae", "bf16", 0, 101.0, 20.0), run("vae", "bf16", 1, 104.0, 30.0),
@@ -94,7 +94,7 @@ def test_precision_benchmark_trains_and_scores_both_precisions(tmp_path, real_da
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert sorted(r["precision"] for r in result["runs"]) == ["bf16", "no"]
-    assert all(r["steps"] == 24 and r["steps_per_s"] > 0 and 50 < r["neg_elbo"] < 600 for r in result["runs"])
+    assert all(r["steps"] == 24 and r["steps_per_s"] > 0 and 50 < r["neg_bound"] < 600 for r in result["runs"])
     row = result["rows"][0]
     assert f"| vae (MLP 784-400-16, Bernoulli) | 24 | {row['no']['steps_per_s']:.1f} |" in proc.stdout
     bad = run_script([str(REPO / "benchmarks" / "precision.py"), "--families", "vea"])
