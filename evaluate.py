@@ -12,6 +12,9 @@ held-out split, in nats per image with bits per dimension beside it.
 
 from __future__ import annotations
 
+# isort: off
+import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
+# isort: on
 import argparse
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from utils.evaluation.metrics import METRICS, Evaluation, default_metrics, table
 from utils.evaluation.samplers import check_usable
 from utils.files import write_json
 from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
+from utils.threads import add_threads_argument, set_threads
 
 
 def main(argv: list[str]) -> None:
@@ -52,9 +56,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--dci_train", type=int, default=10_000, help="DCI and SAP: training images (10,000)")
     p.add_argument("--dci_test", type=int, default=5_000, help="DCI and SAP: held-out images (5,000)")
     add_sampler_arguments(p)
+    add_threads_argument(p)
     args, rest = p.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python evaluate.py --help")
+    set_threads(args.threads)
     for name in ("k", "batch_size", "fid_samples", "dis_batch", "dis_train", "dis_eval", "dis_variance",
                  "mig_samples", "dci_train", "dci_test"):
         if getattr(args, name) < 1:

@@ -12,6 +12,9 @@ Runs on the GPU when there is one, under `accelerate launch` as well as plain py
 
 from __future__ import annotations
 
+# isort: off
+import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
+# isort: on
 import argparse
 import math
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
 from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
+from utils.threads import add_threads_argument, set_threads
 
 
 @torch.no_grad()
@@ -230,9 +234,11 @@ def main(argv: list[str]) -> None:
                    help="traverse: base code from a test image's posterior mean or a prior draw")
     p.add_argument("--kl_samples", type=int, default=10000, help="test images used to rank dimensions by KL")
     add_sampler_arguments(p)
+    add_threads_argument(p)
     args, rest = p.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python sample.py --help")
+    set_threads(args.threads)
     if args.mode not in MODES:
         raise UserError(f"unknown --mode '{args.mode}': choose one of {', '.join(MODES)}")
     if args.n_dims < 0:

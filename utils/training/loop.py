@@ -39,6 +39,7 @@ from utils.errors import Interrupted, UserError
 from utils.evaluation.bounds import elbo_terms
 from utils.files import write_atomic
 from utils.grids import save_grid, save_pairs
+from utils.threads import set_threads, wait_policy
 from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
 from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
 from utils.training.run_folder import MetricsLog, create_run_dir, record_command, save_weights
@@ -154,6 +155,7 @@ def forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor | None, step: 
 def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool, command: str = "") -> Session:
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
+    threads = set_threads(t.threads, "train.threads")
     mp = None if t.mixed_precision == "launcher" else t.mixed_precision
     trackers = tracker_names(t.log_with)
     check_installed(trackers)
@@ -207,7 +209,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if acc.is_main_process else None
     start_trackers(acc, t.log_with, config_to_dict(cfg), run_dir, fresh=resume is None)
     acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
-              f"precision={acc.mixed_precision} params={sum(p.numel() for p in vae.parameters())}"
+              f"threads={threads} ({wait_policy()} wait) precision={acc.mixed_precision} "
+              f"params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
     return Session(cfg, run_dir, acc, vae, model, trained, optimizer, train_set, test_set, fmt, build_schedule(t),
                    fixed_x, fixed_y, log, start, ema)
