@@ -160,7 +160,8 @@ class Adversarial(CriticRegulariser):
         return penalty + self.weight * encoder_loss, {"adversarial": encoder_loss}
 
     def critic_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        drawn = self._prior[0].sample(len(z), device=z.device).to(z.dtype)
+        with torch.no_grad():  # a learned prior's draws (a VampPrior's) would leave gradients on the VAE
+            drawn = self._prior[0].sample(len(z), device=z.device).to(z.dtype)
         on_prior, on_codes = self.critic(drawn)[:, 0], self.critic(z)[:, 0]
         loss, _ = discriminator_losses(on_prior, on_codes)
         accuracy = 0.5 * ((on_prior > 0).float().mean() + (on_codes < 0).float().mean())

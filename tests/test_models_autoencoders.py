@@ -87,6 +87,41 @@ def test_autoencoder_refusals(tmp_path):
         load_config(str(REPO / AE), ["loss.beta=4"])
 
 
+def test_an_autoencoder_that_could_not_be_used_is_refused_before_training(tmp_path):
+    """A conditional AE draws only through its prior, which nothing pulls its codes to (and the ex-post samplers
+    refuse a conditional model); an AE has no KL, the only term that trains a VampPrior's pseudo-inputs, unless
+    its regulariser draws from the prior with gradients (the WAE's MMD)."""
+    res = train_cli(["-c", str(REPO / AE), "-e", str(tmp_path / "run"), "model.conditional=true"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and not (tmp_path / "run").exists(), res.stderr
+    assert "model.conditional=true and loss.objective=ae with loss.regulariser=none do not go together" in lines[0]
+    assert "use loss.regulariser=mmd or aae, model.conditional=false, or loss.objective=elbo" in lines[0]
+    for regulariser in ("none", "aae"):
+        with pytest.raises(UserError, match="model.prior=vamp learns through the KL, which loss.objective=ae with "
+                                            f"loss.regulariser={regulariser} does not have.*use model.prior=normal"):
+            load_config(str(REPO / AE), [f"loss.regulariser={regulariser}", "model.prior=vamp"])
+    # what can be used is accepted: a conditional AAE or WAE draws each class from its prior; a WAE's MMD trains
+    # the pseudo-inputs through its reparameterised prior draws
+    assert load_config(str(REPO / AAE), ["model.conditional=true"]).model.conditional
+    wae = load_config(str(REPO / AE), ["loss.regulariser=mmd", "loss.mmd_weight=10", "model.prior=vamp",
+                                       "model.vamp_components=4", "model.hidden=[16]"])
+    vae = VAE(wae.model, wae.loss, (1, 8, 8))
+    vae(torch.rand(4, 1, 8, 8), 0)["loss"].backward()
+    assert vae.prior.pseudo.grad is not None and vae.prior.pseudo.grad.abs().sum() > 0
+
+
+def test_the_aae_discriminator_leaves_no_gradient_on_a_learned_prior():
+    """Its step draws from the prior: a VampPrior's draws go through the encoder and the pseudo-inputs, whose
+    gradients the next VAE step would otherwise add to its own."""
+    cfg = load_config(None, ["loss.regulariser=aae", "model.prior=vamp", "model.vamp_components=4",
+                             "model.hidden=[16]", "loss.aae_hidden=[8]"])
+    vae = VAE(cfg.model, cfg.loss, (1, 8, 8))
+    vae(torch.rand(4, 1, 8, 8), 0)  # the forward keeps the step's codes; no backward
+    vae.regulariser.after_step(type("One", (), {"num_processes": 1})(), torch.zeros(()))
+    assert all(p.grad is None for p in vae.trained_parameters())
+    assert any(p.grad is not None for p in vae.regulariser.critic.parameters())
+
+
 @pytest.fixture(scope="module")
 def ae_run(tmp_path_factory, real_data):
     run = tmp_path_factory.mktemp("ae") / "run"
