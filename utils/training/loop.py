@@ -40,6 +40,7 @@ from utils.evaluation.bounds import elbo_terms
 from utils.files import write_atomic
 from utils.grids import save_grid, save_pairs
 from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
+from utils.training.config import run_precision
 from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
 from utils.training.run_folder import MetricsLog, create_run_dir, record_command, save_weights
 from utils.training.schedules import Schedule, build_schedule
@@ -154,7 +155,7 @@ def forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor | None, step: 
 def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool, command: str = "") -> Session:
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
-    mp = None if t.mixed_precision == "launcher" else t.mixed_precision
+    mp = run_precision(t.mixed_precision)  # accelerate's setting when launcher, checked
     trackers = tracker_names(t.log_with)
     check_installed(trackers)
     # TensorBoard as an instance, so that its events go to <run>/tb whatever the other trackers' project is called
