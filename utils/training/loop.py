@@ -173,12 +173,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     REGULARISERS[cfg.loss.regulariser].complete_config(cfg.loss, len(train_set))  # (into config.yaml)
     if cfg.model.conditional:
-        classes = class_count(train_set, test_set)
-        if cfg.model.n_classes == 0:
-            cfg.model.n_classes = classes  # into config.yaml: sampling and evaluation build the same model
-        elif cfg.model.n_classes < classes:
-            raise UserError(f"model.n_classes={cfg.model.n_classes} but the data set has {classes} classes: "
-                            f"set model.n_classes={classes} or 0 (from the data)")
+        # into config.yaml: sampling and evaluation build the same model
+        cfg.model.n_classes = class_count(train_set, test_set, cfg.model.n_classes)
     vae = VAE(cfg.model, cfg.loss, train_set.shape, cfg.train.batch_size)
     fmt = torch.channels_last if t.channels_last and vae.convolutional else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
