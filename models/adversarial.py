@@ -140,7 +140,13 @@ class Adversarial(CriticRegulariser):
     """The adversarial autoencoder (Makhzani et al. 2016): β_t · KL (absent with ``loss.objective=ae``, the
     paper's deterministic encoder) + ``loss.aae_weight`` · the encoder's adversarial loss, from a discriminator
     on z (an MLP, ``loss.aae_hidden``; the paper's two layers of 1000) trained after each step to tell prior
-    draws from the step's codes (lr ``loss.aae_lr``). Logs adversarial, critic_loss and critic_accuracy."""
+    draws from the step's codes (lr ``loss.aae_lr``). Logs adversarial, critic_loss and critic_accuracy.
+
+    The updates are pythae's simultaneous ones, not the paper's three phases (reconstruction; then the
+    discriminator; then the encoder against the updated discriminator): one forward gives the reconstruction
+    and the encoder's adversarial term, against the discriminator as it stands, and one step of the VAE's
+    optimizer takes both; the discriminator then steps on that forward's codes, detached, which the encoder
+    made before its update. Each side thus answers the other's previous step, as in a simultaneous GAN update."""
 
     deterministic_ok = True
     matches_prior = True
