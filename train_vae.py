@@ -30,7 +30,7 @@ from utils.config import config_yaml, load_config, run_warnings
 from utils.errors import CliParser, UserError, guarded_main
 from utils.files import disk_advice
 from utils.training.checkpoints import after_failed_write, resolve_resume
-from utils.training.config import native_cpu_bf16
+from utils.training.config import native_cpu_bf16, run_precision
 from utils.training.loop import train
 from utils.training.run_folder import check_new_run_dir, default_run_dir
 
@@ -72,8 +72,7 @@ def precision_warnings(precision: str, device_type: str) -> list[str]:
     """bf16 on a CPU without bf16 instructions: the run is correct but slower than fp32, the opposite of why one
     asks for bf16 (benchmarks/README.md has the figures). ``precision`` is train.mixed_precision; ``launcher``
     reads accelerate's setting as the Accelerator will."""
-    if precision == "launcher":
-        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    precision = run_precision(precision)
     if precision == "bf16" and device_type == "cpu" and not native_cpu_bf16():
         return ["bf16 on this CPU runs through converting kernels (it has no AVX-512 BF16 or AMX instructions) and "
                 "trains several times slower than fp32: use train.mixed_precision=no here"]
@@ -95,6 +94,7 @@ def main(argv: list[str]) -> None:
         cfg = load_config(args.config, overrides)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
+    run_precision(cfg.train.mixed_precision)  # accelerate's setting, checked as the config's is
     if state.is_main_process:
         for line in (run_warnings(cfg) + launch_warnings(state.num_processes)
                      + precision_warnings(cfg.train.mixed_precision, state.device.type)):

@@ -140,7 +140,13 @@ class Adversarial(CriticRegulariser):
     """The adversarial autoencoder (Makhzani et al. 2016): β_t · KL (absent with ``loss.objective=ae``, the
     paper's deterministic encoder) + ``loss.aae_weight`` · the encoder's adversarial loss, from a discriminator
     on z (an MLP, ``loss.aae_hidden``; the paper's two layers of 1000) trained after each step to tell prior
-    draws from the step's codes (lr ``loss.aae_lr``). Logs adversarial, critic_loss and critic_accuracy."""
+    draws from the step's codes (lr ``loss.aae_lr``). Logs adversarial, critic_loss and critic_accuracy.
+
+    The updates are pythae's simultaneous ones, not the paper's three phases (reconstruction; then the
+    discriminator; then the encoder against the updated discriminator): one forward gives the reconstruction
+    and the encoder's adversarial term, against the discriminator as it stands, and one step of the VAE's
+    optimizer takes both; the discriminator then steps on that forward's codes, detached, which the encoder
+    made before its update. Each side thus answers the other's previous step, as in a simultaneous GAN update."""
 
     deterministic_ok = True
     matches_prior = True
@@ -160,7 +166,8 @@ class Adversarial(CriticRegulariser):
         return penalty + self.weight * encoder_loss, {"adversarial": encoder_loss}
 
     def critic_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        drawn = self._prior[0].sample(len(z), device=z.device).to(z.dtype)
+        with torch.no_grad():  # a learned prior's draws (a VampPrior's) would leave gradients on the VAE
+            drawn = self._prior[0].sample(len(z), device=z.device).to(z.dtype)
         on_prior, on_codes = self.critic(drawn)[:, 0], self.critic(z)[:, 0]
         loss, _ = discriminator_losses(on_prior, on_codes)
         accuracy = 0.5 * ((on_prior > 0).float().mean() + (on_codes < 0).float().mean())

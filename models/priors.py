@@ -28,6 +28,7 @@ class Prior(nn.Module):
     """p(z) over codes of size ``z_dim``."""
 
     conditional = True  # usable by a conditional VAE (whose prior stays p(z))
+    learned = False     # has parameters, which only log p(z) in the KL, or draws from it with gradients, train
 
     def __init__(self, z_dim: int):
         super().__init__()
@@ -93,6 +94,7 @@ class VampPrior(Prior):
     """
 
     conditional = False  # the pseudo-inputs have no class label
+    learned = True       # the pseudo-inputs
 
     def __init__(self, z_dim: int, components: int, img_shape: tuple[int, int, int]):
         super().__init__(z_dim)

@@ -33,14 +33,15 @@ class Regulariser(nn.Module):
     What a regulariser needs of the run is said here, as class attributes and class methods, so no code
     outside it tests its name: ``plain_kl`` (it is β·KL and nothing more: the IWAE bound can take it),
     ``min_batch`` (it estimates over the batch), ``accumulates`` (its term can be split over micro-batches),
-    ``deterministic_ok`` and ``matches_prior`` (below), ``check`` (its keys' rules) and ``complete_config``
-    (values it takes from the training set)."""
+    ``deterministic_ok``, ``matches_prior`` and ``trains_prior`` (below), ``check`` (its keys' rules) and
+    ``complete_config`` (values it takes from the training set)."""
 
     plain_kl = False
     min_batch = 1
     accumulates = True
     deterministic_ok = False  # usable by a deterministic autoencoder (loss.objective=ae): no KL, no posterior σ
     matches_prior = False     # pulls the codes' distribution to the prior, so that prior draws decode to images
+    trains_prior = False      # its term draws from the prior with gradients, which train a learned prior without a KL
 
     @classmethod
     def check(cls, loss: LossConfig) -> None:

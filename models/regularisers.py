@@ -92,6 +92,7 @@ class MMD(Regulariser):
 
     deterministic_ok = True  # with loss.objective=ae: the Wasserstein autoencoder (Tolstikhin et al. 2018)
     matches_prior = True
+    trains_prior = True      # the MMD's prior draws are reparameterised: a VampPrior's pseudo-inputs learn from it
 
     @classmethod
     def check(cls, loss: LossConfig) -> None:

@@ -44,8 +44,9 @@ class VAE(nn.Module):
         self.z_dim = model.z_dim
         self.n_classes = model.n_classes if model.conditional else 0  # 0: unconditional
         if model.conditional and self.n_classes < 2:
-            raise UserError(f"model.conditional=true with model.n_classes={model.n_classes}: set the number of "
-                            f"classes (training sets it from the data set's labels)")
+            raise UserError(f"model.conditional=true with model.n_classes={model.n_classes}: a conditional model "
+                            f"needs at least 2 classes: set model.n_classes to the data's (training takes it from "
+                            f"the labels with 0), or model.conditional=false")
         self.likelihood = build_likelihood(model, batch_size)
         self.encoder, self.decoder = build_networks(model, self.img_shape, self.likelihood.n_params, self.n_classes)
         self.prior = build_prior(model, self.img_shape)

@@ -160,6 +160,21 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_said(monkeypatch):
 
 # ---- advice that fits the cause ----------------------------------------------------------------------------------
 
+def test_accelerates_precision_is_checked_as_the_configs_is(monkeypatch, tmp_path, real_data):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8x")
+    res = train_cli(["-c", MNIST, "-e", str(tmp_path / "run"), "train.steps=1"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and not (tmp_path / "run").exists(), res.stderr
+    assert lines[0].startswith("error: ACCELERATE_MIXED_PRECISION=fp8x (accelerate's setting, which "
+                               "train.mixed_precision=launcher takes) is not one of no, fp16, bf16")
+    assert train_cli(["-c", MNIST, "--dry-run"]).returncode == 2  # before anything, a dry run included
+    # the config's own setting wins over accelerate's, as the Accelerator is then told it
+    assert train_cli(["-c", MNIST, "--dry-run", "train.mixed_precision=no"]).returncode == 0
+    for fine in ("no", "bf16"):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", fine)
+        assert train_cli(["-c", MNIST, "--dry-run"]).returncode == 0
+
+
 def test_each_write_failure_gets_its_own_advice(tmp_path):
     assert "ulimit -f" in disk_advice(OSError(errno.EFBIG, "File too large"), tmp_path)
     assert "free disk space" in disk_advice(OSError(errno.ENOSPC, "No space left on device"), tmp_path)

@@ -87,6 +87,41 @@ def test_autoencoder_refusals(tmp_path):
         load_config(str(REPO / AE), ["loss.beta=4"])
 
 
+def test_an_autoencoder_that_could_not_be_used_is_refused_before_training(tmp_path):
+    """A conditional AE draws only through its prior, which nothing pulls its codes to (and the ex-post samplers
+    refuse a conditional model); an AE has no KL, the only term that trains a VampPrior's pseudo-inputs, unless
+    its regulariser draws from the prior with gradients (the WAE's MMD)."""
+    res = train_cli(["-c", str(REPO / AE), "-e", str(tmp_path / "run"), "model.conditional=true"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and not (tmp_path / "run").exists(), res.stderr
+    assert "model.conditional=true and loss.objective=ae with loss.regulariser=none do not go together" in lines[0]
+    assert "use loss.regulariser=mmd or aae, model.conditional=false, or loss.objective=elbo" in lines[0]
+    for regulariser in ("none", "aae"):
+        with pytest.raises(UserError, match="model.prior=vamp learns through the KL, which loss.objective=ae with "
+                                            f"loss.regulariser={regulariser} does not have.*use model.prior=normal"):
+            load_config(str(REPO / AE), [f"loss.regulariser={regulariser}", "model.prior=vamp"])
+    # what can be used is accepted: a conditional AAE or WAE draws each class from its prior; a WAE's MMD trains
+    # the pseudo-inputs through its reparameterised prior draws
+    assert load_config(str(REPO / AAE), ["model.conditional=true"]).model.conditional
+    wae = load_config(str(REPO / AE), ["loss.regulariser=mmd", "loss.mmd_weight=10", "model.prior=vamp",
+                                       "model.vamp_components=4", "model.hidden=[16]"])
+    vae = VAE(wae.model, wae.loss, (1, 8, 8))
+    vae(torch.rand(4, 1, 8, 8), 0)["loss"].backward()
+    assert vae.prior.pseudo.grad is not None and vae.prior.pseudo.grad.abs().sum() > 0
+
+
+def test_the_aae_discriminator_leaves_no_gradient_on_a_learned_prior():
+    """Its step draws from the prior: a VampPrior's draws go through the encoder and the pseudo-inputs, whose
+    gradients the next VAE step would otherwise add to its own."""
+    cfg = load_config(None, ["loss.regulariser=aae", "model.prior=vamp", "model.vamp_components=4",
+                             "model.hidden=[16]", "loss.aae_hidden=[8]"])
+    vae = VAE(cfg.model, cfg.loss, (1, 8, 8))
+    vae(torch.rand(4, 1, 8, 8), 0)  # the forward keeps the step's codes; no backward
+    vae.regulariser.after_step(type("One", (), {"num_processes": 1})(), torch.zeros(()))
+    assert all(p.grad is None for p in vae.trained_parameters())
+    assert any(p.grad is not None for p in vae.regulariser.critic.parameters())
+
+
 @pytest.fixture(scope="module")
 def ae_run(tmp_path_factory, real_data):
     run = tmp_path_factory.mktemp("ae") / "run"
@@ -166,3 +201,50 @@ def test_kde_log_density_against_a_direct_sum():
     direct = torch.stack([torch.log(torch.exp(-0.5 * ((p - codes) ** 2).sum(1) / h**2).mean() / (2 * math.pi * h**2))
                           for p in points])
     assert torch.allclose(kde_log_density(points, codes), direct, atol=1e-4)
+
+
+def test_the_aae_updates_in_one_pass_not_the_papers_three_phases(tmp_path, real_data, monkeypatch):
+    """The order of a training step, from the real loop: one forward gives the reconstruction and the encoder's
+    adversarial term (against the discriminator as it stood), one step of the VAE's optimizer takes both, then the
+    discriminator steps on that forward's codes: from the encoder before its update, as pythae's simultaneous
+    updates. Makhzani et al.'s three phases would train the discriminator on the codes of the updated encoder."""
+    from models.adversarial import Adversarial
+
+    seen: list[dict] = []
+    forward, critic_loss, encode = Adversarial.forward, Adversarial.critic_loss, VAE.encode
+
+    def weights(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in module.parameters()]
+
+    def recording_encode(self, x, y=None):
+        if self.training:
+            seen.append({"vae": self, "x": x.detach().clone()})
+        return encode(self, x, y)
+
+    def recording_forward(self, kl, codes, prior, step):
+        if self.training:
+            seen[-1] |= {"codes": codes.z.detach().clone(), "critic": weights(self.critic),
+                         "encoder": weights(seen[-1]["vae"].encoder)}
+        return forward(self, kl, codes, prior, step)
+
+    def recording_critic_loss(self, z):
+        vae = seen[-1]["vae"]
+        with torch.no_grad():
+            after = encode(vae, seen[-1]["x"])[0].float()
+        seen[-1] |= {"trained_on": z.clone(), "after_update": after, "critic_then": weights(self.critic),
+                     "encoder_then": weights(vae.encoder)}
+        return critic_loss(self, z)
+
+    monkeypatch.setattr(VAE, "encode", recording_encode)
+    monkeypatch.setattr(Adversarial, "forward", recording_forward)
+    monkeypatch.setattr(Adversarial, "critic_loss", recording_critic_loss)
+    train(tmp_path / "run", AAE, [*SMALL, "loss.aae_hidden=[32]", "train.steps=2"])
+    assert len(seen) == 2 and all("trained_on" in s for s in seen)
+    for s in seen:
+        # the VAE's step (reconstruction and adversarial term together) came first: its encoder had moved ...
+        assert any(not torch.equal(a, b) for a, b in zip(s["encoder"], s["encoder_then"]))
+        # ... but the discriminator trained on the codes of the encoder before that step, not after it
+        assert torch.equal(s["trained_on"], s["codes"]) and (s["after_update"] - s["codes"]).abs().max() > 1e-6
+        # and the encoder's adversarial term was against the discriminator its own step then trained
+        assert all(torch.equal(a, b) for a, b in zip(s["critic"], s["critic_then"]))
+    assert any(not torch.equal(a, b) for a, b in zip(seen[0]["critic"], seen[1]["critic"]))  # which did step

@@ -143,3 +143,39 @@ def test_conditional_errors(tmp_path, real_data, tiny_run):
     assert not (tmp_path / "d").exists()
     res = cli(sample.main, ["--exp_dir", str(tiny_run), "--label", "3", "--save_dir", str(tmp_path / "s")])
     assert res.returncode == 2 and "not conditional" in res.stderr
+
+
+def test_a_class_with_no_training_images_is_refused(tmp_path, real_data):
+    """A one-class folder is refused with model.conditional=false as the fix (n_classes=2 would train a class with
+    no image), as is an n_classes beyond the labels, or a class whose images all fell in the test split."""
+    common = ["-c", str(REPO / "configs/image_folder.yaml"), "model.conditional=true", "data.img_size=12",
+              "model.net=mlp", "model.hidden=[16]", "train.batch_size=4", "train.steps=1", "data.cache=false",
+              "data.num_workers=0", "train.eval_every=0", "train.sample_every=0"]
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(tmp_path / "one" / "a" / f"{i}.png")
+    res = train_cli([*common, "-e", str(tmp_path / "r1"), f"data.root={tmp_path / 'one'}"])
+    assert res.returncode == 2 and not (tmp_path / "r1").exists(), res.stderr
+    assert "needs at least 2 classes, and the training images all have label 0" in res.stderr
+    assert "set model.conditional=false" in res.stderr
+    res = train_cli([*common, "-e", str(tmp_path / "r2"), f"data.root={tmp_path / 'one'}", "model.n_classes=2"])
+    assert res.returncode == 2 and "needs at least 2 classes" in res.stderr  # the n_classes=2 route as well
+    res = train_cli([*common, "-e", str(tmp_path / "r3"), f"data.root={tmp_path / 'one'}",
+                     "model.conditional=false"])  # the fix given works
+    assert res.returncode == 0, res.stderr
+    _two_class_folder(tmp_path / "two", n=6)
+    res = train_cli([*common, "-e", str(tmp_path / "r4"), f"data.root={tmp_path / 'two'}", "model.n_classes=3"])
+    assert res.returncode == 2 and "model.n_classes=3 but the data set's labels are 0..1 (2 classes)" in res.stderr
+    (tmp_path / "two" / "c").mkdir()  # one image, which a seeded split holds out
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "two" / "c" / "0.png")
+    for seed in range(50):
+        train_set, test_set, _ = load_data(load_config(None, [
+            "data.name=image_folder", f"data.root={tmp_path / 'two'}", "data.test_fraction=0.3", "data.img_size=12",
+            "data.channels=1", f"data.split_seed={seed}"]).data)
+        if 2 not in train_set.labels.tolist() and 2 in test_set.labels.tolist():
+            break
+    res = train_cli([*common, "-e", str(tmp_path / "r5"), f"data.root={tmp_path / 'two'}", "data.test_fraction=0.3",
+                     f"data.split_seed={seed}"])
+    assert res.returncode == 2 and "class 2 of 0..2 has no training image" in res.stderr, res.stderr
+    (tmp_path / "two" / "c" / "0.png").unlink()
+    assert train_cli([*common, "-e", str(tmp_path / "r6"), f"data.root={tmp_path / 'two'}"]).returncode == 0

@@ -110,13 +110,33 @@ def _check_together(cfg: Config) -> None:
         raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
                         f"train.batch_size >= {regulariser.min_batch}: raise it")
     tracker_names(train.log_with)  # an unknown tracker is an error now, not after the data loaded
-    if cfg.model.conditional and not PRIORS[cfg.model.prior].conditional:
+    prior = PRIORS[cfg.model.prior]
+    if cfg.model.conditional and not prior.conditional:
         raise UserError(f"model.conditional=true and model.prior={cfg.model.prior} do not go together (the prior "
                         f"has no class label): use model.prior=normal, or model.conditional=false")
+    if objective.deterministic:
+        _check_autoencoder(cfg, prior, regulariser)
     if not regulariser.accumulates and train.grad_accum_steps > 1:
         raise UserError(f"loss.regulariser={loss.regulariser} trains on each step's whole batch and does not "
                         f"accumulate: use train.grad_accum_steps=1")
     regulariser.check(loss)
+
+
+def _check_autoencoder(cfg: Config, prior: type, regulariser: type) -> None:
+    """A deterministic autoencoder has no KL: refuse what would then train but could not be used."""
+    ae = f"loss.objective={cfg.loss.objective} with loss.regulariser={cfg.loss.regulariser}"
+    if cfg.model.conditional and not regulariser.matches_prior:
+        # a conditional model draws through its prior, a class at a time; the ex-post samplers (fitted to codes)
+        # fit one density to every class's codes and refuse it
+        pulls = [k for k, r in REGULARISERS.items() if r.deterministic_ok and r.matches_prior]
+        raise UserError(f"model.conditional=true and {ae} do not go together: nothing pulls its codes to the "
+                        f"prior, so no sampler can draw a class from it: use loss.regulariser={' or '.join(pulls)}, "
+                        f"model.conditional=false, or loss.objective=elbo")
+    if prior.learned and not regulariser.trains_prior:
+        trains = [k for k, r in REGULARISERS.items() if r.deterministic_ok and r.trains_prior]
+        raise UserError(f"model.prior={cfg.model.prior} learns through the KL, which {ae} does not have, so its "
+                        f"parameters would never train: use model.prior=normal, loss.regulariser="
+                        f"{' or '.join(trains)} (whose prior draws train them), or loss.objective=elbo")
 
 
 def run_warnings(cfg: Config) -> list[str]:

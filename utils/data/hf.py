@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from utils.data.config import DataConfig
-from utils.data.splits import DecodedImages, ImageSplit, crop_resize, seeded_split
+from utils.data.splits import (
+    DECODING,
+    DecodedImages,
+    ImageSplit,
+    crop_resize,
+    seeded_split,
+    unreadable_errors,
+    unreadable_why,
+)
 from utils.errors import UserError
 
 
@@ -39,11 +47,26 @@ class HFImages(DecodedImages):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        row = self.ds[int(i)]
-        return crop_resize(next(iter(row.values())), self.shape[1], self.shape[0], face_crop=False)
+        try:
+            row = self.ds[int(i)]  # the library decodes the image here, with Pillow
+            return crop_resize(next(iter(row.values())), self.shape[1], self.shape[0], face_crop=False)
+        except unreadable_errors() as e:
+            raise UserError(f"cannot read image {self.where(int(i))} ({unreadable_why(e)}): remove or replace "
+                            f"the file") from None
+
+    def where(self, i: int) -> str:
+        """Row ``i``'s file as the data set recorded it (an image folder's path), or the row number."""
+        import datasets
+
+        column = self.ds.column_names[0]
+        try:
+            path = self.ds.cast_column(column, datasets.Image(decode=False))[i][column].get("path")
+        except (*unreadable_errors(), KeyError, AttributeError):
+            path = None
+        return f"{path} (row {i})" if path else f"row {i} of column {column}"
 
     def cache_key(self) -> bytes:
-        return f"hf:{self.ds._fingerprint}:{self.ds.column_names}:{self.shape}".encode()
+        return f"hf:{self.ds._fingerprint}:{self.ds.column_names}:{self.shape}".encode() + DECODING
 
 
 def _open(cfg: DataConfig):

@@ -77,8 +77,11 @@ def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSplit, ImageS
     return train, test, summary
 
 
-def class_count(train: ImageSplit, test: ImageSplit) -> int:
-    """The number of classes of a labelled data set, for a conditional VAE; a one-line error when it has none."""
+def class_count(train: ImageSplit, test: ImageSplit, n_classes: int = 0) -> int:
+    """The number of classes of a labelled data set, for a conditional VAE (``n_classes``: the config's, 0 for
+    from the data); a one-line error when it has none, or when a class would train on no image: a set of one
+    class (a one-class model is an unconditional one), a label with no training image, or an ``n_classes``
+    other than the labels'."""
     labels = [s.labels for s in (train, test) if s.labels is not None]
     if len(labels) < 2:
         raise UserError("model.conditional=true needs class labels, and this data set has none: use mnist, "
@@ -86,4 +89,20 @@ def class_count(train: ImageSplit, test: ImageSplit) -> int:
     if min(int(y.min()) for y in labels) < 0:
         raise UserError("some images lie directly in data.root, outside any class sub-folder: move them into one, "
                         "or set model.conditional=false")
-    return max(int(y.max()) for y in labels) + 1
+    classes = max(int(y.max()) for y in labels) + 1
+    trained = set(train.labels.unique().tolist())
+    if len(trained) < 2:
+        raise UserError(f"model.conditional=true needs at least 2 classes, and the training images all have "
+                        f"label {min(trained)}: a model of one class is an unconditional one: set "
+                        f"model.conditional=false, or add images of other classes (an image_folder: one "
+                        f"sub-folder per class)")
+    if n_classes and n_classes != classes:
+        raise UserError(f"model.n_classes={n_classes} but the data set's labels are 0..{classes - 1} ({classes} "
+                        f"classes): set model.n_classes={classes}, or 0 to take it from the data")
+    missing = sorted(set(range(classes)) - trained)
+    if missing:
+        raise UserError(f"class{'es' * (len(missing) > 1)} {', '.join(map(str, missing[:8]))} of 0..{classes - 1} "
+                        f"{'have' if len(missing) > 1 else 'has'} no training image, so the model could not learn "
+                        f"{'them' if len(missing) > 1 else 'it'}: give every class training images (an "
+                        f"image_folder: more images in its sub-folder), or set model.conditional=false")
+    return classes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from utils.errors import UserError
 from utils.files import private_temporary, remove_stale_temporaries
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+# part of every decoded cache's name: a change in how files decode (16-bit images scaled, not clipped) must not
+# reuse caches that the old decoding wrote
+DECODING = b"decoding 2: high bit depths scaled"
 
 
 class ImageSplit:
@@ -93,7 +97,7 @@ def decode(path: Path, size: int, channels: int, face_crop: bool) -> torch.Tenso
     smallest DCT scale that still covers the crop (``draft``), which makes large
     files several times cheaper.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
@@ -101,17 +105,56 @@ def decode(path: Path, size: int, channels: int, face_crop: bool) -> torch.Tenso
             side = crop_box(w, h, face_crop)[2]
             img.draft("RGB" if channels == 3 else "L", (math.ceil(size * w / side), math.ceil(size * h / side)))
             return crop_resize(img, size, channels, face_crop)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise UserError(f"image {path} has vanished (data.root moved or unmounted?): restore it and rerun; "
-                            f"a training run continues with -r latest") from None
-        raise UserError(f"cannot read image {path} ({str(e).splitlines()[0]}): remove or replace the file") from None
+    except FileNotFoundError:
+        raise UserError(f"image {path} has vanished (data.root moved or unmounted?): restore it and rerun; "
+                        f"a training run continues with -r latest") from None
+    except unreadable_errors() as e:
+        raise UserError(f"cannot read image {path} ({unreadable_why(e)}): remove or replace the file") from None
+
+
+def unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot read: not an image, too many pixels (a decompression bomb),
+    truncated, a damaged header."""
+    from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
+            struct.error)
+
+
+def unreadable_why(e: BaseException) -> str:
+    """The first line of Pillow's reason, for a ``cannot read image`` line."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else e.__class__.__name__
+
+
+def full_scale(img) -> float | None:
+    """The value that means full intensity in a Pillow image with more than 8 bits a channel, or None for an 8-bit
+    one. Pillow's ``convert("L")`` clips such values at 255 (a 16-bit PNG turns white), so they are scaled instead.
+    16-bit grey opens as I;16 (or I, from a PNG, in older Pillows); 32-bit integer as I, whose TIFF tags give its
+    depth and sign; float (F) is taken as [0, 1]. Pillow already reads 16-bit RGB(A) PNGs as 8-bit RGB(A) (their
+    high bytes)."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode == "F":
+        return 1.0
+    if img.mode != "I":
+        return None
+    if img.format == "PNG":  # PNG has no 32-bit grey: I is its 16-bit grey
+        return 65535.0
+    tags = getattr(img, "tag_v2", {})  # TIFF: BitsPerSample (258), SampleFormat (339; 2 = signed)
+    bits, sample_format = (v[0] if isinstance(v, tuple) else v for v in (tags.get(258, 32), tags.get(339, 2)))
+    return float(2 ** (int(bits) - 1) - 1 if sample_format == 2 else 2 ** int(bits) - 1)
 
 
 def crop_resize(img, size: int, channels: int, face_crop: bool) -> torch.Tensor:
-    """A PIL image -> uint8 (C, size, size): grey or RGB, the square crop, an antialiased bicubic resize."""
+    """A PIL image -> uint8 (C, size, size): grey or RGB, the square crop, an antialiased bicubic resize. An image of
+    more than 8 bits a channel is first scaled by its depth to 8 bits (value * 255 / full scale, rounded)."""
     from PIL import Image
 
+    full = full_scale(img)
+    if full is not None:
+        unit = np.clip(np.asarray(img, dtype=np.float64) / full, 0.0, 1.0)
+        img = Image.fromarray(np.rint(unit * 255).astype(np.uint8), "L")
     img = img.convert("RGB" if channels == 3 else "L")
     left, top, side = crop_box(*img.size, face_crop)
     img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
@@ -186,7 +229,7 @@ class FileImages(DecodedImages):
         return decode(self.paths[i], self.shape[1], self.shape[0], self.face_crop)
 
     def cache_key(self) -> bytes:
-        return "\n".join(map(str, self.paths)).encode() + repr((self.shape, self.face_crop)).encode()
+        return "\n".join(map(str, self.paths)).encode() + repr((self.shape, self.face_crop)).encode() + DECODING
 
 
 def cpu_workers(requested: int) -> int:

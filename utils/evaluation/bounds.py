@@ -63,32 +63,41 @@ def elbo_terms(model: torch.nn.Module, data: ImageSplit, batch_size: int, accele
                limit: int = 0, seed: int = 0, binarize: bool = False) -> dict[str, float]:
     """The model's loss terms on held-out data, and ELBO in nats per image and bits per dimension.
 
-    Used by the trainer every ``eval_every`` steps: each global batch is split
-    across processes exactly as in training, so a batch's optimal σ is the same
-    for any number of processes. Noise comes from a forked RNG: evaluating never
-    changes the training run's random stream. Continuous likelihoods see the
-    dequantised images and their ``elbo``, ``nll`` and ``bpd`` are moved to the
-    8-bit scale, the bound evaluate.py reports (``rec``, ``kl`` and ``loss`` are the
-    training terms on those images). ``binarize`` (a run on ``data.binarize``) binarises
-    the test images with a fixed seed, as ``evaluate.py --binarize``.
+    Used by the trainer every ``eval_every`` steps; its ``elbo`` is the bound evaluate.py reports (``--metrics
+    elbo``), with the same draws: with evaluate.py's ``--seed``, ``--batch_size`` and ``--n_test`` equal to
+    ``seed``, ``batch_size`` and ``limit`` the two agree to float rounding. So it takes what evaluate.py takes:
+    an optimal-σ model is evaluated with one σ for the whole held-out set (``fix_optimal_sigma``), not each
+    batch's own, which fits every batch and makes the bound look better than it is; continuous
+    likelihoods see the dequantised images, and ``elbo``, ``nll`` and ``bpd`` are moved to the 8-bit scale
+    (``rec``, ``kl`` and ``loss`` are the training terms on those images); ``binarize`` (a run on
+    ``data.binarize``) binarises the test images with the same fixed draw as ``evaluate.py --binarize``. Each
+    global batch is split across processes as in training. Noise comes from a forked RNG: evaluating never
+    changes the training run's random stream.
     """
     rank = accelerator.process_index
     n = len(data) if limit <= 0 else min(limit, len(data))
     was_training = model.training
     model.eval()
+    vae = accelerator.unwrap_model(model)
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    continuous = accelerator.unwrap_model(model).likelihood.continuous and not binarize
+    continuous = vae.likelihood.continuous and not binarize
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed + rank)
-        g = torch.Generator(device=accelerator.device).manual_seed(seed + 7919 * (rank + 1))
-        for idx, x in _held_out(data, n, batch_size, accelerator, seed + 7919 if binarize else None):
-            terms = model(_dequantise(x, continuous, g), None, data.labels_at(idx))
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(idx)
-            count += len(idx)
-    model.train(was_training)
+    had_sigma = getattr(vae.likelihood, "fixed_log_sigma", None)
+    try:
+        fix_optimal_sigma(vae, data, batch_size, accelerator, limit)  # (other likelihoods: nothing to fix)
+        with torch.random.fork_rng(devices=devices):  # the draws of likelihood_bounds (k = 1), in the same order
+            torch.manual_seed(seed + 7919 * rank)
+            g = torch.Generator(device=accelerator.device).manual_seed(seed + rank)
+            for idx, x in _held_out(data, n, batch_size, accelerator, seed if binarize else None):
+                terms = model(_dequantise(x, continuous, g), None, data.labels_at(idx))
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                count += len(idx)
+    finally:
+        if isinstance(vae.likelihood, OptimalSigma):  # training goes on with each batch's own σ
+            vae.likelihood.fixed_log_sigma = had_sigma
+        model.train(was_training)
     keys = sorted(sums)
     totals = accelerator.reduce(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count),
                                                                                     device=accelerator.device)]))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from utils.errors import UserError
 from utils.fields import opt
+
+PRECISIONS = ("no", "fp16", "bf16")  # what a run may train in, set here or by accelerate (launcher)
 
 
 @dataclass
@@ -28,7 +32,7 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", min=0.0)
     seed: int = opt(0, "seed for initialisation, noise and data order", min=0)
     mixed_precision: str = opt("launcher", "no, fp16, bf16, or launcher: take accelerate's setting",
-                               choices=("launcher", "no", "fp16", "bf16"))
+                               choices=("launcher", *PRECISIONS))
     log_every: int = opt(50, "steps between progress-bar / metrics.jsonl updates", min=1)
     log_with: str = opt("tensorboard", "experiment trackers, comma-separated: any of Accelerate's (tensorboard, "
                                        "wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), or none")
@@ -52,3 +56,17 @@ def native_cpu_bf16() -> bool:
     import torch
 
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def run_precision(setting: str) -> str:
+    """The precision a run trains in: ``train.mixed_precision``, or for ``launcher`` accelerate's setting
+    (ACCELERATE_MIXED_PRECISION, which ``accelerate launch`` and its config file set), checked against the same
+    choices: Accelerate itself takes any value there and reports it as the run's precision (``precision=fp8x``)."""
+    if setting != "launcher":
+        return setting
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in PRECISIONS:
+        raise UserError(f"ACCELERATE_MIXED_PRECISION={value} (accelerate's setting, which train.mixed_precision="
+                        f"launcher takes) is not one of {', '.join(PRECISIONS)}: set it to one of them (accelerate "
+                        f"config, or accelerate launch --mixed_precision), or set train.mixed_precision")
+    return value

@@ -41,6 +41,7 @@ from utils.files import write_atomic
 from utils.grids import save_grid, save_pairs
 from utils.threads import set_threads, wait_policy
 from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
+from utils.training.config import run_precision
 from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
 from utils.training.run_folder import MetricsLog, create_run_dir, record_command, save_weights
 from utils.training.schedules import Schedule, build_schedule
@@ -156,7 +157,7 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
     threads = set_threads(t.threads, "train.threads")
-    mp = None if t.mixed_precision == "launcher" else t.mixed_precision
+    mp = run_precision(t.mixed_precision)  # accelerate's setting when launcher, checked
     trackers = tracker_names(t.log_with)
     check_installed(trackers)
     # TensorBoard as an instance, so that its events go to <run>/tb whatever the other trackers' project is called
@@ -174,12 +175,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
         train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
     REGULARISERS[cfg.loss.regulariser].complete_config(cfg.loss, len(train_set))  # (into config.yaml)
     if cfg.model.conditional:
-        classes = class_count(train_set, test_set)
-        if cfg.model.n_classes == 0:
-            cfg.model.n_classes = classes  # into config.yaml: sampling and evaluation build the same model
-        elif cfg.model.n_classes < classes:
-            raise UserError(f"model.n_classes={cfg.model.n_classes} but the data set has {classes} classes: "
-                            f"set model.n_classes={classes} or 0 (from the data)")
+        # into config.yaml: sampling and evaluation build the same model
+        cfg.model.n_classes = class_count(train_set, test_set, cfg.model.n_classes)
     vae = VAE(cfg.model, cfg.loss, train_set.shape, cfg.train.batch_size)
     fmt = torch.channels_last if t.channels_last and vae.convolutional else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
