@@ -220,6 +220,7 @@ def test_the_api_fits_every_sampler_and_answers_in_python(run):
     (["--mode", "sample", "--sampler", "two_stage", "--gmm_components", "3"], "--gmm_components"),
     (["--mode", "sample", "--refit"], "--refit fits a sampler again"),
     (["--mode", "sample", "--sampler", "gmm", "--gmm_components", "0"], "gmm_components must be"),
+    (["--mode", "interpolate", "--sampler", "bogus", "--refit"], "unknown --sampler 'bogus'"),
 ])
 def test_sample_refuses_a_sampler_flag_it_would_ignore(argv, says):
     res = cli(sample.main, ["--exp_dir", "nowhere", *argv])

@@ -83,11 +83,14 @@ def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> Sam
     """The fit options of sample.py's and evaluate.py's arguments, checked by ``SamplerOptions`` itself (one home
     for the rules), after refusing each sampler flag that would have no effect: ``uses`` are the samplers the
     command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line."""
+    for name in uses:
+        if name not in SAMPLERS:
+            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
     given = {k: getattr(args, k) for k in FIT_FLAGS if getattr(args, k) is not None}
     for k in given:
         owners = [n for n in SAMPLERS if k in SAMPLERS[n].options]
         if not set(owners) & set(uses):
             raise UserError(f"--{k} is an option of --sampler {' and '.join(owners)}, and {does}: drop it")
-    if args.refit and not any(SAMPLERS[n].fitted for n in uses if n in SAMPLERS):
+    if args.refit and not any(SAMPLERS[n].fitted for n in uses):
         raise UserError(f"--refit fits a sampler again (gmm or two_stage), and {does}: drop it")
     return SamplerOptions(**given)
