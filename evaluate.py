@@ -21,6 +21,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
+from models.samplers import SAMPLERS
 from utils.data.registry import DATASETS, load_data
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import METRICS, Evaluation, default_metrics, table
@@ -81,7 +82,16 @@ def main(argv: list[str]) -> None:
             having = ", ".join(name for name, ds in DATASETS.items() if ds.has_factors)
             raise UserError(f"{m} needs ground-truth factors, which only {having} has (this run is "
                             f"{cfg.data.name}): drop it from --metrics")
-    args.sampler_options = sampler_options(args)  # checked before anything is read
+    # the sampler flags: --sampler chooses the FID's codes; the fit options apply to the samplers fitted
+    if args.sampler is not None and "fid" not in metrics:
+        raise UserError("--sampler chooses where the codes of --metrics fid come from, and fid is not asked for: "
+                        "drop it (--metrics samplers compares every sampler)")
+    args.sampler = args.sampler or "prior"
+    uses = ([args.sampler] if "fid" in metrics else []) + (
+        [n for n in SAMPLERS if n != "prior" and not vae.n_classes] if "samplers" in metrics else [])
+    fits = " and ".join(sorted(set(uses) - {"prior"}))
+    does = (f"--metrics {','.join(metrics)} fits " + (f"--sampler {fits} only" if fits else "no sampler"))
+    args.sampler_options = sampler_options(args, uses, does)  # checked before anything is read
     if "fid" in metrics:
         check_usable(vae, args.sampler)
     if args.binarize and vae.likelihood.continuous:

@@ -29,6 +29,7 @@ from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
+from utils.evaluation.samplers import fitted_sampler
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
 from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
 from utils.threads import add_threads_argument, set_threads
@@ -251,6 +252,15 @@ def main(argv: list[str]) -> None:
     if args.traverse_range <= 0:
         raise UserError(f"--traverse_range must be positive, got {args.traverse_range}")
 
+    # the sampler flags: each one given must change what the mode draws, or it is refused
+    drawn = args.mode in ("sample", "interpolate") or (args.mode == "traverse" and args.from_ == "prior")
+    does = f"--mode {args.mode}" + (" --from posterior" if args.mode == "traverse" else "") + " draws no codes"
+    if args.sampler is not None and not drawn:
+        raise UserError(f"--sampler has no effect here: {does}; drop it")
+    args.sampler = args.sampler or "prior"
+    options = sampler_options(args, [args.sampler] if drawn else [],
+                              does if not drawn else f"--mode {args.mode} draws from --sampler {args.sampler}")
+
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     args.device = state.device
     cfg, model, run, auto = load_trained(args.exp_dir, args.config, args.weights, args.device,
@@ -265,8 +275,9 @@ def main(argv: list[str]) -> None:
                         "(model.conditional=false); drop --label"))
     if not state.is_main_process:
         return  # one process does the (small) work; the others have nothing to add
-    drawn = args.mode in ("sample", "interpolate") or (args.mode == "traverse" and args.from_ == "prior")
-    sampler = model.ex_post_sampler(args.sampler, args.refit, sampler_options(args)) if drawn else None
+    train = lambda: load_data(model.config.data)[0].to(args.device)  # noqa: E731 (read only for a fit)
+    sampler = fitted_sampler(model, model.sampler_folder, args.sampler, train, options, args.refit,
+                             args.device) if drawn else None
     args.draw = lambda n, gen: sampler.sample(n, gen).to(args.device)
     args.suffix = "" if args.sampler == "prior" else f"_{args.sampler}"
     if auto:

@@ -5,10 +5,12 @@ prior at all). Chosen by name (``sample.py --sampler``), each one class and one 
     prior      the model's own p(z), nothing fitted
     gmm        a Gaussian mixture fitted to the training set's posterior means (Ghosh et al. 2020), by
                scikit-learn's GaussianMixture; its parameters are kept, and drawn from with torch
-    two_stage  a second, small VAE trained on those codes (Dai & Wipf 2019): codes are drawn by decoding
-               N(0, I) draws through it
+    two_stage  a second, small VAE trained on draws z = μ + σε from the training set's posteriors (Dai & Wipf
+               2019): codes are drawn as the authors' ``generate()`` draws them, z = f(u) + γε with u, ε ~ N(0, I)
 
-A fitted sampler is tensors plus a few settings (``state``/``from_state``), kept as safetensors: no pickle.
+A fitted sampler is tensors plus a few settings (``state``/``load_state``), kept as safetensors: no pickle.
+Each class checks a kept state before it is used (``problems``: names, shapes against the model's z, finite
+values, a valid Cholesky factor), so a damaged or foreign file is refused in one line, not a traceback.
 Every sampler draws from a CPU ``torch.Generator``, so the same seed gives the same codes on any machine,
 and gives a log-density of codes (``log_prob``, nats per code) for the offline comparison of samplers.
 """
@@ -26,10 +28,17 @@ from models.gaussian import HALF_LOG_2PI, gaussian_nll, log_normal
 from models.priors import Prior, StandardNormal
 from utils.errors import UserError
 
+COVARIANCES = ("full", "tied", "diag", "spherical")  # scikit-learn's GaussianMixture covariance types
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 @dataclass
 class SamplerOptions:
-    """What a fit depends on; a fitted sampler is reused only while these are the same."""
+    """What a fit depends on; a fitted sampler is reused only while these are the same. Checked when made, so
+    that neither the command line nor the API can fit (and keep, over a good one) a sampler from bad options."""
 
     gmm_components: int = 10
     gmm_covariance: str = "full"
@@ -37,22 +46,46 @@ class SamplerOptions:
     two_stage_hidden: list[int] = field(default_factory=lambda: [512, 512])
     seed: int = 0  # the fit's (not a drawing's: --seed chooses the draws from a fitted sampler)
 
+    def __post_init__(self) -> None:
+        for name in ("gmm_components", "two_stage_steps"):
+            value = getattr(self, name)
+            if not _whole(value) or value < 1:
+                raise UserError(f"sampler option {name} must be a whole number of at least 1, got {value!r}")
+        if self.gmm_covariance not in COVARIANCES:
+            raise UserError(f"sampler option gmm_covariance {self.gmm_covariance!r} is not one of "
+                            f"{', '.join(COVARIANCES)}: choose one of them")
+        hidden = self.two_stage_hidden
+        if not isinstance(hidden, (list, tuple)) or not hidden or not all(_whole(h) and h >= 1 for h in hidden):
+            raise UserError(f"sampler option two_stage_hidden must be a non-empty list of layer widths of at least "
+                            f"1, got {hidden!r}")
+        self.two_stage_hidden = list(hidden)
+        if not _whole(self.seed):
+            raise UserError(f"sampler option seed must be a whole number, got {self.seed!r}")
+
     def of(self, name: str) -> dict[str, str]:
-        keys = {"gmm": ("gmm_components", "gmm_covariance", "seed"),
-                "two_stage": ("two_stage_steps", "two_stage_hidden", "seed")}.get(name, ())
-        return {k: str(getattr(self, k)) for k in keys}
+        """The options the sampler ``name`` depends on, as the text kept in its file's metadata."""
+        return {k: str(getattr(self, k)) for k in SAMPLERS[name].options}
 
 
 class Sampler:
     """Codes z (n, d) for a model whose codes it was fitted to."""
 
     fitted = True  # fitted to codes (False: the model's prior, nothing to fit or keep)
+    options: tuple[str, ...] = ()  # the SamplerOptions fields its fit depends on
 
-    def fit(self, codes: torch.Tensor, options: SamplerOptions) -> Sampler:
+    def fit(self, means: torch.Tensor, options: SamplerOptions, stds: torch.Tensor | None = None) -> Sampler:
+        """Fit to the training set's posterior means (N, d) and, where the sampler uses them, standard
+        deviations (N, d; None or zeros for an autoencoder's point codes)."""
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
+
+    @classmethod
+    def problems(cls, state: dict[str, torch.Tensor], z_dim: int, options: SamplerOptions) -> str | None:
+        """Why a kept ``state`` cannot be this sampler for codes of ``z_dim`` fitted with ``options`` (None: it
+        can): the check before ``load_state``, so that a damaged file is one line, not a traceback."""
+        return None
 
     def load_state(self, state: dict[str, torch.Tensor]) -> Sampler:
         return self
@@ -82,17 +115,21 @@ class PriorSampler(Sampler):
 
 class GaussianMixtureSampler(Sampler):
     """K Gaussians fitted by EM (scikit-learn's GaussianMixture, k-means initialisation, ``seed``); each covariance
-    kept as its Cholesky factor L (Σ = L Lᵀ), whatever scikit-learn's covariance type."""
+    kept as its Cholesky factor L (Σ = L Lᵀ), whatever scikit-learn's covariance type. Fitted to the posterior
+    means alone, as Ghosh et al. fit their (deterministic) codes."""
+
+    options = ("gmm_components", "gmm_covariance", "seed")
 
     def __init__(self):
         self.weights = self.means = self.cholesky = torch.empty(0)
 
-    def fit(self, codes: torch.Tensor, options: SamplerOptions) -> GaussianMixtureSampler:
+    def fit(self, means: torch.Tensor, options: SamplerOptions,
+            stds: torch.Tensor | None = None) -> GaussianMixtureSampler:
         from sklearn.mixture import GaussianMixture
 
-        k = options.gmm_components
+        codes, k = means, options.gmm_components
         if len(codes) < 2 * k:
-            raise UserError(f"--gmm_components {k} needs at least {2 * k} training codes, there are {len(codes)}: "
+            raise UserError(f"gmm_components {k} needs at least {2 * k} training codes, there are {len(codes)}: "
                             f"use fewer components")
         gm = GaussianMixture(k, covariance_type=options.gmm_covariance, random_state=options.seed, max_iter=200)
         gm.fit(codes.double().numpy())
@@ -107,6 +144,25 @@ class GaussianMixtureSampler(Sampler):
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights, "means": self.means, "cholesky": self.cholesky}
+
+    @classmethod
+    def problems(cls, state: dict[str, torch.Tensor], z_dim: int, options: SamplerOptions) -> str | None:
+        k, d = options.gmm_components, z_dim
+        want = {"weights": (k,), "means": (k, d), "cholesky": (k, d, d)}
+        if set(state) != set(want):
+            return f"tensors {sorted(state)}, expected {sorted(want)}"
+        for name, shape in want.items():
+            if tuple(state[name].shape) != shape:
+                return (f"{name} is {tuple(state[name].shape)}, expected {shape} ({k} components, z_dim {d})")
+            if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
+                return f"{name} has values that are not finite numbers"
+        w, chol = state["weights"].double(), state["cholesky"].double()
+        if (w < 0).any() or abs(w.sum().item() - 1) > 1e-4:
+            return "the component weights are not a distribution (non-negative, summing to 1)"
+        diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+        if not torch.equal(chol, torch.tril(chol)) or not (diag > 0).all():
+            return "a covariance factor is not lower triangular with a positive diagonal (not a Cholesky factor)"
+        return None
 
     def load_state(self, state: dict[str, torch.Tensor]) -> GaussianMixtureSampler:
         self.weights, self.means, self.cholesky = state["weights"], state["means"], state["cholesky"]
@@ -151,30 +207,53 @@ class CodeVAE(nn.Module):
 
 
 class TwoStageSampler(Sampler):
-    """Draws z = the second-stage decoder's mean at u ~ N(0, I), as Dai & Wipf 2019 sample."""
+    """Draws as Dai & Wipf 2019 do (their ``generate()``): u ~ N(0, I), then z ~ N(f(u), γ²I) = f(u) + γε, with
+    f the second stage's decoder and γ its learned standard deviation; ``log_prob`` bounds the density of that
+    same distribution. The second stage is trained, as theirs, on fresh draws z = μ + σε from the training
+    images' posteriors each step (an autoencoder's codes have σ = 0: its codes themselves)."""
+
+    options = ("two_stage_steps", "two_stage_hidden", "seed")
 
     def __init__(self):
         self.net: CodeVAE | None = None
 
-    def fit(self, codes: torch.Tensor, options: SamplerOptions) -> TwoStageSampler:
+    def fit(self, means: torch.Tensor, options: SamplerOptions, stds: torch.Tensor | None = None) -> TwoStageSampler:
         g = torch.Generator().manual_seed(options.seed)
-        with torch.random.fork_rng():
+        steps = options.two_stage_steps
+        with torch.random.fork_rng(), torch.enable_grad():  # a fit trains, whatever the caller's no_grad
             torch.manual_seed(options.seed)
-            self.net = CodeVAE(codes.shape[1], options.two_stage_hidden)
+            self.net = CodeVAE(means.shape[1], options.two_stage_hidden)
             opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
-            batch = min(256, len(codes))
-            for step in range(options.two_stage_steps):
-                idx = torch.randint(len(codes), (batch,), generator=g)
-                for group in opt.param_groups:  # halved twice over the run, as a short schedule
-                    group["lr"] = 1e-3 * 0.5 ** (2 * step // max(1, options.two_stage_steps))
+            batch = min(256, len(means))
+            for step in range(steps):
+                idx = torch.randint(len(means), (batch,), generator=g)
+                z = means[idx].float()
+                if stds is not None:
+                    z = z + stds[idx].float() * torch.randn(z.shape, generator=g)
+                for group in opt.param_groups:  # halved at 3/8 and 3/4 of the run: the authors' 300 and 600 of 800
+                    group["lr"] = 1e-3 * 0.5 ** min(2, 8 * step // (3 * steps))
                 opt.zero_grad(set_to_none=True)
-                self.net.loss(codes[idx].float()).backward()
+                self.net.loss(z).backward()
                 opt.step()
         self.net.eval()
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
         return dict(self.net.state_dict())
+
+    @classmethod
+    def problems(cls, state: dict[str, torch.Tensor], z_dim: int, options: SamplerOptions) -> str | None:
+        want = {k: tuple(v.shape) for k, v in CodeVAE(z_dim, options.two_stage_hidden).state_dict().items()}
+        if set(state) != set(want):
+            missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+            return "tensors " + ", ".join([*(f"{k} missing" for k in missing), *(f"{k} unexpected" for k in extra)])
+        for name, shape in want.items():
+            if tuple(state[name].shape) != shape:
+                return (f"{name} is {tuple(state[name].shape)}, expected {shape} (z_dim {z_dim}, hidden "
+                        f"{options.two_stage_hidden})")
+            if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
+                return f"{name} has values that are not finite numbers"
+        return None
 
     def load_state(self, state: dict[str, torch.Tensor]) -> TwoStageSampler:
         d = state["decoder.0.weight"].shape[1]
@@ -189,11 +268,14 @@ class TwoStageSampler(Sampler):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         d = self.net.decoder[0].in_features
-        return self.net.decoder(torch.randn(n, d, generator=generator))
+        u = torch.randn(n, d, generator=generator)
+        eps = torch.randn(n, d, generator=generator)
+        return self.net.decoder(u) + torch.exp(self.net.log_gamma) * eps
 
     @torch.no_grad()
     def log_prob(self, z: torch.Tensor, k: int = 100) -> torch.Tensor:
-        """The importance-weighted bound on log p(z) with k samples (a lower bound on the second stage's density)."""
+        """The importance-weighted bound on log p(z) with k samples, p(z) = ∫ N(z; f(u), γ²I) N(u; 0, I) du, the
+        distribution ``sample`` draws from (a lower bound on its density)."""
         mu, logvar = self.net.encoder(z.float()).chunk(2, dim=1)
         u = mu + torch.randn(k, *mu.shape) * torch.exp(0.5 * logvar)                          # (k, n, d)
         mean = self.net.decoder(u)

@@ -1,25 +1,33 @@
 """Generated bad input (hypothesis) at every entry point, in process and without training: overrides, command-line
 arguments, config documents (non-text bytes too) and paths for train_vae.py (--dry-run), sample.py, evaluate.py,
-the Python API's loader and the exporter. Each case ends in success or in the toolkit's one-line error (exit 2 for
+the Python API's loader and the exporter; and damaged or foreign kept sampler files read by sample.py, evaluate.py,
+the API and the exporter. Each case ends in success or in the toolkit's one-line error (exit 2 for
 the command lines, ``UserError`` from the API), never in another exception or a traceback, and a refused command
 writes no file."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import evaluate
 import sample
 import train_vae
 from conftest import REPO, cli
+from models.samplers import SamplerOptions
 from utils.config import all_keys
 from utils.errors import UserError
+from utils.evaluation.samplers import kept_sampler_files
+from utils.files import save_tensors
 from utils.inference import TrainedVAE
 from utils.inference import export as exporter
 from utils.inference import trained as trained_module
@@ -158,3 +166,92 @@ def test_the_exporter(sandbox, run, out, push):
     assert res.returncode == 2
     check(res, sandbox, before)
     assert os.getcwd() == str(sandbox)
+
+
+# Kept samplers, damaged or foreign, at each entry point that reads them: a run with both samplers fitted (small
+# options, so that a refit is quick), a copy per case, one file damaged by a named kind or by bytes overwritten.
+QUICK = ["--gmm_components", "2", "--two_stage_steps", "5"]
+DAMAGES = ["truncated", "empty", "garbage", "missing", "extra", "nan", "inf", "other z", "integers", "no fingerprint",
+           "other fingerprint", "other z_dim", "options changed", "a folder", "a leftover"]
+
+
+@pytest.fixture(scope="module")
+def fitted_run(mnist_300, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fitted") / "run"
+    shutil.copytree(mnist_300, run)
+    vae = TrainedVAE.load(run)
+    for name in ("gmm", "two_stage"):
+        vae.ex_post_sampler(name, options=SamplerOptions(gmm_components=2, two_stage_steps=5))
+    return run
+
+
+def damage_kept(path: Path, how) -> None:
+    """One kind of damage (a name), or bytes written over the file at an offset (offset, bytes)."""
+    if isinstance(how, tuple):
+        data = bytearray(path.read_bytes())
+        offset = how[0] % len(data)
+        data[offset:offset + len(how[1])] = how[1]
+        path.write_bytes(bytes(data))
+        return
+    if how in ("truncated", "empty", "garbage", "a folder", "a leftover"):
+        data = path.read_bytes()
+        if how == "a folder":
+            path.unlink()
+            path.mkdir()
+        elif how == "a leftover":
+            path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+        else:
+            path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\xff" * 64}[how])
+        return
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(path)
+    first = sorted(state)[0]
+    if how in ("missing", "extra", "nan", "inf", "other z", "integers"):
+        state = {"missing": lambda: {k: v for k, v in state.items() if k != first},
+                 "extra": lambda: {**state, "stray": torch.zeros(2)},
+                 "nan": lambda: {**state, first: torch.full_like(state[first], float("nan"))},
+                 "inf": lambda: {**state, first: torch.full_like(state[first], float("inf"))},
+                 "other z": lambda: {k: torch.cat([v, v[..., :1]], -1) if v.dim() else v for k, v in state.items()},
+                 "integers": lambda: {k: v.long() for k, v in state.items()}}[how]()
+    else:
+        key, value = {"no fingerprint": ("weights_sha256", None), "other fingerprint": ("weights_sha256", "0" * 64),
+                      "other z_dim": ("z_dim", "3"), "options changed": ("seed", "7")}[how]
+        meta = {k: v for k, v in meta.items() if k != key} | ({} if value is None else {key: value})
+    save_tensors(state, path, metadata=meta)
+
+
+kept_damage = st.one_of(st.sampled_from(DAMAGES), st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=8)))
+
+
+@fast(40)
+@given(st.sampled_from(["gmm", "two_stage"]), kept_damage, st.sampled_from(["sample", "evaluate", "api", "export"]))
+def test_kept_samplers_damaged_or_foreign(fitted_run, sandbox, name, how, where):
+    """Each case ends in success (a refit, with a warning, where the file was fitted to other weights) or in one
+    line naming the fix; the exporter always succeeds and copies only files that fit the model."""
+    run = sandbox / f"run-{len(list(sandbox.iterdir()))}"
+    shutil.copytree(fitted_run, run)
+    damage_kept(run / "samplers" / f"{name}.safetensors", how)
+    before = listing(sandbox)
+    if where == "api":
+        try:
+            TrainedVAE.load(run).sample(2, sampler=name, options=SamplerOptions(gmm_components=2, two_stage_steps=5))
+        except UserError as e:
+            assert "\n" not in str(e) and "--" not in str(e), str(e)
+        return
+    if where == "export":
+        hub = run.with_name(run.name + "-hub")
+        res = cli(exporter.main, [str(run), str(hub)])
+        assert res.returncode == 0, res.stderr
+        kept, left_out = kept_sampler_files(hub, TrainedVAE.load(hub))
+        assert not left_out and not list(hub.rglob("*.tmp"))
+        return
+    if where == "sample":
+        res = cli(sample.main, ["--exp_dir", str(run), "--sampler", name, *(QUICK[:2] if name == "gmm" else QUICK[2:]),
+                                "--n_samples", "4", "--save_dir", str(sandbox / "out")])
+    else:
+        res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "samplers", *QUICK, "--n_test", "50",
+                                  "--out", str(sandbox / "eval.json")])
+    check(res, sandbox, before)
+    if res.returncode == 2:
+        assert "--refit" in res.stderr or "move it away" in res.stderr, res.stderr

@@ -195,12 +195,22 @@ def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
         assert s[name]["held_out"] > prior["held_out"] and s[name]["reverse"] > prior["reverse"], (name, s, prior)
 
 
-def test_kde_log_density_against_a_direct_sum():
-    codes, points = torch.randn(50, 2), torch.randn(7, 2)
-    h = 50 ** (-1 / 6) * codes.std(0).mean().item()
-    direct = torch.stack([torch.log(torch.exp(-0.5 * ((p - codes) ** 2).sum(1) / h**2).mean() / (2 * math.pi * h**2))
-                          for p in points])
-    assert torch.allclose(kde_log_density(points, codes), direct, atol=1e-4)
+def test_kde_log_density_is_scipys_gaussian_kde():
+    """Scott's rule as scipy applies it (the codes' full covariance times N^(-2/(d+4))), in float64; a direction
+    without spread gets the documented floor, and codes that are all one point are refused in one line."""
+    from scipy.stats import gaussian_kde
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(60, 3, generator=g, dtype=torch.float64) @ torch.tensor([[2.0, 0, 0], [0.5, 1, 0], [0, 0, 0.1]],
+                                                                                  dtype=torch.float64)
+    points = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    ref = gaussian_kde(codes.numpy().T).logpdf(points.numpy().T)
+    assert np.allclose(kde_log_density(points, codes).double().numpy(), ref, atol=1e-5, rtol=1e-6)  # float32 out
+    flat = torch.cat([codes[:, :2], torch.full((60, 1), 0.25, dtype=torch.float64)], 1)  # no spread along z2
+    assert torch.isfinite(kde_log_density(points, flat)).all()
+    with pytest.raises(UserError, match="all one point") as e:
+        kde_log_density(points, torch.ones(20, 3))
+    assert "\n" not in str(e.value)
 
 
 def test_the_aae_updates_in_one_pass_not_the_papers_three_phases(tmp_path, real_data, monkeypatch):

@@ -72,7 +72,7 @@ class Evaluation:
     def sampler(self, name: str) -> Sampler:
         """The sampler ``name``: the prior, or kept in the model's folder, or fitted now (and kept)."""
         o = self.options
-        return fitted_sampler(self.vae, self.vae.folder, name, self.train, o.sampler_options, o.refit,
+        return fitted_sampler(self.vae, self.vae.sampler_folder, name, self.train, o.sampler_options, o.refit,
                               self.accelerator.device)
 
     def usage(self) -> dict[str, Any]:

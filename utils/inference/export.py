@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
+from utils.evaluation.samplers import kept_sampler_files
 from utils.grids import save_grid
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import started_with
@@ -35,19 +37,24 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
+    # only the sampler files that fit this model travel with it: never a temporary, a damaged or a stale one
+    kept, left_out = kept_sampler_files(run, vae)
+    for line in left_out:
+        print(f"warning: {line}", file=sys.stderr)
     # 64 samples: from the prior, or, for an autoencoder without one, from the first sampler fitted to its codes
-    kept = [n for n in ("gmm", "two_stage") if (run / SAMPLER_FOLDER / f"{n}.safetensors").is_file()]
-    sampler = "prior" if vae.has_prior else (kept[0] if kept else None)
+    sampler = "prior" if vae.has_prior else next(iter(kept), None)
     if sampler is not None:
-        save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0), sampler=sampler).cpu(),
-                  out / "samples.png", per_row=8)
+        options = kept[sampler][1] if sampler in kept else None
+        save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0), sampler=sampler,
+                             options=options).cpu(), out / "samples.png", per_row=8)
     command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
     vae._card = {"command": command, "samples": "samples.png" if sampler else None}
     if (run / "eval.json").is_file():
         vae._card["eval"] = json.loads((run / "eval.json").read_text())
     vae.save_pretrained(out)
-    if (run / SAMPLER_FOLDER).is_dir():  # fitted samplers travel with the model
-        shutil.copytree(run / SAMPLER_FOLDER, out / SAMPLER_FOLDER)
+    for path, _ in kept.values():  # fitted samplers travel with the model
+        (out / SAMPLER_FOLDER).mkdir(exist_ok=True)
+        shutil.copy2(path, out / SAMPLER_FOLDER / path.name)
     if push_to_hub:
         try:
             vae.push_to_hub(push_to_hub)

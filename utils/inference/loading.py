@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.samplers import SAMPLERS, SamplerOptions
+from models.samplers import COVARIANCES, SAMPLERS, SamplerOptions
 from utils.config import Config, load_config
 from utils.errors import UserError
 from utils.inference.trained import TrainedVAE, load_model
@@ -65,23 +65,32 @@ def output_folder(model_folder: Path, name: str) -> Path:
     return model_folder.parent / f"{model_folder.name}-{name}"
 
 
+FIT_FLAGS = ("gmm_components", "gmm_covariance", "two_stage_steps")  # SamplerOptions fields with a flag
+
+
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """sample.py's and evaluate.py's choice of ex-post sampler and its fit options."""
-    p.add_argument("--sampler", default="prior", help=f"where codes are drawn from: {', '.join(SAMPLERS)} "
-                                                      "(default prior; gmm and two_stage are fitted to the "
-                                                      "training codes once, and kept in the model's folder)")
+    """sample.py's and evaluate.py's choice of ex-post sampler and its fit options (None when not given, so that
+    a flag the command would ignore can be refused: ``sampler_options``)."""
+    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(SAMPLERS)} (default prior; gmm and "
+                                     "two_stage are fitted to the training codes once, and kept in the model's folder)")
     p.add_argument("--refit", action="store_true", help="fit the sampler again, replacing the kept one")
-    p.add_argument("--gmm_components", type=int, default=10, help="gmm: mixture components (default 10)")
-    p.add_argument("--gmm_covariance", default="full", choices=("full", "tied", "diag", "spherical"),
-                   help="gmm: covariance type (default full)")
-    p.add_argument("--two_stage_steps", type=int, default=3000, help="two_stage: training steps of the second "
-                                                                     "VAE (default 3000)")
+    p.add_argument("--gmm_components", type=int, help="gmm: mixture components (default 10)")
+    p.add_argument("--gmm_covariance", choices=COVARIANCES, help="gmm: covariance type (default full)")
+    p.add_argument("--two_stage_steps", type=int, help="two_stage: training steps of the second VAE (default 3000)")
 
 
-def sampler_options(args: argparse.Namespace) -> SamplerOptions:
-    """The fit options of sample.py's and evaluate.py's arguments, checked."""
-    for name in ("gmm_components", "two_stage_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return SamplerOptions(gmm_components=args.gmm_components, gmm_covariance=args.gmm_covariance,
-                          two_stage_steps=args.two_stage_steps)
+def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> SamplerOptions:
+    """The fit options of sample.py's and evaluate.py's arguments, checked by ``SamplerOptions`` itself (one home
+    for the rules), after refusing each sampler flag that would have no effect: ``uses`` are the samplers the
+    command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line."""
+    for name in uses:
+        if name not in SAMPLERS:
+            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    given = {k: getattr(args, k) for k in FIT_FLAGS if getattr(args, k) is not None}
+    for k in given:
+        owners = [n for n in SAMPLERS if k in SAMPLERS[n].options]
+        if not set(owners) & set(uses):
+            raise UserError(f"--{k} is an option of --sampler {' and '.join(owners)}, and {does}: drop it")
+    if args.refit and not any(SAMPLERS[n].fitted for n in uses):
+        raise UserError(f"--refit fits a sampler again (gmm or two_stage), and {does}: drop it")
+    return SamplerOptions(**given)

@@ -40,7 +40,7 @@ from utils.data.registry import image_shape, load_data
 from utils.errors import UserError, unusable_path
 from utils.evaluation.bounds import image_bounds
 from utils.evaluation.metrics import headline
-from utils.evaluation.samplers import check_usable, fitted_sampler
+from utils.evaluation.samplers import check_usable, fitted_sampler, kept_folder
 from utils.files import save_tensors, tensor_mismatches
 
 HUB_WEIGHTS = "model.safetensors"
@@ -119,27 +119,52 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     def _to(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(self.device)
 
-    @torch.no_grad()
+    @torch.no_grad()  # a sampler's fit trains under its own enable_grad
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               batch_size: int = 256, sampler: str = "prior") -> torch.Tensor:
+               batch_size: int = 256, sampler: str = "prior", options: SamplerOptions | None = None,
+               refit: bool = False) -> torch.Tensor:
         """n images (n, C, H, W) in [0, 1], the decoder's means at codes drawn from ``sampler`` (the prior, or
-        ``gmm`` / ``two_stage`` fitted to the training codes, see ``ex_post_sampler``; with a CPU ``generator``,
-        the same codes on any device); a conditional model decodes ``labels`` (n,)."""
-        check_usable(self, sampler)
+        ``gmm`` / ``two_stage`` fitted to the training codes with ``options``, see ``ex_post_sampler``; with a CPU
+        ``generator``, the same codes on any device); a conditional model decodes ``labels`` (n,)."""
+        if not _count(n) or n < 1:
+            raise UserError(f"sample(n): n is the number of images, a whole number of at least 1, got {n!r}")
+        if not _count(batch_size) or batch_size < 1:
+            raise UserError(f"sample(batch_size=...) must be a whole number of at least 1, got {batch_size!r}")
+        labels = self._checked_labels(labels, n)
+        check_usable(self, sampler, api=True)
         z = (self.prior.sample(n, generator) if sampler == "prior"
-             else self.ex_post_sampler(sampler).sample(n, generator)).to(self.device)
-        ys = [None] * math.ceil(n / batch_size) if labels is None else self._to(labels).split(batch_size)
+             else self.ex_post_sampler(sampler, refit, options).sample(n, generator)).to(self.device)
+        ys = [None] * math.ceil(n / batch_size) if labels is None else labels.split(batch_size)
         return torch.cat([self.decode(part, y) for part, y in zip(z.split(batch_size), ys)])
 
+    def _checked_labels(self, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """The labels of n images on this model's device, or a one-line refusal of labels it cannot use."""
+        if not self.n_classes:
+            if labels is not None:
+                raise UserError("this model is not conditional (model.conditional=false): call sample without labels")
+            return None
+        classes = f"a tensor of {n} class indices in 0..{self.n_classes - 1}"
+        if labels is None:
+            raise UserError(f"this model is conditional: pass labels=, {classes}")
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or tuple(labels.shape) != (n,) or (len(labels) and not 0 <= labels.min() <= labels.max()
+                                                   < self.n_classes):
+            raise UserError(f"labels must be {classes}, got {_describe(labels)}")
+        return labels.long().to(self.device)
+
     def ex_post_sampler(self, name: str, refit: bool = False, options: SamplerOptions | None = None) -> Sampler:
-        """The sampler ``name``: the prior, or one fitted to this model's training codes, the one kept in its
-        folder, or fitted now (reading the training set its config names) and kept there."""
+        """The sampler ``name``: the prior, or one fitted to this model's training codes with ``options`` (the
+        defaults when None): the one kept in its folder, or fitted now (reading the training set its config names)
+        and kept there. A kept one fitted with other options is refused until ``refit=True`` or those options."""
         folder = getattr(self, "folder", None)
         if folder is None:
             raise UserError("this model was not loaded from a folder, where a fitted sampler is kept: load it with "
                             "TrainedVAE.load")
-        return fitted_sampler(self, folder, name, lambda: load_data(self.config.data)[0].to(self.device),
-                              options or SamplerOptions(), refit, self.device)
+        if options is not None and not isinstance(options, SamplerOptions):
+            raise UserError(f"options must be a SamplerOptions, got {type(options).__name__}")
+        return fitted_sampler(self, getattr(self, "sampler_folder", kept_folder(folder / HUB_WEIGHTS)), name,
+                              lambda: load_data(self.config.data)[0].to(self.device), options or SamplerOptions(),
+                              refit, self.device, api=True)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,5 +279,17 @@ def fill_checked(model: TrainedVAE, weights: Path) -> TrainedVAE:
                         f"net={cfg.model.net}, likelihood={cfg.model.likelihood}): {shown}; "
                         f"pass the config the weights were trained with")
     model.load_state_dict(state)
-    model.folder = weights.parent  # where fitted samplers are kept
+    model.folder = weights.parent
+    model.sampler_folder = kept_folder(weights)  # where the samplers fitted to these weights are kept
     return model.eval()
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}" + (
+            f" with values {value.min().item()}..{value.max().item()}" if value.numel() else "")
+    return type(value).__name__
