@@ -21,12 +21,15 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
+from models.samplers import SAMPLERS
 from utils.config import Config
 from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
-from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
+from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
+from utils.files import cannot_write, disk_advice, is_disk_error, write_failure, written_whole
+from utils.grids import grid, labelled_rows, save_grid, save_pairs, save_whole, to_pil
 from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
 
 
@@ -65,7 +68,7 @@ def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
         z = model.prior.sample(per, g).to(args.device).repeat(model.n_classes, 1)
         y = torch.arange(model.n_classes).repeat_interleave(per)
         x = decode(model, z, args.batch_size, y)
-        labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]).save(path)
+        save_whole(labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]), path)
         return [path]
     path = out / f"samples{args.suffix}.png"
     labels = None if args.label is None else torch.full((args.n_samples,), args.label)
@@ -120,14 +123,14 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     x = decode(model, codes.flatten(0, 1), args.batch_size, None if y is None else y.repeat(codes.shape[0] *
                                                                                             codes.shape[1]))
     path = out / "traverse.png"
-    labelled_rows(x, args.n_traverse, [f"z{d}  {what} {score[d]:.2f}" for d in dims]).save(path)
+    save_whole(labelled_rows(x, args.n_traverse, [f"z{d}  {what} {score[d]:.2f}" for d in dims]), path)
     # animation: frame j shows every traversed dimension at values[j], there and back
     frames = []
     for j in list(range(args.n_traverse)) + list(range(args.n_traverse - 2, 0, -1)):
         column = x.view(len(dims), args.n_traverse, *x.shape[1:])[:, j]
         frames.append(to_pil(grid(column, per_row=min(len(dims), 8))))
     gif = out / "traverse.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    save_whole(frames[0], gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
     return [path, gif]
 
 
@@ -170,7 +173,8 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
     ax.legend(title="class", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     scatter = out / "latent_scatter.png"
-    fig.savefig(scatter)
+    with written_whole(scatter) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
     if model.deterministic:  # an autoencoder has no KL per dimension to plot
@@ -182,7 +186,8 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
            xlabel="latent dimension", ylabel="mean KL (nats)")
     fig.tight_layout()
     bars = out / "kl_per_dim.png"
-    fig.savefig(bars)
+    with written_whole(bars) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return [scatter, bars]
 
@@ -259,17 +264,38 @@ def main(argv: list[str]) -> None:
                         "(model.conditional=false); drop --label"))
     if not state.is_main_process:
         return  # one process does the (small) work; the others have nothing to add
+    out = Path(args.save_dir) if args.save_dir else output_folder(run, args.mode)
+    unwritable = cannot_write(out)  # said before any work: the images must have somewhere to go
+    if unwritable is not None:
+        fix = "or write elsewhere with --save_dir DIR" if not args.save_dir else "or give --save_dir a folder you " \
+                                                                                 "can write"
+        raise UserError(f"cannot write into {out} ({unwritable.strerror}): {disk_advice(unwritable, out)}, {fix}")
     drawn = args.mode in ("sample", "interpolate") or (args.mode == "traverse" and args.from_ == "prior")
+    if drawn:
+        model.folder = sampler_home(model.folder, out, args.sampler, args.refit)
     sampler = model.ex_post_sampler(args.sampler, args.refit, sampler_options(args)) if drawn else None
     args.draw = lambda n, gen: sampler.sample(n, gen).to(args.device)
     args.suffix = "" if args.sampler == "prior" else f"_{args.sampler}"
     if auto:
         print(f"using the newest run: {run} (pass --exp_dir to choose another)")
-    out = Path(args.save_dir) if args.save_dir else output_folder(run, args.mode)
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    paths = MODES[args.mode](model, cfg, args, g, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = MODES[args.mode](model, cfg, args, g, out)
+    except OSError as e:
+        if not is_disk_error(e):
+            raise
+        raise UserError(write_failure(e, Path(e.filename) if e.filename else out, "then run again")) from None
     print("\n".join(f"wrote {p}" for p in paths))
+
+
+def sampler_home(model_folder: Path, out: Path, name: str, refit: bool) -> Path:
+    """Where a fitted sampler is looked for and kept: the model's folder, unless it cannot be written and has no
+    kept fit to reuse (a read-only run); then the output folder, where the next call with it finds the fit."""
+    kept = (Path(model_folder) / SAMPLER_FOLDER / f"{name}.safetensors").is_file() and not refit
+    if kept or not getattr(SAMPLERS.get(name), "fitted", False):  # (the prior is never fitted nor kept)
+        return model_folder
+    return model_folder if cannot_write(model_folder) is None else out
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ under the aggregate of the training codes, a Gaussian kernel density estimate wi
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from models.vae import VAE
 from utils.data.splits import ImageSplit
 from utils.errors import UserError
 from utils.evaluation.latents import posterior_stats
-from utils.files import save_tensors
+from utils.files import cannot_write, is_disk_error, save_tensors, write_failure
 
 FOLDER = "samplers"
 
@@ -64,9 +65,26 @@ def fitted_sampler(vae: VAE, folder: Path, name: str, train: Callable[[], ImageS
                             f"was fitted with")
         return SAMPLERS[name]().load_state(state)
     sampler = SAMPLERS[name]().fit(posterior_stats(vae, train(), device=device)[0].cpu(), options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(sampler.state(), path, metadata=want)
+    keep(sampler, path, want)
     return sampler
+
+
+def keep(sampler: Sampler, path: Path, metadata: dict[str, str]) -> None:
+    """Keep a fitted sampler at ``path`` for later calls. A folder that cannot be written (a read-only run) keeps
+    nothing, and says so: the fit is still used. A full disk or a file-size limit is one line, and leaves no
+    partial file."""
+    unwritable = cannot_write(path.parent)
+    if unwritable is not None:
+        print(f"note: the fitted sampler is used but not kept: {path.parent} cannot be written "
+              f"({unwritable.strerror})", file=sys.stderr)
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(sampler.state(), path, metadata=metadata)
+    except (OSError, SafetensorError) as e:
+        if not is_disk_error(e):
+            raise
+        raise UserError(write_failure(e, path, "then run again (the sampler is fitted again)")) from None
 
 
 def kde_log_density(points: torch.Tensor, codes: torch.Tensor, chunk: int = 256) -> torch.Tensor:
