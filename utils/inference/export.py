@@ -10,14 +10,18 @@ run's eval.json) and ``samples.png`` (64 prior samples, seed 0). ``TrainedVAE.lo
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from utils.errors import CliParser, UserError, guarded_main
+from utils.evaluation.metrics import headline
 from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
+from utils.files import is_disk_error, private_temporary, write_failure
 from utils.grids import save_grid
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import started_with
@@ -25,29 +29,33 @@ from utils.training.run_folder import started_with
 
 def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     """Save a run in the Hub layout into the empty folder ``out`` (with 64 samples and the model card), and
-    upload it to ``push_to_hub`` (a repo id) when given: that needs network and a token (``hf auth login``)."""
+    upload it to ``push_to_hub`` (a repo id) when given: that needs network and a token (``hf auth login``).
+
+    The folder is built aside (a temporary sibling) and renamed into place only complete: a failure at any
+    point (a full disk, a file-size limit, an interrupt) leaves ``out`` as it was, and the export can be rerun."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: export into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new or empty folder")
     vae = TrainedVAE.load_local(run)  # a run on this machine: its eval.json and command.txt are read too
+    command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
+    vae._card = {"command": shown(command), "eval": read_evaluation(run)}
+    aside = private_temporary(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        aside.mkdir()
     except OSError as e:
         raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
-    # 64 samples: from the prior, or, for an autoencoder without one, from the first sampler fitted to its codes
-    kept = [n for n in ("gmm", "two_stage") if (run / SAMPLER_FOLDER / f"{n}.safetensors").is_file()]
-    sampler = "prior" if vae.has_prior else (kept[0] if kept else None)
-    if sampler is not None:
-        save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0), sampler=sampler).cpu(),
-                  out / "samples.png", per_row=8)
-    command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
-    vae._card = {"command": command, "samples": "samples.png" if sampler else None}
-    if (run / "eval.json").is_file():
-        vae._card["eval"] = json.loads((run / "eval.json").read_text())
-    vae.save_pretrained(out)
-    if (run / SAMPLER_FOLDER).is_dir():  # fitted samplers travel with the model
-        shutil.copytree(run / SAMPLER_FOLDER, out / SAMPLER_FOLDER)
+    try:
+        build(vae, run, aside)
+        os.replace(aside, out)  # (over an empty folder too)
+    except BaseException as e:
+        shutil.rmtree(aside, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOTEMPTY:
+            raise UserError(f"{out} was filled while the export ran: export into a new or empty folder") from None
+        if is_disk_error(e):
+            raise UserError(write_failure(e, out, "then export again")) from None
+        raise
     if push_to_hub:
         try:
             vae.push_to_hub(push_to_hub)
@@ -56,6 +64,41 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
             raise UserError(f"the upload to {push_to_hub} failed ({e.__class__.__name__}: {first[:200]}): the "
                             f"folder {out} is complete; log in (hf auth login) and upload it when online") from None
     return out
+
+
+def build(vae: TrainedVAE, run: Path, folder: Path) -> None:
+    """The Hub layout of ``vae`` (from ``run``) in the empty ``folder``."""
+    # 64 samples: from the prior, or, for an autoencoder without one, from the first sampler fitted to its codes
+    kept = [n for n in ("gmm", "two_stage") if (run / SAMPLER_FOLDER / f"{n}.safetensors").is_file()]
+    sampler = "prior" if vae.has_prior else (kept[0] if kept else None)
+    if sampler is not None:
+        save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0), sampler=sampler).cpu(),
+                  folder / "samples.png", per_row=8)
+    vae._card["samples"] = "samples.png" if sampler else None
+    vae.save_pretrained(folder)
+    if (run / SAMPLER_FOLDER).is_dir():  # fitted samplers travel with the model
+        shutil.copytree(run / SAMPLER_FOLDER, folder / SAMPLER_FOLDER)
+
+
+def read_evaluation(run: Path) -> dict | None:
+    """The run's eval.json for the card, or None without one; a damaged one is refused before anything is
+    written (a card must not quote half a file)."""
+    path = run / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        evaluation = json.loads(path.read_text())
+        headline(evaluation)  # every entry the card quotes is whole
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is damaged ({e.__class__.__name__}): evaluate the run again (python evaluate.py "
+                        f"--exp_dir {run}), or move the file aside to export without its numbers") from None
+    return evaluation
+
+
+def shown(text: str) -> str:
+    """Text read with the file system's undecodable bytes kept (a run folder whose name is not UTF-8), made
+    printable for the card: each such byte becomes U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def main(argv: list[str]) -> None:
