@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -202,7 +203,12 @@ def test_an_export_that_fails_half_way_leaves_the_target_as_it_was(run, tmp_path
         exporter.export(run, out)
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["hub", "run"]
     monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = out.with_name(f"hub.{socket.gethostname()}.{dead.pid}.tmp")
+    (killed / "samplers").mkdir(parents=True)  # what an export killed half-way leaves: removed by the next one
     assert cli(exporter.main, [str(run), str(out)]).returncode == 0 and (out / "README.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "run"]
 
 
 # ---- files and names that are not UTF-8 ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,14 +116,18 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the ``private_temporary`` files in ``folder`` left by processes of this machine that are no longer
-    running (a build killed half-way); those of live processes and of other machines stay. Returns the removed."""
+    """Delete the ``private_temporary`` files (and folders) in ``folder`` left by processes of this machine that
+    are no longer running (a build killed half-way); those of live processes and of other machines stay. Returns
+    the removed."""
     removed = []
     host = socket.gethostname()
     for tmp in sorted(folder.glob(f"*.{host}.*.tmp")) if folder.is_dir() else []:
         pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
         if pid.isdigit() and tmp.name.endswith(f".{host}.{pid}.tmp") and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():  # a folder built aside (an export) by a process that was killed
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 

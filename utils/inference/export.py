@@ -21,7 +21,7 @@ import torch
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import headline
 from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
-from utils.files import is_disk_error, private_temporary, write_failure
+from utils.files import is_disk_error, private_temporary, remove_stale_temporaries, write_failure
 from utils.grids import save_grid
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import started_with
@@ -43,6 +43,7 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     aside = private_temporary(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out.parent)  # folders built aside by exports that were killed
         aside.mkdir()
     except OSError as e:
         raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
