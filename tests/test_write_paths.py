@@ -6,6 +6,7 @@ under the target's name and nothing computed lost; eval.json gathers the metrics
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -17,12 +18,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 import evaluate
 import sample
-from conftest import CPU, REPO, THREADS, cli, train_cli
+from conftest import CPU, FAST, REPO, THREADS, cli, train_cli
+from models.samplers import SAMPLERS, SamplerOptions
 from utils.evaluation.metrics import merge_results
+from utils.evaluation.samplers import keep
 from utils.inference import export as exporter
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import read_metrics
@@ -182,6 +186,27 @@ def test_a_file_size_limit_writing_eval_json_keeps_the_numbers_on_screen(run):
     assert not (run / "eval.json").exists() and not (run / "eval.json.tmp").exists()
 
 
+def test_a_full_disk_is_told_apart_from_a_file_size_limit(run, monkeypatch):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_json", full)
+    res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "elbo", "--n_test", "100"])
+    line = one_line(res.stderr)
+    assert res.returncode == 2 and "(No space left on device): free disk space where" in line
+    assert "ulimit" not in line and "ELBO" in res.stdout
+
+
+def test_a_fit_that_cannot_be_kept_is_used_and_said(tmp_path, capsys):
+    folder = tmp_path / "samplers"
+    folder.mkdir()
+    sampler = SAMPLERS["gmm"]().fit(torch.randn(200, 2), SamplerOptions(gmm_components=2))
+    with read_only(folder):
+        keep(sampler, folder / "gmm.safetensors", {"gmm_components": "2"})
+    assert "the fitted sampler is used but not kept" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []
+
+
 def test_a_file_size_limit_during_export_leaves_no_folder_and_a_rerun_works(run, tmp_path):
     out = tmp_path / "hub"
     res = limited(["-m", "utils.inference.export", str(run), str(out)], 100_000)  # the weights are larger
@@ -255,6 +280,9 @@ def test_a_second_trainer_in_a_run_is_refused_and_a_killed_one_leaves_no_lock(ti
         res = train_cli(["-r", "latest", "-e", str(run), "train.steps=5"])
         line = one_line(res.stderr)
         assert res.returncode == 2 and f"{run} is in use: process {first.pid} is training in it" in line
+        res = train_cli(["-c", MNIST, "-e", str(run), "--overwrite", *FAST, "train.steps=5"])  # nor replaced
+        assert res.returncode == 2 and f"{run} is in use: process {first.pid}" in res.stderr.splitlines()[-1]
+        assert first.poll() is None and (run / "config.yaml").is_file()
     finally:
         first.send_signal(signal.SIGKILL)  # no handler runs: the operating system lets go of the lock
         first.wait()
