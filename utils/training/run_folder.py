@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -25,6 +24,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+
+try:
+    import fcntl  # the run folder's lock; not on Windows, where runs are not locked
+except ImportError:
+    fcntl = None
 
 from utils.errors import UserError
 from utils.files import cannot_write, disk_advice, save_tensors, write_atomic
@@ -132,7 +136,7 @@ def lock_run(run_dir: Path) -> None:
     process that would train in the same run is refused, naming the first. The operating system releases it
     when the holder ends, however it ends, so a crash leaves no stale lock. Held once per process."""
     run_dir = Path(run_dir)
-    if run_dir in _held:
+    if run_dir in _held or fcntl is None:
         return
     path = run_dir / LOCK
     while True:
