@@ -234,6 +234,10 @@ def test_an_export_that_fails_half_way_leaves_the_target_as_it_was(run, tmp_path
     (killed / "samplers").mkdir(parents=True)  # what an export killed half-way leaves: removed by the next one
     assert cli(exporter.main, [str(run), str(out)]).returncode == 0 and (out / "README.md").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "run"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")  # an empty folder given through a link: filled, link kept
+    assert cli(exporter.main, [str(run), str(tmp_path / "link")]).returncode == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "model.safetensors").is_file()
 
 
 # ---- files and names that are not UTF-8 ------------------------------------------------------------------------

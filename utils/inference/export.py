@@ -37,6 +37,8 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         raise UserError(f"{out} is a file: export into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new or empty folder")
+    if out.is_symlink() and out.is_dir():  # an empty folder reached through a link: the folder is the target
+        out = out.resolve()
     vae = TrainedVAE.load_local(run)  # a run on this machine: its eval.json and command.txt are read too
     command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
     vae._card = {"command": shown(command), "eval": read_evaluation(run)}
@@ -54,6 +56,9 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
         shutil.rmtree(aside, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOTEMPTY:
             raise UserError(f"{out} was filled while the export ran: export into a new or empty folder") from None
+        if isinstance(e, OSError) and e.errno in (errno.EBUSY, errno.EXDEV):  # the empty folder is a mount point
+            raise UserError(f"{out} cannot be replaced ({e.strerror}: a mount point?): export into a new folder "
+                            f"inside it") from None
         if is_disk_error(e):
             raise UserError(write_failure(e, out, "then export again")) from None
         raise
