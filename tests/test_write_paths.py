@@ -25,11 +25,12 @@ import evaluate
 import sample
 from conftest import CPU, FAST, REPO, THREADS, cli, train_cli
 from models.samplers import SAMPLERS, SamplerOptions
+from utils.errors import UserError
 from utils.evaluation.metrics import merge_results
 from utils.evaluation.samplers import keep
 from utils.inference import export as exporter
 from utils.inference.trained import TrainedVAE
-from utils.training.run_folder import read_metrics
+from utils.training.run_folder import create_run_dir, read_metrics
 
 MNIST = str(REPO / "configs" / "mnist.yaml")
 
@@ -295,3 +296,12 @@ def test_a_second_trainer_in_a_run_is_refused_and_a_killed_one_leaves_no_lock(ti
     assert res.returncode == 0 and "at step 2" in res.stdout, res.stderr[-2000:]
     steps = [r["step"] for r in read_metrics(run, "train")]
     assert steps == [1, 2, 3, 4, 5] and not (run / "train.lock").exists()
+
+
+def test_a_run_started_in_the_folder_while_this_one_loaded_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("theirs")  # written by another start after this one checked the folder
+    with pytest.raises(UserError, match="already holds a run, started while this one loaded"):
+        create_run_dir(run, "ours", overwrite=False, command="python train_vae.py")
+    assert (run / "config.yaml").read_text() == "theirs" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
