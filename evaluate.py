@@ -6,8 +6,9 @@ disentanglement.
     python evaluate.py -c configs/mnist.yaml --weights runs/X/model.safetensors --binarize
     accelerate launch evaluate.py --exp_dir runs/X --metrics fid
 
-Prints a table and writes <run>/eval.json (or --out). Every number is on the
-held-out split, in nats per image with bits per dimension beside it.
+Prints a table and writes <run>/eval.json (or --out), adding to the metrics an earlier call
+wrote there (a metric computed again replaces its entry). Every number is on the held-out
+split, in nats per image with bits per dimension beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
 # isort: on
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -24,9 +27,9 @@ from accelerate.utils import parse_flag_from_env
 from models.samplers import SAMPLERS
 from utils.data.registry import DATASETS, load_data
 from utils.errors import CliParser, UserError, guarded_main
-from utils.evaluation.metrics import METRICS, Evaluation, default_metrics, table
+from utils.evaluation.metrics import METRICS, Evaluation, computed_with, default_metrics, merge_results, table
 from utils.evaluation.samplers import check_usable
-from utils.files import write_json
+from utils.files import cannot_write, disk_advice, is_disk_error, sha256_of, write_failure, write_json
 from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
 from utils.threads import add_threads_argument, set_threads
 
@@ -96,22 +99,61 @@ def main(argv: list[str]) -> None:
         check_usable(vae, args.sampler)
     if args.binarize and vae.likelihood.continuous:
         raise UserError(f"--binarize is for bernoulli models; this one is {cfg.model.likelihood}: drop --binarize")
+    out = Path(args.out) if args.out else output_folder(run, "eval.json")
+    refuse_unwritable(out, bool(args.out))  # before anything is computed: the numbers must have somewhere to go
     if auto:
         accelerator.print(f"using the newest run: {run} (pass --exp_dir to choose another)")
     _, test, summary = load_data(cfg.data, cfg.data.num_workers)
     accelerator.print(summary)
-    results: dict = {"run": str(run), "config": cfg.model.likelihood, "data": cfg.data.name, "metrics": metrics}
+    weights = Path(args.weights) if args.weights else run / "model.safetensors"
+    results: dict = {"run": str(run), "config": cfg.model.likelihood, "data": cfg.data.name, "metrics": metrics,
+                     "weights": {"file": str(weights), "sha256": sha256_of(weights)}}
     ev = Evaluation(vae, test, accelerator, args, metrics, results)
     for name, metric in METRICS.items():  # in the registry's order, whatever the order asked
         if name in metrics and (accelerator.is_main_process or not metric.main_only):
             metric.compute(ev)
     if accelerator.is_main_process:
-        out = Path(args.out) if args.out else output_folder(run, "eval.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, results)
-        print(table(results))
-        print(f"wrote {out}")
+        results["computed_with"] = computed_with(results, args)
+        print(table(results))  # first: a failed write below still leaves the numbers on the screen
+        earlier = earlier_results(out)
+        merged, kept = merge_results(earlier, results)
+        stale = [n for n in METRICS if n in earlier and n not in merged]
+        if stale:
+            print(f"warning: the earlier {out} held {', '.join(stale)} of other weights (another SHA-256): "
+                  f"replaced, not kept", file=sys.stderr)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, merged)
+        except OSError as e:
+            if not is_disk_error(e):
+                raise
+            raise UserError(write_failure(e, out, "or write elsewhere with --out FILE (the numbers are printed "
+                                                  "above)")) from None
+        print(f"wrote {out}" + (f" (with the earlier {', '.join(kept)})" if kept else ""))
 
+
+def refuse_unwritable(out: Path, given: bool) -> None:
+    """One line, before any work, when eval.json cannot be written where it goes (a read-only run)."""
+    e = cannot_write(out.parent)
+    if e is not None:
+        fix = "write it elsewhere with --out FILE" if not given else "give --out a file in a folder you can write"
+        raise UserError(f"cannot write {out} ({e.strerror}): {disk_advice(e, out.parent)}, or {fix}")
+
+
+def earlier_results(out: Path) -> dict:
+    """What an earlier call wrote to ``out`` (eval.json), to add to; {} when there is none, or it is not
+    eval.json's JSON (said: it is replaced)."""
+    if not out.is_file():
+        return {}
+    try:
+        earlier = json.loads(out.read_text())
+        if isinstance(earlier, dict) and isinstance(earlier.get("weights", {}), dict):
+            return earlier
+        why = "not a mapping of metrics"
+    except (ValueError, UnicodeDecodeError) as e:
+        why = f"{e.__class__.__name__}: {str(e)[:80]}"
+    print(f"warning: the earlier {out} is unreadable ({why}): it is replaced", file=sys.stderr)
+    return {}
 
 if __name__ == "__main__":
     guarded_main(main)

@@ -24,13 +24,16 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
+from models.samplers import SAMPLERS
 from utils.config import Config
 from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
+from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
 from utils.evaluation.samplers import fitted_sampler
-from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
+from utils.files import cannot_write, disk_advice, is_disk_error, write_failure, written_whole
+from utils.grids import grid, labelled_rows, save_grid, save_pairs, save_whole, to_pil
 from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
 from utils.threads import add_threads_argument, set_threads
 
@@ -70,7 +73,7 @@ def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
         z = model.prior.sample(per, g).to(args.device).repeat(model.n_classes, 1)
         y = torch.arange(model.n_classes).repeat_interleave(per)
         x = decode(model, z, args.batch_size, y)
-        labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]).save(path)
+        save_whole(labelled_rows(x, per, [f"class {c}" for c in range(model.n_classes)]), path)
         return [path]
     path = out / f"samples{args.suffix}.png"
     labels = None if args.label is None else torch.full((args.n_samples,), args.label)
@@ -125,14 +128,14 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     x = decode(model, codes.flatten(0, 1), args.batch_size, None if y is None else y.repeat(codes.shape[0] *
                                                                                             codes.shape[1]))
     path = out / "traverse.png"
-    labelled_rows(x, args.n_traverse, [f"z{d}  {what} {score[d]:.2f}" for d in dims]).save(path)
+    save_whole(labelled_rows(x, args.n_traverse, [f"z{d}  {what} {score[d]:.2f}" for d in dims]), path)
     # animation: frame j shows every traversed dimension at values[j], there and back
     frames = []
     for j in list(range(args.n_traverse)) + list(range(args.n_traverse - 2, 0, -1)):
         column = x.view(len(dims), args.n_traverse, *x.shape[1:])[:, j]
         frames.append(to_pil(grid(column, per_row=min(len(dims), 8))))
     gif = out / "traverse.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    save_whole(frames[0], gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
     return [path, gif]
 
 
@@ -175,7 +178,8 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
     ax.legend(title="class", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     scatter = out / "latent_scatter.png"
-    fig.savefig(scatter)
+    with written_whole(scatter) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
     if model.deterministic:  # an autoencoder has no KL per dimension to plot
@@ -187,7 +191,8 @@ def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
            xlabel="latent dimension", ylabel="mean KL (nats)")
     fig.tight_layout()
     bars = out / "kl_per_dim.png"
-    fig.savefig(bars)
+    with written_whole(bars) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return [scatter, bars]
 
@@ -275,18 +280,38 @@ def main(argv: list[str]) -> None:
                         "(model.conditional=false); drop --label"))
     if not state.is_main_process:
         return  # one process does the (small) work; the others have nothing to add
+    out = Path(args.save_dir) if args.save_dir else output_folder(run, args.mode)
+    unwritable = cannot_write(out)  # said before any work: the images must have somewhere to go
+    if unwritable is not None:
+        fix = "or write elsewhere with --save_dir DIR" if not args.save_dir else "or give --save_dir a folder you " \
+                                                                                 "can write"
+        raise UserError(f"cannot write into {out} ({unwritable.strerror}): {disk_advice(unwritable, out)}, {fix}")
     train = lambda: load_data(model.config.data)[0].to(args.device)  # noqa: E731 (read only for a fit)
-    sampler = fitted_sampler(model, model.sampler_folder, args.sampler, train, options, args.refit,
-                             args.device) if drawn else None
+    sampler = fitted_sampler(model, sampler_home(model.sampler_folder, out, args.sampler, args.refit),
+                             args.sampler, train, options, args.refit, args.device) if drawn else None
     args.draw = lambda n, gen: sampler.sample(n, gen).to(args.device)
     args.suffix = "" if args.sampler == "prior" else f"_{args.sampler}"
     if auto:
         print(f"using the newest run: {run} (pass --exp_dir to choose another)")
-    out = Path(args.save_dir) if args.save_dir else output_folder(run, args.mode)
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    paths = MODES[args.mode](model, cfg, args, g, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = MODES[args.mode](model, cfg, args, g, out)
+    except OSError as e:
+        if not is_disk_error(e):
+            raise
+        raise UserError(write_failure(e, Path(e.filename) if e.filename else out, "then run again")) from None
     print("\n".join(f"wrote {p}" for p in paths))
+
+
+def sampler_home(kept_in: Path, out: Path, name: str, refit: bool) -> Path:
+    """Where a fitted sampler is looked for and kept: the model's samplers folder ``kept_in``, unless it cannot be
+    written and has no kept fit to reuse (a read-only run); then ``out/samplers``, where the next call with the
+    same --save_dir finds the fit."""
+    kept = (Path(kept_in) / f"{name}.safetensors").is_file() and not refit
+    if kept or not getattr(SAMPLERS.get(name), "fitted", False):  # (the prior is never fitted nor kept)
+        return kept_in
+    return kept_in if cannot_write(kept_in) is None else Path(out) / SAMPLER_FOLDER
 
 
 if __name__ == "__main__":

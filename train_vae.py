@@ -17,7 +17,6 @@ from __future__ import annotations
 import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
 # isort: on
 import argparse
-import errno
 import os
 import shlex
 import sys
@@ -28,14 +27,18 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from utils.config import config_yaml, load_config, run_warnings
 from utils.errors import CliParser, UserError, guarded_main
-from utils.files import disk_advice
+from utils.files import DISK_ERRORS, disk_advice
 from utils.training.checkpoints import after_failed_write, resolve_resume
 from utils.training.config import native_cpu_bf16, run_precision
 from utils.training.loop import train
-from utils.training.run_folder import check_new_run_dir, default_run_dir
-
-# errors that mean "the disk or its permissions", not a bug: reported in one line with what to do
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+from utils.training.run_folder import (
+    check_name,
+    check_new_run_dir,
+    check_writable,
+    default_run_dir,
+    lock_run,
+    unlock_run,
+)
 
 
 def parser() -> CliParser:
@@ -86,7 +89,9 @@ def main(argv: list[str]) -> None:
     if args.resume:
         if args.overwrite:
             raise UserError("--overwrite starts a run afresh and -r continues one: pass only one of them")
-        run_dir, ckpt = resolve_resume(args.resume, args.exp_dir, args.config, verbose=state.is_main_process)
+        # (said once the run is locked, below: a checkpoint that another trainer is writing is not incomplete)
+        run_dir, ckpt = resolve_resume(args.resume, args.exp_dir, args.config,
+                                       verbose=state.is_main_process and args.dry_run)
         cfg = load_config(run_dir / "config.yaml", overrides)  # the run's own config; overrides may extend steps
     else:
         if args.config is None:
@@ -104,18 +109,35 @@ def main(argv: list[str]) -> None:
             what = f"resume {ckpt}" if ckpt else f"train into {run_dir}"
             print(f"# would {what}\n{config_yaml(cfg)}", end="")
         return
+    check_name(run_dir)
     if ckpt is None:
         check_new_run_dir(run_dir, args.overwrite)
+    refused = None
+    if state.is_main_process:  # one process writes the run folder: it checks and (to resume) locks it
+        try:
+            check_writable(run_dir)
+            if ckpt is not None:
+                lock_run(run_dir)
+        except UserError as e:
+            refused = str(e)
     if state.num_processes > 1:  # every process must agree on the run directory (its default name holds the time)
-        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+        run_dir, refused = broadcast_object_list([str(run_dir), refused])
+        run_dir = Path(run_dir)
+    if refused:
+        raise UserError(refused)
     state.wait_for_everyone()  # all have checked the directory before the main process writes into it
     try:
+        if ckpt is not None:  # now that no other trainer writes into the run
+            run_dir, ckpt = resolve_resume(args.resume, str(run_dir) if args.resume == "latest" else None, None,
+                                           verbose=state.is_main_process)
         train(cfg, run_dir, ckpt, args.overwrite, command_line(argv, state.num_processes))
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
         raise UserError(f"cannot write {e.filename or run_dir} ({e.strerror}): {disk_advice(e, run_dir)}, then "
                         f"{after_failed_write(run_dir)}") from None
+    finally:
+        unlock_run(run_dir)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ runs code.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +24,48 @@ from safetensors.torch import save_file
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` only once the new text is completely written: a crash leaves the old file or the new."""
+    """Replace ``path`` only once the new text is completely written: a crash leaves the old file or the new, and
+    a failed write (a full disk, a file-size limit) removes its partial temporary. Text is UTF-8, except that a
+    name read from the file system that is not valid UTF-8 (a run folder's, in a command line) is written back
+    as the bytes it was, as ``os.fsencode`` would."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for a writer that takes a file name (PIL, matplotlib): renamed over
+    ``path`` when the block ends well, removed when it fails, so ``path`` is never a torn image."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # the suffix tells the writer the format
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON, written atomically."""
     write_atomic(path, json.dumps(data, indent=2))
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, hex: what a kept result records to say which file it was computed from."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -82,16 +116,57 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the ``private_temporary`` files in ``folder`` left by processes of this machine that are no longer
-    running (a build killed half-way); those of live processes and of other machines stay. Returns the removed."""
+    """Delete the ``private_temporary`` files (and folders) in ``folder`` left by processes of this machine that
+    are no longer running (a build killed half-way); those of live processes and of other machines stay. Returns
+    the removed."""
     removed = []
     host = socket.gethostname()
     for tmp in sorted(folder.glob(f"*.{host}.*.tmp")) if folder.is_dir() else []:
         pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
         if pid.isdigit() and tmp.name.endswith(f".{host}.{pid}.tmp") and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():  # a folder built aside (an export) by a process that was killed
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def cannot_write(folder: Path) -> OSError | None:
+    """Why nothing can be written into ``folder`` (or, when it does not exist yet, into the nearest folder above
+    it that does), or None when a file can be created there. Found by creating and removing a file, not by
+    permission bits: root ignores those, and a read-only file system or an immutable folder refuses root too."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = private_temporary(folder / ".write-test")
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as e:
+        return e
+    return None
+
+
+# errors that mean "the disk or its permissions", not a bug: reported in one line with what to do
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+def is_disk_error(e: BaseException) -> bool:
+    """Whether a failed write is the disk's or its permissions' doing: an OSError of ``DISK_ERRORS``, or a
+    writer's own error carrying the system's text (safetensors reports a full disk as a SafetensorError)."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_ERRORS
+    text = str(e).lower()
+    return any(s in text for s in ("no space", "file too large", "quota", "read-only", "permission denied"))
+
+
+def write_failure(e: BaseException, target: Path, then: str = "") -> str:
+    """The one line for a write that failed: what, the system's reason, and the advice for its cause."""
+    lines = str(e).strip().splitlines()
+    reason = getattr(e, "strerror", None) or (lines[-1] if lines else e.__class__.__name__)
+    return f"could not write {target} ({reason}): {disk_advice(e, Path(target).parent)}" + (f", {then}" if then
+                                                                                           else "")
 
 
 def disk_advice(e: BaseException, where: Path) -> str:

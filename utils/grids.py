@@ -8,13 +8,23 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
+from utils.files import written_whole
+
 PAD = 2             # pixels between tiles
 LABEL_MARGIN = 90   # pixels left of a grid for row labels
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
-    """Images (N, C, H, W) in [0, 1] as one PNG, ``per_row`` tiles a row."""
-    save_image(images, path, nrow=per_row, padding=PAD, pad_value=1.0)
+    """Images (N, C, H, W) in [0, 1] as one PNG, ``per_row`` tiles a row; written whole or not at all."""
+    with written_whole(path) as tmp:
+        save_image(images, tmp, nrow=per_row, padding=PAD, pad_value=1.0)
+
+
+def save_whole(image: Image.Image, path: Path, **options) -> None:
+    """A PIL image (an animated GIF with ``options``) written whole or not at all: a full disk leaves no torn
+    file under ``path``."""
+    with written_whole(path) as tmp:
+        image.save(tmp, **options)
 
 
 def grid(images: torch.Tensor, per_row: int) -> torch.Tensor:

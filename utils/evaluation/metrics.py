@@ -97,6 +97,7 @@ class Metric:
     needs_factors: bool = False
     main_only: bool = False
     needs_posterior: bool = False  # a bound on log p(x) or a KL: not for a deterministic autoencoder
+    options: tuple[str, ...] = ("n_test", "seed")  # the evaluate.py options its numbers depend on (eval.json)
 
 
 def _elbo(ev: Evaluation) -> None:
@@ -198,12 +199,14 @@ def _disentanglement_rows(results: dict) -> Rows:
             ("SAP", f"{d['sap']['sap']:.3f}")]
 
 
+BOUND_OPTIONS = ("n_test", "seed", "binarize")
+
 METRICS: dict[str, Metric] = {
     "elbo": Metric("evidence lower bound, its reconstruction and KL parts (nats per image, bits per dimension)",
-                   _elbo, rows=_bound_rows, default=True, needs_posterior=True,
+                   _elbo, rows=_bound_rows, default=True, needs_posterior=True, options=BOUND_OPTIONS,
                    headline=lambda r: [("ELBO", f"{r['elbo']['elbo']:.2f} nats")]),
     "nll": Metric("negative log-likelihood by the importance-weighted bound with --k samples (Burda et al. 2016)",
-                  _nll, default=True, needs_posterior=True,
+                  _nll, default=True, needs_posterior=True, options=("k", *BOUND_OPTIONS),
                   headline=lambda r: [(f"NLL (IWAE, k={r['nll']['k']}, {r['nll']['n']} images)",
                                        f"{r['nll']['nll']:.2f} nats ({r['nll']['nll_bpd']:.4f} bits/dim)")]),
     "au": Metric("active units (Var_x E[z_j] > 0.01) and the KL per latent dimension", _au, rows=_au_rows,
@@ -213,13 +216,16 @@ METRICS: dict[str, Metric] = {
                     rows=lambda r: [("reconstruction", f"MSE {r['recon']['mse']:.5f}, PSNR "
                                                        f"{r['recon']['psnr']:.2f} dB")]),
     "fid": Metric("FID of --fid_samples prior samples against held-out images (Inception-v3, --fid_weights)", _fid,
+                  options=("fid_samples", "sampler", "seed"),
                   rows=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples vs held-out images)")],
                   headline=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples)")]),
     "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "
-                       "(nats per code)", _samplers, rows=_sampler_rows, main_only=True),
+                       "(nats per code)", _samplers, rows=_sampler_rows, main_only=True,
+                       options=("n_test", "seed", "gmm_components", "gmm_covariance", "two_stage_steps")),
     "disentanglement": Metric("beta-VAE and FactorVAE metrics, MIG, DCI and SAP on ground-truth factors",
-                              _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True),
+                              _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True,
+                              options=("seed",)),
 }
 
 
@@ -233,6 +239,32 @@ def table(results: dict) -> str:
     rows = [row for name, m in METRICS.items() if name in results for row in m.rows(results)]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+
+
+def computed_with(results: dict, options: Namespace) -> dict[str, dict]:
+    """For each metric entry in ``results``, the options its numbers were computed with (eval.json keeps them
+    beside the numbers: entries of several calls can differ)."""
+    return {name: {o: getattr(options, o) for o in m.options} for name, m in METRICS.items() if name in results}
+
+
+def merge_results(earlier: dict, now: dict) -> tuple[dict, list[str]]:
+    """eval.json after this call: the earlier file's metric entries that this call did not recompute are kept,
+    those it recomputed are replaced, each with what it was computed with. Returns (merged, kept names).
+    Entries computed on other weights (another SHA-256) are not kept: they describe another model."""
+    had = earlier.get("weights", {}).get("sha256")
+    if had is not None and had != now["weights"]["sha256"]:
+        return now, []
+    kept = [name for name in METRICS if name in earlier and name not in now]
+    merged = dict(now)
+    for name in kept:
+        merged[name] = earlier[name]
+    if "sigma" in earlier and "sigma" not in now and ({"elbo", "nll"} & set(kept)):
+        merged["sigma"] = earlier["sigma"]  # the optimal σ the kept bounds were computed with
+    merged["computed_with"] = {**{n: w for n, w in earlier.get("computed_with", {}).items() if n in kept},
+                               **now.get("computed_with", {})}
+    merged["computed_with"] = {n: merged["computed_with"][n] for n in METRICS if n in merged["computed_with"]}
+    merged["metrics"] = [n for n in METRICS if n in merged]
+    return merged, kept
 
 
 def headline(results: dict) -> Rows:

@@ -33,7 +33,7 @@ from models.samplers import SAMPLERS, PriorSampler, Sampler, SamplerOptions
 from models.vae import VAE
 from utils.data.splits import ImageSplit
 from utils.errors import UserError
-from utils.files import save_tensors
+from utils.files import cannot_write, is_disk_error, save_tensors, write_failure
 
 FOLDER = "samplers"
 WEIGHTS_KEY, Z_KEY = "weights_sha256", "z_dim"  # the metadata that binds a kept file to its model
@@ -146,8 +146,7 @@ def fitted_sampler(vae: VAE, folder: Path, name: str, train: Callable[[], ImageS
         print(f"warning: {path} was fitted to {elsewhere}: fitting it again to this model's codes", file=sys.stderr)
     means, stds = training_codes(vae, train(), device)
     sampler = SAMPLERS[name]().fit(means, options, stds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(sampler.state(), path, metadata={**want, Z_KEY: str(vae.z_dim), WEIGHTS_KEY: fingerprint})
+    keep(sampler, path, {**want, Z_KEY: str(vae.z_dim), WEIGHTS_KEY: fingerprint})
     return sampler
 
 
@@ -191,6 +190,24 @@ def kept_sampler_files(run: Path, vae: VAE) -> tuple[dict[str, tuple[Path, Sampl
             continue
         usable[name] = (path, options)
     return usable, left_out
+
+
+def keep(sampler: Sampler, path: Path, metadata: dict[str, str]) -> None:
+    """Keep a fitted sampler at ``path`` for later calls. A folder that cannot be written (a read-only run) keeps
+    nothing, and says so: the fit is still used. A full disk or a file-size limit is one line, and leaves no
+    partial file."""
+    unwritable = cannot_write(path.parent)
+    if unwritable is not None:
+        print(f"note: the fitted sampler is used but not kept: {path.parent} cannot be written "
+              f"({unwritable.strerror})", file=sys.stderr)
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(sampler.state(), path, metadata=metadata)
+    except (OSError, SafetensorError) as e:
+        if not is_disk_error(e):
+            raise
+        raise UserError(write_failure(e, path, "then run again (the sampler is fitted again)")) from None
 
 
 def kde_log_density(points: torch.Tensor, codes: torch.Tensor, chunk: int = 256) -> torch.Tensor:

@@ -10,7 +10,9 @@ run's eval.json) and ``samples.png`` (64 prior samples, seed 0). ``TrainedVAE.lo
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,8 +20,10 @@ from pathlib import Path
 import torch
 
 from utils.errors import CliParser, UserError, guarded_main
+from utils.evaluation.metrics import headline
 from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
 from utils.evaluation.samplers import kept_sampler_files
+from utils.files import is_disk_error, private_temporary, remove_stale_temporaries, write_failure
 from utils.grids import save_grid
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import started_with
@@ -27,16 +31,51 @@ from utils.training.run_folder import started_with
 
 def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     """Save a run in the Hub layout into the empty folder ``out`` (with 64 samples and the model card), and
-    upload it to ``push_to_hub`` (a repo id) when given: that needs network and a token (``hf auth login``)."""
+    upload it to ``push_to_hub`` (a repo id) when given: that needs network and a token (``hf auth login``).
+
+    The folder is built aside (a temporary sibling) and renamed into place only complete: a failure at any
+    point (a full disk, a file-size limit, an interrupt) leaves ``out`` as it was, and the export can be rerun."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: export into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new or empty folder")
+    if out.is_symlink() and out.is_dir():  # an empty folder reached through a link: the folder is the target
+        out = out.resolve()
     vae = TrainedVAE.load_local(run)  # a run on this machine: its eval.json and command.txt are read too
+    command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
+    vae._card = {"command": shown(command), "eval": read_evaluation(run)}
+    aside = private_temporary(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out.parent)  # folders built aside by exports that were killed
+        aside.mkdir()
     except OSError as e:
         raise UserError(f"cannot create {out} ({e.strerror}): export into a folder you can write") from None
+    try:
+        build(vae, run, aside)
+        os.replace(aside, out)  # (over an empty folder too)
+    except BaseException as e:
+        shutil.rmtree(aside, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOTEMPTY:
+            raise UserError(f"{out} was filled while the export ran: export into a new or empty folder") from None
+        if isinstance(e, OSError) and e.errno in (errno.EBUSY, errno.EXDEV):  # the empty folder is a mount point
+            raise UserError(f"{out} cannot be replaced ({e.strerror}: a mount point?): export into a new folder "
+                            f"inside it") from None
+        if is_disk_error(e):
+            raise UserError(write_failure(e, out, "then export again")) from None
+        raise
+    if push_to_hub:
+        try:
+            vae.push_to_hub(push_to_hub)
+        except Exception as e:  # network, authentication and repository errors all end here
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UserError(f"the upload to {push_to_hub} failed ({e.__class__.__name__}: {first[:200]}): the "
+                            f"folder {out} is complete; log in (hf auth login) and upload it when online") from None
+    return out
+
+
+def build(vae: TrainedVAE, run: Path, folder: Path) -> None:
+    """The Hub layout of ``vae`` (from ``run``) in the empty ``folder``."""
     # only the sampler files that fit this model travel with it: never a temporary, a damaged or a stale one
     kept, left_out = kept_sampler_files(run, vae)
     for line in left_out:
@@ -46,23 +85,33 @@ def export(run: Path, out: Path, push_to_hub: str | None = None) -> Path:
     if sampler is not None:
         options = kept[sampler][1] if sampler in kept else None
         save_grid(vae.sample(64, vae.grid_labels(64), torch.Generator().manual_seed(0), sampler=sampler,
-                             options=options).cpu(), out / "samples.png", per_row=8)
-    command = started_with(run) or f"python train_vae.py -c config.yaml -e {run.name}"  # (runs before command.txt)
-    vae._card = {"command": command, "samples": "samples.png" if sampler else None}
-    if (run / "eval.json").is_file():
-        vae._card["eval"] = json.loads((run / "eval.json").read_text())
-    vae.save_pretrained(out)
+                             options=options).cpu(), folder / "samples.png", per_row=8)
+    vae._card["samples"] = "samples.png" if sampler else None
+    vae.save_pretrained(folder)
     for path, _ in kept.values():  # fitted samplers travel with the model
-        (out / SAMPLER_FOLDER).mkdir(exist_ok=True)
-        shutil.copy2(path, out / SAMPLER_FOLDER / path.name)
-    if push_to_hub:
-        try:
-            vae.push_to_hub(push_to_hub)
-        except Exception as e:  # network, authentication and repository errors all end here
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise UserError(f"the upload to {push_to_hub} failed ({e.__class__.__name__}: {first[:200]}): the "
-                            f"folder {out} is complete; log in (hf auth login) and upload it when online") from None
-    return out
+        (folder / SAMPLER_FOLDER).mkdir(exist_ok=True)
+        shutil.copy2(path, folder / SAMPLER_FOLDER / path.name)
+
+
+def read_evaluation(run: Path) -> dict | None:
+    """The run's eval.json for the card, or None without one; a damaged one is refused before anything is
+    written (a card must not quote half a file)."""
+    path = run / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        evaluation = json.loads(path.read_text())
+        headline(evaluation)  # every entry the card quotes is whole
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is damaged ({e.__class__.__name__}): evaluate the run again (python evaluate.py "
+                        f"--exp_dir {run}), or move the file aside to export without its numbers") from None
+    return evaluation
+
+
+def shown(text: str) -> str:
+    """Text read with the file system's undecodable bytes kept (a run folder whose name is not UTF-8), made
+    printable for the card: each such byte becomes U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def main(argv: list[str]) -> None:

@@ -215,11 +215,10 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         lines = [f"# A {kind} on {cfg.data.name}", "",
                  f"Trained with vae-toolkit: `{info.get('command', 'python train_vae.py -c config.yaml')}`, "
                  f"the config below; {cfg.train.steps:,} steps at batch {cfg.train.batch_size}.", ""]
-        evaluation = info.get("eval")
-        if evaluation:
+        rows = headline(info["eval"]) if info.get("eval") else []
+        if rows:  # (an eval.json of metrics without a headline, the samplers' alone, gives no table)
             lines += ["## Held-out numbers (evaluate.py)", "", "| metric | value |", "| --- | --- |"]
-            for key, value in headline(evaluation):
-                lines.append(f"| {key} | {value} |")
+            lines += [f"| {key} | {value} |" for key, value in rows]
             lines.append("")
         if info.get("samples"):
             lines += ["## Samples", "", f"![64 prior samples]({info['samples']})", ""]

@@ -9,22 +9,33 @@
       checkpoints/step_0001000/   full Accelerate state (model, optimizer, scaler, RNG), rng_R.safetensors,
                              trainer_state.json (step, each file's size and SHA-256); see utils/training/checkpoints.py
       tb/                    TensorBoard events (train.log_with)
+      train.lock             while a process trains in the run: its id (an OS lock, released when it ends)
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+try:
+    import fcntl  # the run folder's lock; not on Windows, where runs are not locked
+except ImportError:
+    fcntl = None
+
 from utils.errors import UserError
-from utils.files import disk_advice, save_tensors, write_atomic
+from utils.files import cannot_write, disk_advice, save_tensors, write_atomic
 
 RUNS = Path("runs")
+LOCK = "train.lock"
+_held: dict[Path, int] = {}  # run folder -> the open lock file's descriptor, while this process trains there
 
 
 def default_run_dir(config_path: str | None) -> Path:
@@ -65,9 +76,16 @@ def create_run_dir(run_dir: Path, config_text: str, overwrite: bool, command: st
     """
     try:
         if overwrite and run_dir.exists():
+            lock_run(run_dir)  # not a run that another process is training
             print(f"--overwrite: replacing the run in {run_dir}")
             shutil.rmtree(run_dir)
+            unlock_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run(run_dir)
+        if (run_dir / "config.yaml").exists():  # another process started a run here since this one checked
+            unlock_run(run_dir)
+            raise UserError(f"{run_dir} already holds a run, started while this one loaded: resume it with "
+                            f"-r latest -e {run_dir}, or choose another -e")
         write_atomic(run_dir / "config.yaml", config_text)
         record_command(run_dir, command)
     except OSError as e:
@@ -81,15 +99,83 @@ def record_command(run_dir: Path, command: str, resumed_at: int | None = None) -
     if not command:
         return
     line = command if resumed_at is None else f"# resumed at step {resumed_at}: {command}"
-    with (run_dir / "command.txt").open("a") as f:
+    with (run_dir / "command.txt").open("a", encoding="utf-8", errors="surrogateescape") as f:
         f.write(line + "\n")
 
 
 def started_with(run_dir: Path) -> str | None:
     """The command that started the run (command.txt's first line), or None for a run without one."""
     path = Path(run_dir) / "command.txt"
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = path.read_text(errors="surrogateescape").splitlines() if path.is_file() else []
     return lines[0] if lines else None
+
+
+def check_name(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder whose name is not valid UTF-8: the trackers and the
+    model card need it as text, and a run that failed at its first tracker would leave a folder that blocks
+    its own rerun."""
+    try:
+        str(run_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(run_dir).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UserError(f"the run folder name {shown} is not valid UTF-8: choose another -e (or rename the folder "
+                        f"with mv and resume it there)") from None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before data and model load, a run folder (or, for a new one, the folder it goes in) that cannot
+    be written: training would otherwise fail at its first write."""
+    e = cannot_write(run_dir)
+    if e is not None:
+        raise UserError(f"cannot write into {run_dir} ({e.strerror}): {disk_advice(e, run_dir)}, or train into "
+                        f"another folder with -e")
+
+
+def lock_run(run_dir: Path) -> None:
+    """Hold the run folder's lock (an exclusive ``flock`` on ``train.lock``) until ``unlock_run``: a second
+    process that would train in the same run is refused, naming the first. The operating system releases it
+    when the holder ends, however it ends, so a crash leaves no stale lock. Held once per process."""
+    run_dir = Path(run_dir)
+    if run_dir in _held or fcntl is None:
+        return
+    path = run_dir / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = _read_holder(path)
+            raise UserError(f"{run_dir} is in use: {holder} is training in it; wait for it to end (or stop it), "
+                            f"or train into another folder with -e") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # the holder before removed it as it let go: lock the new one
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _held[run_dir] = fd
+
+
+def unlock_run(run_dir: Path) -> None:
+    """Let go of the run folder's lock (and remove its file, which a later lock re-creates)."""
+    fd = _held.pop(Path(run_dir), None)
+    if fd is not None:
+        Path(run_dir, LOCK).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        pid, host = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return "another process"
+    return f"process {pid}" + ("" if host == socket.gethostname() else f" on {host}")
 
 
 def save_weights(model: torch.nn.Module, run_dir: Path, step: int) -> None:
