@@ -23,9 +23,16 @@ from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import METRICS, Evaluation, default_metrics, table
 from utils.evaluation.samplers import check_usable
 from utils.files import write_json
-from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
+from utils.inference.loading import (
+    add_sampler_arguments,
+    load_trained,
+    output_folder,
+    sampler_options,
+    speaks_cli_terms,
+)
 
 
+@speaks_cli_terms
 def main(argv: list[str]) -> None:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)

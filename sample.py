@@ -27,7 +27,13 @@ from utils.data.splits import ImageSplit
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.latents import dims_by_kl, interpolate, pca_2d, posterior_stats, traversal_codes
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, to_pil
-from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
+from utils.inference.loading import (
+    add_sampler_arguments,
+    load_trained,
+    output_folder,
+    sampler_options,
+    speaks_cli_terms,
+)
 
 
 @torch.no_grad()
@@ -204,6 +210,7 @@ def modes_markdown() -> str:
     return "\n".join(rows)
 
 
+@speaks_cli_terms
 def main(argv: list[str]) -> None:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")
