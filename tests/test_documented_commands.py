@@ -1,7 +1,7 @@
-"""The commands of README.md and docs/*.md work as a user pastes them, and the advice the scripts print can be
-followed. Every fenced bash command is classified below; each one that runs offline in a few seconds is run, in
-this process, from a folder laid out as a clone is (configs/, data/MNIST, runs/X), so a command added to the
-docs fails here until it is classified, and a documented command that stops working fails here too."""
+"""The commands of README.md and docs/*.md work as a user pastes them. Every command of a fenced bash block is
+classified below, so a command added to the docs fails here until it is; each one that runs offline in seconds is
+run, in this process, from a folder laid out as a clone in use (configs/, data/MNIST, runs/X), so a documented
+command that stops working fails here too. Blocks are separate tests, which pytest-xdist spreads over workers."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 from conftest import DATA, REPO, Result, cli, require_data, train
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
-COMMENT = re.compile(r"\s+# .*$")  # a trailing comment: a space, a hash and a space
+BASH_BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+COMMENT = re.compile(r"\s+# ")  # where a trailing comment may start: a space, a hash and a space
 
 RUN = "runs here as pasted"
 # appended arguments cut only training steps, held-out images evaluated, or name the data folder
@@ -150,12 +150,23 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
 }
 
 
+def without_comment(line: str) -> str:
+    """``line`` up to its trailing comment: the first " # " outside quotes."""
+    for m in COMMENT.finditer(line):
+        try:
+            shlex.split(line[:m.start()])  # an open quote raises
+        except ValueError:
+            continue
+        return line[:m.start()]
+    return line
+
+
 def block_commands(block: str) -> list[str]:
     """The commands of a bash block, in order: continuation lines joined, comment lines and trailing comments
     dropped, spaces collapsed."""
     out = []
     for line in block.replace("\\\n", " ").splitlines():
-        line = COMMENT.sub("", line).strip()
+        line = without_comment(line).strip()
         if line and not line.startswith("#"):
             out.append(" ".join(line.split()))
     return out
@@ -187,6 +198,7 @@ def test_every_documented_command_is_classified_and_every_classified_one_documen
 def test_the_extraction_joins_continuations_and_drops_comments():
     page = "text\n```bash\n# a comment line\npython a.py --x 1 \\\n  --y 2   # why\nls\n```\n```python\nnot bash\n```\n"
     assert commands(page) == ["python a.py --x 1 --y 2", "ls"]
+    assert commands("```sh\nA=1 python b.py 'x # y'\n```\n```\noutput\n```\n") == ["A=1 python b.py 'x # y'"]
 
 
 def test_no_documented_command_writes_into_the_committed_assets():
