@@ -62,6 +62,7 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "data.img_size=28": (SHORT, STEPS),  # on 250 MNIST digits saved as the line above saves all of them: PREPARE
     # docs/development.md
     "pip install mlflow-skinny": (NETWORK, "installs from the package index"),
+    "pip install mlflow-skinny ruff": (NETWORK, "installs from the package index"),
     "python -m pytest -q -n 2": (LONG, "the whole suite, this test among it"),
     "bash .ci/run": (NETWORK, "installs the requirements into a fresh virtual environment"),
     "ruff check .": (RUN, []),
