@@ -30,10 +30,17 @@ from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import METRICS, Evaluation, computed_with, default_metrics, merge_results, table
 from utils.evaluation.samplers import check_usable
 from utils.files import cannot_write, disk_advice, is_disk_error, sha256_of, write_failure, write_json
-from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
+from utils.inference.loading import (
+    add_sampler_arguments,
+    load_trained,
+    output_folder,
+    sampler_options,
+    speaks_cli_terms,
+)
 from utils.threads import add_threads_argument, set_threads
 
 
+@speaks_cli_terms
 def main(argv: list[str]) -> None:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)

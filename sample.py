@@ -34,7 +34,13 @@ from utils.evaluation.samplers import FOLDER as SAMPLER_FOLDER
 from utils.evaluation.samplers import fitted_sampler
 from utils.files import cannot_write, disk_advice, is_disk_error, write_failure, written_whole
 from utils.grids import grid, labelled_rows, save_grid, save_pairs, save_whole, to_pil
-from utils.inference.loading import add_sampler_arguments, load_trained, output_folder, sampler_options
+from utils.inference.loading import (
+    add_sampler_arguments,
+    load_trained,
+    output_folder,
+    sampler_options,
+    speaks_cli_terms,
+)
 from utils.threads import add_threads_argument, set_threads
 
 
@@ -214,6 +220,7 @@ def modes_markdown() -> str:
     return "\n".join(rows)
 
 
+@speaks_cli_terms
 def main(argv: list[str]) -> None:
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")

@@ -3,6 +3,8 @@
 # trained on one CPU core (OMP_NUM_THREADS=1, so two rows can share a 2-core machine), then the test NLL
 # by the importance-weighted bound with k = 5000 on all 10,000 test images, binarised once with a fixed seed.
 # DATA_ROOT: the folder holding MNIST/raw. ROWS: which rows (default all). A stopped run resumes where it was.
+# It overwrites the committed files in assets/results/binarized-mnist-*;
+# the docs show its commands without --save_dir/--out: pasted, they write into runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"

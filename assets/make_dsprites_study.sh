@@ -4,6 +4,8 @@
 # of steps on one CPU core (OMP_NUM_THREADS=1, so two rows can share a 2-core machine), then every score at
 # reduced sample sizes (flags below), the same scores at the step-1000 checkpoint, and a latent traversal.
 # STEPS: steps per run (default 2000). ROWS: which rows.
+# It overwrites the committed files in assets/results/dsprites-study-*;
+# the docs show its commands without --save_dir/--out: pasted, they write into runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps="${STEPS:-2000}"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds every image in assets/ from real training runs, with the toolkit's own commands.
 # CPU is enough (about 10 minutes on 2 cores). DATA_ROOT: the folder holding MNIST/raw (default data).
+# It overwrites the committed images in assets/ (mnist_vae*, mnist_*_vae, celeba) and
+# assets/results/celeba-samplers.json;
+# the docs show its commands without --save_dir/--out: pasted, they write into runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"

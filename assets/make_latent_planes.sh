@@ -2,6 +2,7 @@
 # The latent planes of the autoencoder family at z = 2 on MNIST: AE, VAE, AAE and MMD-VAE, each trained from its
 # shipped config with only z_dim changed, then the test set's codes coloured by label, side by side, in
 # assets/latent_planes.png. CPU is enough (a few minutes each). DATA_ROOT: the folder holding MNIST/raw.
+# It overwrites the committed assets/latent_planes.png (its runs go to runs/plane-*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"

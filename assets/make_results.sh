@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Produces the numbers and images of the Results in docs/results.md, with the toolkit's own commands.
 # CPU is enough (about 45 minutes on 2 cores). DATA_ROOT: the folder holding MNIST/raw and FashionMNIST/raw.
+# It overwrites the committed files in assets/results/;
+# the docs show its commands without --save_dir/--out: pasted, they write into runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"

@@ -95,3 +95,16 @@ def test_the_generated_tables_of_metrics_and_modes_are_current():
     text = (REPO / "docs" / "extending.md").read_text()
     assert metrics_markdown() in text
     assert sample.modes_markdown() in text
+
+
+def test_the_generated_registry_table_of_models_md_is_current():
+    """docs/models.md carries the table REGISTRIES generates: an entry added to a registry (as the `ae` objective and
+    the `none` and `aae` regularisers once were, and went unlisted) fails here until the table is regenerated."""
+    from utils.config import REGISTRIES, registries_markdown
+
+    table = registries_markdown()
+    assert table in (REPO / "docs" / "models.md").read_text(), \
+        "docs/models.md's registry table is stale: paste in the output of python -m utils.config registries"
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \|[^|]*\|[^|]*\| (.*) \|$", table, re.MULTILINE))
+    for key, registry in REGISTRIES.items():  # the generator lists every entry of every registry, and only those
+        assert rows[key] == ", ".join(f"`{entry}`" for entry in registry)

@@ -3,7 +3,8 @@
 Why a schema of dataclasses rather than a free dict: every key a user can set is
 listed once, with its type, default, allowed range and a one-line reason, so a
 typo or a bad value is caught before training starts and the config reference in
-docs/configuration.md is generated from the same source (``python -m utils.config``).
+docs/configuration.md is generated from the same source (``python -m utils.config``), and the registry table of
+docs/models.md from REGISTRIES (``python -m utils.config registries``).
 Each layer owns its section (``models/config.py``: model and loss; ``utils/data/config.py``;
 ``utils/training/config.py``); this module assembles them and binds each key that names a
 part to its registry, whose keys are then the key's choices.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from utils.training.schedules import SCHEDULES
 from utils.training.trackers import tracker_names
 
 __all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "build_config", "config_to_dict",
-           "config_yaml", "load_config", "read_yaml", "reference_markdown"]
+           "config_yaml", "load_config", "read_yaml", "reference_markdown", "registries_markdown"]
 
 # the config keys that name a part, and the registry whose keys are their choices (one list per kind)
 REGISTRIES: dict[str, Collection] = {
@@ -266,5 +268,28 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
+def _home(registry: Collection) -> tuple[str, Path]:
+    """(name, file) of the module-level assignment that defines ``registry`` (other modules only import it)."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        for name, value in list(vars(module).items()) if file else ():
+            if value is registry and name.isupper() and re.search(rf"^{name}\b[^=\n]*=", Path(file).read_text(
+                    encoding="utf-8"), re.MULTILINE):
+                return name, Path(file).resolve()
+    raise LookupError(f"no module defines {registry!r}")
+
+
+def registries_markdown() -> str:
+    """The registry table of docs/models.md, generated from REGISTRIES: every entry listed, so the docs cannot omit
+    a new one."""
+    rows = ["| config key | registry | module | entries |", "| --- | --- | --- | --- |"]
+    root = Path(__file__).resolve().parent.parent
+    for key, registry in REGISTRIES.items():
+        name, file = _home(registry)
+        entries = ", ".join(f"`{entry}`" for entry in registry)
+        rows.append(f"| `{key}` | `{name}` | `{file.relative_to(root).as_posix()}` | {entries} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference_markdown() + "\n")
+    sys.stdout.write((registries_markdown() if sys.argv[1:] == ["registries"] else reference_markdown()) + "\n")

@@ -9,6 +9,9 @@ what differs, not a ``load_state_dict`` dump.
 from __future__ import annotations
 
 import argparse
+import functools
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +21,32 @@ from utils.config import Config, load_config
 from utils.errors import UserError
 from utils.inference.trained import TrainedVAE, load_model
 from utils.training.run_folder import newest_run_folder
+
+# The data layer's advice names the config keys a training run takes; sample.py and evaluate.py take no config
+# overrides, only --data_root (and the run's data.download as it was trained): their errors name the flag instead.
+_CONFIG_TERMS = ((re.compile(r"point data\.root at"), "pass --data_root"),
+                 (re.compile(r"data\.root=(\S+)"), r"--data_root \1"),
+                 (re.compile(r"\bdata\.root\b"), "--data_root"),
+                 (re.compile(r", or set data\.download=true \(needs internet\)"), ""))
+
+
+def in_cli_terms(message: str) -> str:
+    """``message`` with the data settings it names as the flags of sample.py and evaluate.py."""
+    for pattern, replacement in _CONFIG_TERMS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
+def speaks_cli_terms(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """Wrap a CLI's ``main`` so that a ``UserError`` from the data layer advises a flag the CLI takes: a hint to
+    set ``data.root`` would be refused there as an unknown argument."""
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except UserError as e:
+            raise UserError(in_cli_terms(str(e))) from e.__cause__
+    return wrapped
 
 
 def find_model_folder(exp_dir: str | None) -> tuple[Path, bool]:
