@@ -14,7 +14,7 @@ split, in nats per image with bits per dimension beside it.
 from __future__ import annotations
 
 # isort: off
-import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
+import utils.sleeping_waits  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
 # isort: on
 import argparse
 import json

@@ -13,7 +13,7 @@ Runs on the GPU when there is one, under `accelerate launch` as well as plain py
 from __future__ import annotations
 
 # isort: off
-import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
+import utils.sleeping_waits  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
 # isort: on
 import argparse
 import math

@@ -13,9 +13,6 @@ directory once data and model have loaded, then trains.
 
 from __future__ import annotations
 
-# isort: off
-import utils.threads  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
-# isort: on
 import argparse
 import os
 import shlex

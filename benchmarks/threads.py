@@ -7,10 +7,12 @@ median window after ``--warmup`` steps), once on a quiet machine and once beside
 script starts itself: ``--load_procs`` processes that each keep one core busy (a pure-Python loop, as another
 user's job would). The settings, as environment variables of the training process:
 
-    old default   GOMP_SPINCOUNT=300000: GNU OpenMP's own spin before a waiting thread sleeps (the toolkit's
-                  behaviour before it chose a policy), one thread per core
-    new default   nothing set: the toolkit's choice (utils/threads.py: waits sleep, one thread per core)
+    old default   OMP_NUM_THREADS=<PyTorch's count, one per core>: a fixed team whose waits spin (GNU OpenMP's
+                  own policy), as the trainer ran before it adapted its count
+    new default   nothing set: the trainer's choice (utils/threads.py: the spin kept, one thread fewer per
+                  core that other processes hold, checked each second)
     1 thread      OMP_NUM_THREADS=1
+    passive       OMP_NUM_THREADS=<one per core> OMP_WAIT_POLICY=PASSIVE: a fixed team whose waits sleep
 
 Runs alternate between the settings and the loads (``--repeats`` rounds), so a slow spell of a shared machine
 hits all of them; the table gives the median and the range, and each setting's ratio to the best setting under
@@ -32,7 +34,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from throughput import cpu_model, trainer  # noqa: E402
 
-SETTINGS = {"old default": {"GOMP_SPINCOUNT": "300000"}, "new default": {}, "1 thread": {"OMP_NUM_THREADS": "1"}}
+
+def settings_of(per_core: int) -> dict[str, dict[str, str]]:
+    """The compared settings (module docstring), for a machine where PyTorch runs ``per_core`` threads."""
+    n = str(per_core)
+    return {"old default": {"OMP_NUM_THREADS": n}, "new default": {}, "1 thread": {"OMP_NUM_THREADS": "1"},
+            "passive": {"OMP_NUM_THREADS": n, "OMP_WAIT_POLICY": "PASSIVE"}}
+
+
 CONFIGS = {  # name: (config, overrides that point it at the data and keep a run short)
     "mnist": ("configs/mnist.yaml", ["data.root={root}", "data.download=false"]),
     "celeba": ("configs/celeba.yaml", ["data.root={root}/celeba-10k", "data.download=false",
@@ -77,12 +86,14 @@ def main() -> None:
     p.add_argument("--configs", default="mnist,celeba", help=f"comma-separated, from {','.join(CONFIGS)}")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds (median reported)")
     p.add_argument("--load_procs", type=int, default=1, help="busy processes of the competing load")
-    p.add_argument("--mnist_steps", type=int, default=400)
+    p.add_argument("--mnist_steps", type=int, default=1600)
     p.add_argument("--celeba_steps", type=int, default=24)
     p.add_argument("--settings", help="extra settings to compare, as NAME=VAR=VALUE;... (e.g. 'spin 10k="
                                       "GOMP_SPINCOUNT=10000')")
     args = p.parse_args()
-    settings = dict(SETTINGS)
+    import torch
+
+    settings = settings_of(torch.get_num_threads())
     for item in filter(None, (args.settings or "").split(";")):
         name, var, value = item.split("=", 2)
         settings[name] = {var: value}
@@ -103,7 +114,6 @@ def main() -> None:
                         sps = run(config, overrides, steps, window, steps // 4, env)
                     results.setdefault((c, load, name), []).append(sps)
                     print(f"round {rep + 1}: {c} {load} {name}: {sps:.2f} steps/s", file=sys.stderr, flush=True)
-    import torch
 
     print(f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; busy = {args.load_procs} competing "
           f"busy process(es); median of {args.repeats} alternating runs [min-max]; ratio = the best setting's "

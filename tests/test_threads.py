@@ -1,5 +1,6 @@
-"""CPU threads: the OpenMP wait policy is set before torch loads unless the user chose one, the thread count is
-the user's (train.threads, --threads) and is shown on the run line, and a bad count is one line."""
+"""CPU threads: sample.py and evaluate.py sleep in OpenMP waits (set before torch loads, unless the user chose a
+policy); the trainer keeps the spin and runs one thread fewer per core that other processes hold, or a fixed
+count (train.threads, OMP_NUM_THREADS), shown on the run line; a bad count is one line."""
 
 from __future__ import annotations
 
@@ -7,42 +8,92 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import FAST, REPO, cli, run_script, train_cli
+from utils.threads import AdaptiveThreads, training_threads
 
-PROBE = "import utils.threads, os, torch; print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())"
 
-
-def probe(env: dict[str, str]) -> list[str]:
+def probe(code: str, env: dict[str, str]) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    return subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**clean, "PYTHONPATH": str(REPO), **env},
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean, "PYTHONPATH": str(REPO), **env},
                           capture_output=True, text=True, check=True).stdout.split()
 
 
-def test_passive_wait_is_the_default_and_a_users_policy_is_kept():
-    assert probe({})[0] == "PASSIVE"
-    assert probe({"OMP_WAIT_POLICY": "active"})[0] == "active"
-    assert probe({"GOMP_SPINCOUNT": "1000"})[0] == "None"  # a spin count is a policy too: left alone
+def test_sample_and_evaluate_sleep_in_waits_unless_the_user_chose():
+    code = "import utils.sleeping_waits, os, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    assert probe(code, {}) == ["PASSIVE"]
+    assert probe(code, {"OMP_WAIT_POLICY": "active"}) == ["active"]
+    assert probe(code, {"GOMP_SPINCOUNT": "1000"}) == ["None"]  # a spin count is a policy too: left alone
+    late = "import torch, os, utils.threads as t; print(os.environ.get('OMP_WAIT_POLICY'), t.passive_wait())"
+    assert probe(late, {}) == ["None", "False"]  # once torch has loaded it is too late, and nothing is set
+    for script in ("sample.py", "evaluate.py"):
+        first = [line for line in (REPO / script).read_text().splitlines() if line.startswith(("import", "from"))]
+        assert first[1] == "import utils.sleeping_waits  # noqa: F401  (first: the OpenMP wait policy is read " \
+                           "when torch loads)", (script, first[:2])  # (after from __future__)
 
 
-def test_too_late_once_torch_is_loaded():
-    code = "import torch, os, utils.threads as t; print(os.environ.get('OMP_WAIT_POLICY'), t.passive_wait())"
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean, "PYTHONPATH": str(REPO)},
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["None", "False"]
+class Machine:
+    """A fake clock and CPU counters: other processes use ``others`` cores from now on."""
+
+    def __init__(self):
+        self.t, self.busy, self.own, self.others, self.applied = 0.0, 0.0, 0.0, 0.0, []
+
+    def advance(self, seconds: float, own_cores: float = 2.0) -> None:
+        self.t += seconds
+        self.busy += seconds * (self.others + own_cores)
+        self.own += seconds * own_cores
 
 
-def test_run_line_shows_the_count_and_policy(tmp_path, real_data):
+def test_the_count_follows_the_free_cores_after_two_checks():
+    m = Machine()
+    a = AdaptiveThreads(2, every=1.0, read=lambda: (m.busy, m.own), clock=lambda: m.t, apply=m.applied.append,
+                        cores=2)
+    assert a.count == 2 and m.applied == [2]
+    m.others = 1.0  # another job takes a core
+    m.advance(0.5)
+    assert a.tick() == 2 and a.last == (0.0, 0.0)  # under a second since the last check: not even read
+    m.advance(0.75)  # (binary fractions: the fake clock adds exactly)
+    assert a.tick() == 2  # the first check that asks for 1: not yet
+    m.advance(1.0)
+    assert a.tick() == 1 and m.applied == [2, 1]
+    for others in (0.0, 1.0, 0.0):  # quiet, busy, quiet: no two checks in a row ask for 2
+        m.others = others
+        m.advance(1.0, own_cores=1.0)
+        assert a.tick() == 1 and a.tick() == 1
+    m.advance(1.0, own_cores=1.0)  # the second quiet check in a row
+    assert a.tick() == 2 and m.applied == [2, 1, 2] and a.changes == 2
+
+
+@pytest.mark.parametrize("others,cores,most,count", [(0.0, 2, 2, 2), (0.3, 2, 2, 2), (0.31, 2, 2, 1), (1.0, 2, 2, 1),
+                                                      (1.3, 2, 2, 1), (3.0, 2, 2, 1), (1.31, 8, 8, 6),
+                                                      (0.0, 8, 4, 4), (6.5, 8, 4, 1)])
+def test_a_core_counts_as_taken_once_others_use_30_percent_of_it(others, cores, most, count):
+    a = AdaptiveThreads(most, read=lambda: None, apply=lambda n: None, cores=cores)
+    assert a.target(others) == count
+
+
+def test_a_fixed_count_is_kept(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert training_threads(1)[1] is None and torch.get_num_threads() == 1
+        count, adapter, said = training_threads(0)
+        assert adapter is not None and said.startswith(f"threads=1-{adapter.most} by the free cores")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert training_threads(0)[1] is None  # OMP_NUM_THREADS is the user's choice: nothing adapts
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_line_and_metrics_show_the_count(tmp_path, real_data):
     res = run_script(["train_vae.py", "-c", "configs/mnist.yaml", "-e", str(tmp_path / "run"), *FAST,
-                      "train.steps=2", "train.threads=2", "model.hidden=32"],
-                     env={"OMP_NUM_THREADS": "1"})
+                      "train.steps=2", "train.threads=2", "model.hidden=32"])
     assert res.returncode == 0, res.stderr[-2000:]
-    users = any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
-    assert ("threads=2 (" if users else "threads=2 (passive wait)") in res.stdout, res.stdout
-    res = run_script(["train_vae.py", "-c", "configs/mnist.yaml", "-e", str(tmp_path / "run1"), *FAST,
-                      "train.steps=2", "model.hidden=32"], env={"OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "threads=1 (" in res.stdout  # 0: OMP_NUM_THREADS decides
+    assert "threads=2 (" in res.stdout, res.stdout
+    assert '"threads": 2' in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
 def test_bad_thread_counts_are_one_line(tmp_path):

@@ -39,7 +39,7 @@ from utils.errors import Interrupted, UserError
 from utils.evaluation.bounds import elbo_terms
 from utils.files import write_atomic
 from utils.grids import save_grid, save_pairs
-from utils.threads import set_threads, wait_policy
+from utils.threads import AdaptiveThreads, training_threads
 from utils.training.checkpoints import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint, supersede_newer
 from utils.training.config import run_precision
 from utils.training.optim import StepGuard, clip_and_norm, make_optimizer
@@ -68,6 +68,7 @@ class Session:
     log: MetricsLog | None          # metrics.jsonl, on the main process
     start: int                      # the first step to run (the checkpoint's, on resume)
     ema: AveragedModel | None       # the weights' moving average (train.ema_decay), or None
+    threads: AdaptiveThreads | None = None  # the CPU thread count kept to the free cores, or None when fixed
 
     def extras(self) -> dict[str, dict[str, torch.Tensor]]:
         """Checkpointed state beyond Accelerate's: the weights' moving average, a regulariser's optimizer."""
@@ -115,6 +116,8 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             if s.ema is not None:
                 s.ema.update_parameters(s.vae)
             meter.add(terms, bad)
+            if s.threads is not None:
+                s.threads.tick()
             done = step + 1
             bar.update(1)
             # Periodic blocks.
@@ -156,7 +159,7 @@ def forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor | None, step: 
 def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool, command: str = "") -> Session:
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
-    threads = set_threads(t.threads, "train.threads")
+    threads, adapter, threads_said = training_threads(t.threads)
     mp = run_precision(t.mixed_precision)  # accelerate's setting when launcher, checked
     trackers = tracker_names(t.log_with)
     check_installed(trackers)
@@ -206,11 +209,11 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     log = MetricsLog(run_dir / "metrics.jsonl", start if resume else None) if acc.is_main_process else None
     start_trackers(acc, t.log_with, config_to_dict(cfg), run_dir, fresh=resume is None)
     acc.print(f"{summary}\nrun: {run_dir}  processes={acc.num_processes} device={device} "
-              f"threads={threads} ({wait_policy()} wait) precision={acc.mixed_precision} "
+              f"{threads_said} precision={acc.mixed_precision} "
               f"params={sum(p.numel() for p in vae.parameters())}"
               + (f"\nresumed from {resume} at step {start}" if resume else ""))
     return Session(cfg, run_dir, acc, vae, model, trained, optimizer, train_set, test_set, fmt, build_schedule(t),
-                   fixed_x, fixed_y, log, start, ema)
+                   fixed_x, fixed_y, log, start, ema, adapter)
 
 
 def resume_extras(vae: VAE, ema: AveragedModel | None) -> dict:
@@ -275,6 +278,7 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
     stats["kl_weight"] = s.vae.kl_weight(done - 1)
     stats["lr"] = s.cfg.train.lr * s.schedule.factor(done - 1)
     stats["bad_steps"] = int(guard.total)
+    stats["threads"] = torch.get_num_threads()
     memory = peak_memory_mb(s.accelerator.device)
     if memory is not None:
         stats["peak_mem_mb"] = memory
