@@ -45,9 +45,9 @@ class TrainConfig:
                              min=1)
     channels_last: bool = opt(True, "conv nets: channels-last memory format (faster convolutions on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the model (slow first steps, then faster on GPUs)")
-    threads: int = opt(0, "CPU threads per process for PyTorch's kernels (0: OMP_NUM_THREADS, else one per core); "
-                          "their OpenMP waits sleep rather than spin, so a busy CPU slows a run only in proportion",
-                       min=0)
+    threads: int = opt(0, "CPU threads for PyTorch's kernels: a fixed count, or 0: OMP_NUM_THREADS when set, else "
+                          "one per core that other processes leave free, rechecked each second (a fixed count keeps "
+                          "the arithmetic of every step the same)", min=0)
 
 
 def native_cpu_bf16() -> bool:
