@@ -117,7 +117,8 @@ CASES = [
     (["-r", "{tmp}/nothing"], ["-r {tmp}/nothing: not a checkpoint"]),
     (["-r", "latest", "--overwrite"], ["pass only one of them"]),
     (["-e", "{tmp}/afile"], ["afile is a file, not a run directory"]),
-    (["-e", "{tmp}/afile/run"], ["cannot write the run directory", "Not a directory", "choose another place with -e"]),
+    (["-e", "{tmp}/afile/run"], ["cannot write into", "Not a directory", "a folder on the path", "is a file: rename",
+                                 "another folder with -e"]),
     (["-e", "{tmp}/stuff"], ["stuff is not empty and is not a run"]),
     (["-e", "{tmp}/stuff", "--overwrite"], ["stuff is not empty and is not a run"]),
 ]

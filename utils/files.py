@@ -180,6 +180,8 @@ def disk_advice(e: BaseException, where: Path) -> str:
         return "raise the file-size limit of the shell that runs training (ulimit -f)"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission denied" in text or "read-only" in text:
         return f"make {where} writable (its permissions, or a read-only file system)"
+    if code == errno.ENOTDIR or "not a directory" in text:
+        return f"a folder on the path {where} is a file: rename that file or choose another path"
     if code == errno.EIO or "input/output error" in text:
         return f"check the disk that holds {where} (an input/output error)"
     return f"fix what stopped the write to {where}"
