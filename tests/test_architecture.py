@@ -13,8 +13,9 @@ SCRIPTS = ("train_vae", "sample", "evaluate")
 MAX_LINES = 420
 
 # what each layer may import of the toolkit (by module-name prefix); a layer not listed may import anything below
-# the scripts. Ground floor: utils.errors, utils.fields, utils.files, utils.grids, utils.threads.
-GROUND = ("utils.errors", "utils.fields", "utils.files", "utils.grids", "utils.threads")
+# the scripts. Ground floor: utils.errors, utils.fields, utils.files, utils.grids, utils.threads,
+# utils.sleeping_waits.
+GROUND = ("utils.errors", "utils.fields", "utils.files", "utils.grids", "utils.threads", "utils.sleeping_waits")
 ALLOWED = {
     "ground": GROUND,
     "models": ("models", "utils.errors", "utils.fields"),
