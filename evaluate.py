@@ -38,6 +38,7 @@ from utils.inference.loading import (
     speaks_cli_terms,
 )
 from utils.threads import add_threads_argument, set_threads
+from utils.training.config import fp32_only
 
 
 @speaks_cli_terms
@@ -72,6 +73,9 @@ def main(argv: list[str]) -> None:
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python evaluate.py --help")
     set_threads(args.threads)
+    note = fp32_only("evaluate.py")
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     for name in ("k", "batch_size", "fid_samples", "dis_batch", "dis_train", "dis_eval", "dis_variance",
                  "mig_samples", "dci_train", "dci_test"):
         if getattr(args, name) < 1:

@@ -17,6 +17,7 @@ import utils.sleeping_waits  # noqa: F401  (first: the OpenMP wait policy is rea
 # isort: on
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from utils.inference.loading import (
     speaks_cli_terms,
 )
 from utils.threads import add_threads_argument, set_threads
+from utils.training.config import fp32_only
 
 
 @torch.no_grad()
@@ -252,6 +254,9 @@ def main(argv: list[str]) -> None:
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python sample.py --help")
     set_threads(args.threads)
+    note = fp32_only("sample.py")
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     if args.mode not in MODES:
         raise UserError(f"unknown --mode '{args.mode}': choose one of {', '.join(MODES)}")
     if args.n_dims < 0:

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import train_vae
-from conftest import DATA, REPO, run_script
+from conftest import DATA, REPO, cli, run_script
 from utils.config import REGISTRIES, config_to_dict, load_config, reference_markdown
 from utils.errors import UserError, guarded_main
 
@@ -30,6 +30,23 @@ def test_mixed_precision_no_is_the_word_not_a_boolean(tmp_path):
     assert load_config(tmp_path / "fp32.yaml").train.mixed_precision == "no"
     with pytest.raises(UserError, match="train.mixed_precision: got True"):
         load_config(MNIST, ["train.mixed_precision=yes"])
+
+
+def test_sample_and_evaluate_say_accelerates_precision_has_no_effect(monkeypatch, tmp_path):
+    """They compute in fp32: another precision from accelerate is a warning, a value that is none of the choices
+    a one-line error before anything is read."""
+    import evaluate
+    import sample
+
+    for main, script in ((sample.main, "sample.py"), (evaluate.main, "evaluate.py")):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8x")
+        res = cli(main, ["--exp_dir", str(tmp_path / "nowhere")])
+        assert res.returncode == 2 and "ACCELERATE_MIXED_PRECISION=fp8x" in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        res = cli(main, ["--exp_dir", str(tmp_path / "nowhere")])  # then refused for the missing run, as usual
+        assert f"warning: {script} computes in fp32: ACCELERATE_MIXED_PRECISION=bf16 has no effect" in res.stderr
+        assert "is not a run directory" in res.stderr
 
 
 def test_fp16_without_a_gpu_is_refused_not_ignored(tmp_path, capsys, real_data):

@@ -58,6 +58,18 @@ def native_cpu_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def fp32_only(script: str) -> str | None:
+    """For sample.py and evaluate.py, which compute in fp32: a note when accelerate's precision asks for another
+    (it has no effect there), and a one-line error for a value that is none of the choices."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in PRECISIONS:
+        raise UserError(f"ACCELERATE_MIXED_PRECISION={value} (accelerate's setting) is not one of "
+                        f"{', '.join(PRECISIONS)}: set it to one of them, or unset it ({script} computes in fp32)")
+    if value != "no":
+        return f"{script} computes in fp32: ACCELERATE_MIXED_PRECISION={value} has no effect here"
+    return None
+
+
 def run_precision(setting: str) -> str:
     """The precision a run trains in: ``train.mixed_precision``, or for ``launcher`` accelerate's setting
     (ACCELERATE_MIXED_PRECISION, which ``accelerate launch`` and its config file set), checked against the same
