@@ -28,8 +28,8 @@ from models.samplers import SAMPLERS
 from utils.data.registry import DATASETS, load_data
 from utils.errors import CliParser, UserError, guarded_main
 from utils.evaluation.metrics import METRICS, Evaluation, computed_with, default_metrics, merge_results, table
-from utils.evaluation.samplers import check_usable
-from utils.files import cannot_write, disk_advice, is_disk_error, sha256_of, write_failure, write_json
+from utils.evaluation.samplers import check_usable, model_fingerprint
+from utils.files import cannot_write, disk_advice, is_disk_error, write_failure, write_json
 from utils.inference.loading import (
     add_sampler_arguments,
     load_trained,
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
     accelerator.print(summary)
     weights = Path(args.weights) if args.weights else run / "model.safetensors"
     results: dict = {"run": str(run), "config": cfg.model.likelihood, "data": cfg.data.name, "metrics": metrics,
-                     "weights": {"file": str(weights), "sha256": sha256_of(weights)}}
+                     "weights": {"file": str(weights), "sha256": model_fingerprint(vae)}}
     ev = Evaluation(vae, test, accelerator, args, metrics, results)
     for name, metric in METRICS.items():  # in the registry's order, whatever the order asked
         if name in metrics and (accelerator.is_main_process or not metric.main_only):
@@ -165,6 +165,7 @@ def earlier_results(out: Path) -> dict:
         why = f"{e.__class__.__name__}: {str(e)[:80]}"
     print(f"warning: the earlier {out} is unreadable ({why}): it is replaced", file=sys.stderr)
     return {}
+
 
 if __name__ == "__main__":
     guarded_main(main)

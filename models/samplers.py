@@ -27,12 +27,9 @@ from torch import nn
 from models.gaussian import HALF_LOG_2PI, gaussian_nll, log_normal
 from models.priors import Prior, StandardNormal
 from utils.errors import UserError
+from utils.fields import is_whole
 
 COVARIANCES = ("full", "tied", "diag", "spherical")  # scikit-learn's GaussianMixture covariance types
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -49,22 +46,36 @@ class SamplerOptions:
     def __post_init__(self) -> None:
         for name in ("gmm_components", "two_stage_steps"):
             value = getattr(self, name)
-            if not _whole(value) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise UserError(f"sampler option {name} must be a whole number of at least 1, got {value!r}")
         if self.gmm_covariance not in COVARIANCES:
             raise UserError(f"sampler option gmm_covariance {self.gmm_covariance!r} is not one of "
                             f"{', '.join(COVARIANCES)}: choose one of them")
         hidden = self.two_stage_hidden
-        if not isinstance(hidden, (list, tuple)) or not hidden or not all(_whole(h) and h >= 1 for h in hidden):
+        if not isinstance(hidden, (list, tuple)) or not hidden or not all(is_whole(h) and h >= 1 for h in hidden):
             raise UserError(f"sampler option two_stage_hidden must be a non-empty list of layer widths of at least "
                             f"1, got {hidden!r}")
         self.two_stage_hidden = list(hidden)
-        if not _whole(self.seed):
+        if not is_whole(self.seed):
             raise UserError(f"sampler option seed must be a whole number, got {self.seed!r}")
 
     def of(self, name: str) -> dict[str, str]:
         """The options the sampler ``name`` depends on, as the text kept in its file's metadata."""
         return {k: str(getattr(self, k)) for k in SAMPLERS[name].options}
+
+
+def _tensor_problems(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], made_for: str) -> str | None:
+    """Why ``state`` is not the tensors ``want`` names with their shapes (for ``made_for``), all finite floats."""
+    if set(state) != set(want):
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        return ("tensors " + ", ".join([*(f"{k} missing" for k in missing), *(f"{k} unexpected" for k in extra)])
+                + f", expected {', '.join(sorted(want))}")
+    for name, shape in want.items():
+        if tuple(state[name].shape) != shape:
+            return f"{name} is {tuple(state[name].shape)}, expected {shape} ({made_for})"
+        if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
+            return f"{name} has values that are not finite numbers"
+    return None
 
 
 class Sampler:
@@ -149,13 +160,9 @@ class GaussianMixtureSampler(Sampler):
     def problems(cls, state: dict[str, torch.Tensor], z_dim: int, options: SamplerOptions) -> str | None:
         k, d = options.gmm_components, z_dim
         want = {"weights": (k,), "means": (k, d), "cholesky": (k, d, d)}
-        if set(state) != set(want):
-            return f"tensors {sorted(state)}, expected {sorted(want)}"
-        for name, shape in want.items():
-            if tuple(state[name].shape) != shape:
-                return (f"{name} is {tuple(state[name].shape)}, expected {shape} ({k} components, z_dim {d})")
-            if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
-                return f"{name} has values that are not finite numbers"
+        wrong = _tensor_problems(state, want, f"{k} components, z_dim {d}")
+        if wrong:
+            return wrong
         w, chol = state["weights"].double(), state["cholesky"].double()
         if (w < 0).any() or abs(w.sum().item() - 1) > 1e-4:
             return "the component weights are not a distribution (non-negative, summing to 1)"
@@ -244,16 +251,7 @@ class TwoStageSampler(Sampler):
     @classmethod
     def problems(cls, state: dict[str, torch.Tensor], z_dim: int, options: SamplerOptions) -> str | None:
         want = {k: tuple(v.shape) for k, v in CodeVAE(z_dim, options.two_stage_hidden).state_dict().items()}
-        if set(state) != set(want):
-            missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-            return "tensors " + ", ".join([*(f"{k} missing" for k in missing), *(f"{k} unexpected" for k in extra)])
-        for name, shape in want.items():
-            if tuple(state[name].shape) != shape:
-                return (f"{name} is {tuple(state[name].shape)}, expected {shape} (z_dim {z_dim}, hidden "
-                        f"{options.two_stage_hidden})")
-            if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
-                return f"{name} has values that are not finite numbers"
-        return None
+        return _tensor_problems(state, want, f"z_dim {z_dim}, hidden {options.two_stage_hidden}")
 
     def load_state(self, state: dict[str, torch.Tensor]) -> TwoStageSampler:
         d = state["decoder.0.weight"].shape[1]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, REPO, cli, run_script, train_cli
+from conftest import FAST, REPO, cli, run_script, train, train_cli
 from utils.threads import AdaptiveThreads, training_threads
 
 
@@ -86,6 +86,21 @@ def test_a_fixed_count_is_kept(monkeypatch):
         assert training_threads(0)[1] is None  # OMP_NUM_THREADS is the user's choice: nothing adapts
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_trainer_checks_the_free_cores_every_step(tmp_path, real_data, monkeypatch):
+    """Without a fixed count the loop asks the adapter at every step (it reads the machine once a second)."""
+    import utils.threads
+
+    calls = []
+    tick = utils.threads.AdaptiveThreads.tick
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(utils.threads.AdaptiveThreads, "tick", lambda self: calls.append(1) or tick(self))
+    train(tmp_path / "run", extra=["train.steps=3", "model.hidden=32"])
+    assert len(calls) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a fixed count: nothing to ask
+    train(tmp_path / "fixed", extra=["train.steps=3", "model.hidden=32"])
+    assert len(calls) == 3
 
 
 def test_run_line_and_metrics_show_the_count(tmp_path, real_data):

@@ -57,6 +57,11 @@ def accepts(f: dataclasses.Field, choices: Collection | None = None) -> str:
     return kind
 
 
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | None = None) -> Any:
     """Check one value against its field (and ``choices``, a registry's keys, when given); return it in the
     field's type, or raise a one-line ``UserError`` naming the key and what it accepts."""
@@ -67,7 +72,7 @@ def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | Non
         if not isinstance(value, bool):
             raise bad
     elif t is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_whole(value):
             raise bad
     elif t is float:
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1
@@ -86,10 +91,10 @@ def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | Non
         if not isinstance(value, str):
             raise bad
     else:  # list[int]; a single integer is a list of one (model.hidden: 400, as configs wrote it before lists)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_whole(value):
             value = [value]
         if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                is_whole(v) and v > 0 for v in value):
             raise UserError(f"{key}: got {value!r}, expected a non-empty list of positive integers")
         return list(value)
     m = f.metadata

@@ -9,7 +9,6 @@ runs code.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -57,15 +56,6 @@ def written_whole(path: Path) -> Iterator[Path]:
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON, written atomically."""
     write_atomic(path, json.dumps(data, indent=2))
-
-
-def sha256_of(path: Path) -> str:
-    """The file's SHA-256, hex: what a kept result records to say which file it was computed from."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

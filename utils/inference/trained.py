@@ -41,6 +41,7 @@ from utils.errors import UserError, unusable_path
 from utils.evaluation.bounds import image_bounds
 from utils.evaluation.metrics import headline
 from utils.evaluation.samplers import check_usable, fitted_sampler, kept_folder
+from utils.fields import is_whole
 from utils.files import save_tensors, tensor_mismatches
 
 HUB_WEIGHTS = "model.safetensors"
@@ -126,9 +127,9 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         """n images (n, C, H, W) in [0, 1], the decoder's means at codes drawn from ``sampler`` (the prior, or
         ``gmm`` / ``two_stage`` fitted to the training codes with ``options``, see ``ex_post_sampler``; with a CPU
         ``generator``, the same codes on any device); a conditional model decodes ``labels`` (n,)."""
-        if not _count(n) or n < 1:
+        if not is_whole(n) or n < 1:
             raise UserError(f"sample(n): n is the number of images, a whole number of at least 1, got {n!r}")
-        if not _count(batch_size) or batch_size < 1:
+        if not is_whole(batch_size) or batch_size < 1:
             raise UserError(f"sample(batch_size=...) must be a whole number of at least 1, got {batch_size!r}")
         labels = self._checked_labels(labels, n)
         check_usable(self, sampler, api=True)
@@ -156,15 +157,14 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         """The sampler ``name``: the prior, or one fitted to this model's training codes with ``options`` (the
         defaults when None): the one kept in its folder, or fitted now (reading the training set its config names)
         and kept there. A kept one fitted with other options is refused until ``refit=True`` or those options."""
-        folder = getattr(self, "folder", None)
+        folder = getattr(self, "sampler_folder", None)
         if folder is None:
             raise UserError("this model was not loaded from a folder, where a fitted sampler is kept: load it with "
                             "TrainedVAE.load")
         if options is not None and not isinstance(options, SamplerOptions):
             raise UserError(f"options must be a SamplerOptions, got {type(options).__name__}")
-        return fitted_sampler(self, getattr(self, "sampler_folder", kept_folder(folder / HUB_WEIGHTS)), name,
-                              lambda: load_data(self.config.data)[0].to(self.device), options or SamplerOptions(),
-                              refit, self.device, api=True)
+        return fitted_sampler(self, folder, name, lambda: load_data(self.config.data)[0].to(self.device),
+                              options or SamplerOptions(), refit, self.device, api=True)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,13 +278,8 @@ def fill_checked(model: TrainedVAE, weights: Path) -> TrainedVAE:
                         f"net={cfg.model.net}, likelihood={cfg.model.likelihood}): {shown}; "
                         f"pass the config the weights were trained with")
     model.load_state_dict(state)
-    model.folder = weights.parent
     model.sampler_folder = kept_folder(weights)  # where the samplers fitted to these weights are kept
     return model.eval()
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _describe(value: object) -> str:

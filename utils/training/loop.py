@@ -159,7 +159,7 @@ def forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor | None, step: 
 def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bool, command: str = "") -> Session:
     """Accelerator, data, model and optimizer; the run directory (only once those loaded); the checkpoint."""
     t = cfg.train
-    threads, adapter, threads_said = training_threads(t.threads)
+    _, adapter, threads_said = training_threads(t.threads)
     mp = run_precision(t.mixed_precision)  # accelerate's setting when launcher, checked
     trackers = tracker_names(t.log_with)
     check_installed(trackers)
