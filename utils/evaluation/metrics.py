@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from models.samplers import SAMPLERS, Sampler
 from models.vae import VAE
-from utils.data.dsprites import classes_to_index
 from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
-from utils.evaluation.disentanglement import Representation, beta_vae_metric, dci, factor_vae_metric, mig, sap
+from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, representation, sap
 from utils.evaluation.fid import build_fid, fid_score
 from utils.evaluation.latents import posterior_stats
 from utils.evaluation.samplers import fitted_sampler, sampler_scores
@@ -166,25 +165,18 @@ def _sampler_rows(results: dict) -> Rows:
                                 f"{s['reverse']:.2f}") for name, s in results["samplers"].items()]
 
 
-def representation(vae: VAE, grid: ImageSplit, device: torch.device, chunk: int = 1024) -> Representation:
-    """classes -> the posterior means of the images with those factor classes, (N, z): what the scores read."""
-    @torch.no_grad()
-    def codes(classes: torch.Tensor) -> torch.Tensor:
-        idx = classes_to_index(classes)
-        return torch.cat([vae.encode(grid.batch(part.to(device)))[0].float().cpu() for part in idx.split(chunk)])
-    return codes
-
-
 def _disentanglement(ev: Evaluation) -> None:
-    o = ev.options
-    codes = representation(ev.vae, ev.test.factor_grid(), ev.accelerator.device)
+    """The five scores on the factors the held-out split declares (``ImageSplit.factors``), one generator seeded
+    with --seed shared by the five, in this order."""
+    o, factors = ev.options, ev.test.factors
+    codes, sizes = representation(ev.vae, factors, ev.accelerator.device), factors.sizes
     g = torch.Generator().manual_seed(o.seed)
     ev.results["disentanglement"] = {
-        "beta_vae": beta_vae_metric(codes, g, o.dis_batch, o.dis_train, o.dis_eval),
-        "factor_vae": factor_vae_metric(codes, g, o.dis_batch, o.dis_train, o.dis_eval, o.dis_variance),
-        "mig": mig(codes, g, o.mig_samples),
-        "dci": dci(codes, g, o.dci_train, o.dci_test, o.seed),
-        "sap": sap(codes, g, o.dci_train, o.dci_test),
+        "beta_vae": beta_vae_metric(codes, sizes, g, o.dis_batch, o.dis_train, o.dis_eval),
+        "factor_vae": factor_vae_metric(codes, sizes, g, o.dis_batch, o.dis_train, o.dis_eval, o.dis_variance),
+        "mig": mig(codes, sizes, g, o.mig_samples),
+        "dci": dci(codes, sizes, g, o.dci_train, o.dci_test, o.seed),
+        "sap": sap(codes, sizes, g, o.dci_train, o.dci_test),
         "sizes": {"batch": o.dis_batch, "train": o.dis_train, "eval": o.dis_eval, "variance": o.dis_variance,
                   "mig": o.mig_samples, "dci_train": o.dci_train, "dci_test": o.dci_test}}
 
