@@ -48,3 +48,13 @@ def test_evaluate_answers_help_and_a_bad_option_before_torch(argv, says):
         if set(modules) <= set(shared):
             pytest.xfail(f"utils/inference/loading.py itself loads {', '.join(shared)}")
     assert modules == []
+
+
+def test_what_each_metric_records_is_an_option_of_evaluate():
+    """eval.json's computed_with reads each name of ``Metric.options`` from evaluate.py's parsed arguments: a
+    name that no declaration gives (a shared option misspelt in ``reads``) would fail only after the work."""
+    import evaluate
+    from utils.evaluation.metrics import METRICS
+
+    args = vars(evaluate.parse_arguments([]))
+    assert {name: [o for o in m.options if o not in args] for name, m in METRICS.items()} == {n: [] for n in METRICS}
