@@ -21,28 +21,23 @@ import json
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env
-
-from models.samplers import SAMPLERS
-from utils.data.registry import DATASETS, load_data
 from utils.errors import CliParser, UserError, guarded_main
-from utils.evaluation.metrics import METRICS, Evaluation, computed_with, default_metrics, merge_results, table
-from utils.evaluation.samplers import check_usable, model_fingerprint
-from utils.files import cannot_write, disk_advice, is_disk_error, write_failure, write_json
-from utils.inference.loading import (
-    add_sampler_arguments,
-    load_trained,
-    output_folder,
-    sampler_options,
-    speaks_cli_terms,
+from utils.evaluation.metrics import (
+    METRICS,
+    add_metric_arguments,
+    check_metric_options,
+    computed_with,
+    default_metrics,
+    merge_results,
+    table,
 )
+from utils.inference.loading import add_sampler_arguments, speaks_cli_terms
 from utils.threads import add_threads_argument, set_threads
 from utils.training.config import fp32_only
 
 
-@speaks_cli_terms
-def main(argv: list[str]) -> None:
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The options, checked; a bad one is refused here, before torch and the model load (``--help`` too)."""
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("-e", "--exp_dir", help="run directory (default: the newest run under runs/)")
@@ -51,35 +46,33 @@ def main(argv: list[str]) -> None:
     p.add_argument("--metrics", help=f"comma-separated, from {','.join(METRICS)} (default "
                                      f"{','.join(default_metrics(False))}, and disentanglement on dSprites)")
     p.add_argument("--out", help="JSON output (default <run>/eval.json)")
-    p.add_argument("--k", type=int, default=1000, help="importance samples per image for the NLL (default 1000)")
-    p.add_argument("--n_test", type=int, default=0, help="held-out images to use (default 0: all)")
-    p.add_argument("--batch_size", type=int, default=100, help="images per batch")
-    p.add_argument("--binarize", action="store_true", help="bernoulli models: evaluate on the stochastically "
-                                                           "binarised held-out set (fixed seed), as published")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_root", help="where the held-out data is on this machine (default: the run's data.root)")
-    p.add_argument("--fid_samples", type=int, default=10_000, help="samples and held-out images for FID")
-    p.add_argument("--fid_weights", help=f"local copy of the standard Inception weights ({'pt_inception-...pth'})")
-    p.add_argument("--dis_batch", type=int, default=64, help="disentanglement: images per point (paper: 64)")
-    p.add_argument("--dis_train", type=int, default=10_000, help="disentanglement: training points (10,000)")
-    p.add_argument("--dis_eval", type=int, default=5_000, help="disentanglement: evaluation points (5,000)")
-    p.add_argument("--dis_variance", type=int, default=10_000, help="FactorVAE: images for the global variance")
-    p.add_argument("--mig_samples", type=int, default=10_000, help="MIG: images (10,000)")
-    p.add_argument("--dci_train", type=int, default=10_000, help="DCI and SAP: training images (10,000)")
-    p.add_argument("--dci_test", type=int, default=5_000, help="DCI and SAP: held-out images (5,000)")
+    add_metric_arguments(p)  # each metric's options, declared beside it (utils/evaluation/metrics.py)
     add_sampler_arguments(p)
     add_threads_argument(p)
     args, rest = p.parse_known_args(argv)
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python evaluate.py --help")
+    check_metric_options(args)
+    return args
+
+
+@speaks_cli_terms
+def main(argv: list[str]) -> None:
+    args = parse_arguments(argv)
     set_threads(args.threads)
     note = fp32_only("evaluate.py")
     if note:
         print(f"warning: {note}", file=sys.stderr)
-    for name in ("k", "batch_size", "fid_samples", "dis_batch", "dis_train", "dis_eval", "dis_variance",
-                 "mig_samples", "dci_train", "dci_test"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # what computes: loaded only now, so that --help and a bad option answer without it
+    from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
+
+    from models.samplers import SAMPLERS
+    from utils.data.registry import DATASETS, load_data
+    from utils.evaluation.context import Evaluation
+    from utils.evaluation.samplers import check_usable, model_fingerprint
+    from utils.inference.loading import load_trained, output_folder, sampler_options
 
     accelerator = Accelerator(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cfg, vae, run, auto = load_trained(args.exp_dir, args.config, args.weights, accelerator.device, args.data_root)
@@ -132,6 +125,8 @@ def main(argv: list[str]) -> None:
         if stale:
             print(f"warning: the earlier {out} held {', '.join(stale)} of other weights (another SHA-256): "
                   f"replaced, not kept", file=sys.stderr)
+        from utils.files import is_disk_error, write_failure, write_json
+
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_json(out, merged)
@@ -145,6 +140,8 @@ def main(argv: list[str]) -> None:
 
 def refuse_unwritable(out: Path, given: bool) -> None:
     """One line, before any work, when eval.json cannot be written where it goes (a read-only run)."""
+    from utils.files import cannot_write, disk_advice
+
     e = cannot_write(out.parent)
     if e is not None:
         fix = "write it elsewhere with --out FILE" if not given else "give --out a file in a folder you can write"

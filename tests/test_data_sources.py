@@ -157,7 +157,7 @@ def test_dsprites_factor_grid_and_renderer():
     assert all(not torch.equal(masks[a], masks[b]) for a, b in ((0, 1), (0, 2), (1, 2)))  # shape changes the mask
     turned = img(shape=1, orient=10)  # an ellipse a quarter turn round: a new mask, the same area within 10%
     assert not torch.equal(turned, masks[1]) and abs(turned.sum() - masks[1].sum()) < 0.1 * masks[1].sum()
-    classes, values = ds.factors(torch.tensor([0, dsprites.N_IMAGES - 1]))
+    classes, values = ds.factors_at(torch.tensor([0, dsprites.N_IMAGES - 1]))
     assert classes.tolist() == [[0, 0, 0, 0, 0], [2, 5, 39, 31, 31]]
     assert values[1].tolist() == pytest.approx([3.0, 1.0, 39 * 2 * np.pi / 40, 1.0, 1.0])
 
@@ -178,7 +178,7 @@ def test_dsprites_official_npz(tmp_path):
     i = train_set.indices[0].item()
     got = train_set.get(torch.tensor([0]))
     assert torch.equal(got[0, 0], torch.from_numpy(imgs[i]) * 255)
-    assert train_set.factors(torch.tensor([0]))[0].tolist() == [classes[i, 1:].astype(int).tolist()]
+    assert train_set.factors_at(torch.tensor([0]))[0].tolist() == [classes[i, 1:].astype(int).tolist()]
     cached = tmp_path / "cache" / "dsprites_imgs.npy"  # extracted once, memory-mapped
     assert np.array_equal(np.load(cached), imgs)
     stamp = cached.stat().st_mtime_ns

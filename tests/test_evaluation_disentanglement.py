@@ -28,7 +28,7 @@ def standardised(classes: torch.Tensor) -> torch.Tensor:
 
 
 def test_beta_vae_pairs_share_the_fixed_factor_within_each_pair_only():
-    k, first, second = beta_vae_pairs(200, 64, torch.Generator().manual_seed(0))
+    k, first, second = beta_vae_pairs(200, 64, FACTOR_SIZES, torch.Generator().manual_seed(0))
     rows = torch.arange(200)
     assert torch.equal(first[rows, :, k], second[rows, :, k])  # each pair shares the fixed factor's value
     # ... which is drawn anew for every pair (Higgins et al. 2017; disentanglement_lib), not held across the batch
@@ -46,13 +46,14 @@ def test_factor_vae_metric_keeps_a_small_but_informative_dimension():
         z[:, 0] *= 0.1
         return z
 
-    result = factor_vae_metric(codes, torch.Generator().manual_seed(0), n_train=600, n_eval=300, n_variance=2000)
+    result = factor_vae_metric(codes, FACTOR_SIZES, torch.Generator().manual_seed(0), n_train=600, n_eval=300,
+                               n_variance=2000)
     assert result["active_dims"] == 5 and result["eval_accuracy"] > 0.99
 
 
 def test_beta_vae_metric_on_true_factors_in_float64():
-    score = beta_vae_metric(lambda c: standardised(c).double(), torch.Generator().manual_seed(0), n_train=600,
-                            n_eval=300)
+    score = beta_vae_metric(lambda c: standardised(c).double(), FACTOR_SIZES, torch.Generator().manual_seed(0),
+                            n_train=600, n_eval=300)
     assert score["eval_accuracy"] > 0.99 and score["train_accuracy"] > 0.99
 
 
@@ -102,18 +103,18 @@ def test_dci_scores_by_hand():
 def test_dci_on_true_factors_and_on_noise():
     """Codes that are the factors: each tree uses its own factor's code only (D = C = 1) and predicts the class
     exactly; noise: no code structure, and held-out accuracy at chance, mean over factors of 1/size."""
-    truth = dci(standardised, torch.Generator().manual_seed(0), n_train=300, n_test=200)
+    truth = dci(standardised, FACTOR_SIZES, torch.Generator().manual_seed(0), n_train=300, n_test=200)
     assert truth["disentanglement"] > 0.98 and truth["completeness"] > 0.98
     assert truth["informativeness_test"] == pytest.approx(1.0, abs=0.02)
     assert np.argmax(np.array(truth["importance"]), 0).tolist() == [0, 1, 2, 3, 4]
-    chance = dci(noise, torch.Generator().manual_seed(0), n_train=300, n_test=200)
+    chance = dci(noise, FACTOR_SIZES, torch.Generator().manual_seed(0), n_train=300, n_test=200)
     assert chance["disentanglement"] < 0.05 and chance["completeness"] < 0.05
     assert chance["informativeness_test"] == pytest.approx(np.mean([1 / s for s in FACTOR_SIZES]), abs=0.05)
 
 
 def test_sap_on_true_factors_and_on_noise():
     assert top_two_gap(np.array([[0.9, 0.2], [0.5, 0.3], [0.1, 0.25]])) == pytest.approx((0.4 + 0.05) / 2)
-    truth = sap(standardised, torch.Generator().manual_seed(0), n_train=2000, n_test=1000)
+    truth = sap(standardised, FACTOR_SIZES, torch.Generator().manual_seed(0), n_train=2000, n_test=1000)
     assert np.argmax(np.array(truth["scores"]), 0).tolist() == [0, 1, 2, 3, 4]  # each factor's own code is best
-    chance = sap(noise, torch.Generator().manual_seed(0), n_train=2000, n_test=1000)
+    chance = sap(noise, FACTOR_SIZES, torch.Generator().manual_seed(0), n_train=2000, n_test=1000)
     assert chance["sap"] < 0.02 < truth["sap"] / 5

@@ -23,9 +23,8 @@ from utils.data.registry import load_data
 from utils.data.splits import ImageSplit
 from utils.errors import guarded_main
 from utils.evaluation.bounds import image_bounds, latent_usage, likelihood_bounds
-from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, sap
+from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, representation, sap
 from utils.evaluation.fid import build_fid
-from utils.evaluation.metrics import representation
 from utils.inference.loading import load_trained
 
 
@@ -178,18 +177,18 @@ def _truth(classes: torch.Tensor) -> torch.Tensor:
 
 def test_disentanglement_known_answers():
     g = torch.Generator().manual_seed(0)
-    perfect = [beta_vae_metric(_truth, g, n_train=600, n_eval=300)["eval_accuracy"],
-               factor_vae_metric(_truth, g, n_train=600, n_eval=300, n_variance=2000)["eval_accuracy"],
-               mig(_truth, g, n=4000)["mig"]]
+    perfect = [beta_vae_metric(_truth, FACTOR_SIZES, g, n_train=600, n_eval=300)["eval_accuracy"],
+               factor_vae_metric(_truth, FACTOR_SIZES, g, n_train=600, n_eval=300, n_variance=2000)["eval_accuracy"],
+               mig(_truth, FACTOR_SIZES, g, n=4000)["mig"]]
     assert perfect[0] > 0.99 and perfect[1] > 0.99
     assert perfect[2] > 0.8  # 20 bins cannot separate 40 orientations or 32 positions fully: log 20 / log 40 = 0.81
 
     def noise(classes):
         return torch.randn(len(classes), 5, generator=torch.Generator().manual_seed(len(classes)))
 
-    chance = [beta_vae_metric(noise, g, n_train=600, n_eval=300)["eval_accuracy"],
-              factor_vae_metric(noise, g, n_train=600, n_eval=300, n_variance=2000)["eval_accuracy"],
-              mig(noise, g, n=4000)["mig"]]
+    chance = [beta_vae_metric(noise, FACTOR_SIZES, g, n_train=600, n_eval=300)["eval_accuracy"],
+              factor_vae_metric(noise, FACTOR_SIZES, g, n_train=600, n_eval=300, n_variance=2000)["eval_accuracy"],
+              mig(noise, FACTOR_SIZES, g, n=4000)["mig"]]
     assert 0.1 < chance[0] < 0.35 and 0.1 < chance[1] < 0.35  # chance is 1/5
     assert chance[2] < 0.05
 
@@ -318,13 +317,13 @@ def test_evaluate_dsprites_disentanglement(tmp_path, real_data):
     # generator, seeded with --seed, shared by the five)
     cfg, vae, _, _ = load_trained(str(run), None, None)
     test = load_data(cfg.data)[1]
-    codes = representation(vae, test.factor_grid(), torch.device("cpu"))
+    codes, sizes = representation(vae, test.factors, torch.device("cpu")), FACTOR_SIZES
     g = torch.Generator().manual_seed(3)
-    assert d["beta_vae"] == beta_vae_metric(codes, g, 8, 60, 40)
-    assert d["factor_vae"] == factor_vae_metric(codes, g, 8, 60, 40, 300)
-    assert d["mig"] == mig(codes, g, 300)
-    assert d["dci"] == dci(codes, g, 80, 40, 3)
-    assert d["sap"] == sap(codes, g, 80, 40)
+    assert d["beta_vae"] == beta_vae_metric(codes, sizes, g, 8, 60, 40)
+    assert d["factor_vae"] == factor_vae_metric(codes, sizes, g, 8, 60, 40, 300)
+    assert d["mig"] == mig(codes, sizes, g, 300)
+    assert d["dci"] == dci(codes, sizes, g, 80, 40, 3)
+    assert d["sap"] == sap(codes, sizes, g, 80, 40)
     assert row(res.stdout, "MIG") == f"{d['mig']['mig']:.3f}"
     assert row(res.stdout, "beta-VAE metric") == f"{d['beta_vae']['eval_accuracy']:.3f}"
 

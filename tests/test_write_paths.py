@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard
 
 import evaluate
 import sample
+import utils.files
 from conftest import CPU, FAST, REPO, THREADS, cli, train_cli
 from models.samplers import SAMPLERS, SamplerOptions
 from utils.errors import UserError
@@ -191,7 +192,7 @@ def test_a_full_disk_is_told_apart_from_a_file_size_limit(run, monkeypatch):
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(evaluate, "write_json", full)
+    monkeypatch.setattr(utils.files, "write_json", full)  # evaluate.py imports it where it writes
     res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "elbo", "--n_test", "100"])
     line = one_line(res.stderr)
     assert res.returncode == 2 and "(No space left on device): free disk space where" in line

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from utils.data.factors import Factors
 from utils.data.splits import ImageSplit, read_cache, seeded_split
 from utils.errors import UserError
 from utils.files import private_temporary, remove_stale_temporaries
@@ -54,6 +55,7 @@ def index_to_classes(idx: torch.Tensor) -> torch.Tensor:
 
 
 def classes_to_index(classes: torch.Tensor) -> torch.Tensor:
+    """Factor classes (N, 5) -> flat indices (N,), on the classes' device."""
     idx = torch.zeros(classes.shape[0], dtype=torch.long, device=classes.device)
     for k, size in enumerate(FACTOR_SIZES):
         idx = idx * size + classes[:, k].long()
@@ -131,8 +133,8 @@ class DSpritesImages(ImageSplit):
             return (self.official[flat].unsqueeze(1) * 255).to(idx.device)
         return render(flat.to(idx.device))
 
-    def factors(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(classes (N, 5), values (N, 5)) of the ground-truth factors, for evaluation code."""
+    def factors_at(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classes (N, 5), values (N, 5)) of the ground-truth factors of the images at ``idx``."""
         flat = self.indices[idx.cpu()]
         if self.official_classes is not None:
             classes = torch.from_numpy(self.official_classes[flat.numpy(), 1:]).long()
@@ -141,10 +143,12 @@ class DSpritesImages(ImageSplit):
         values = torch.stack([v[classes[:, k]] for k, v in enumerate(factor_values())], 1)
         return classes, values
 
-    def factor_grid(self) -> DSpritesImages:
-        """Every image of the factor grid (737,280), read as this split reads them: what the disentanglement
-        scores draw from."""
-        return DSpritesImages(torch.arange(N_IMAGES), self.official, self.official_classes)
+    @property
+    def factors(self) -> Factors:
+        """The five factors, with the image of any classes from the whole grid (737,280 images, both splits),
+        read as this split reads them: what the disentanglement scores draw from."""
+        grid = DSpritesImages(torch.arange(N_IMAGES), self.official, self.official_classes)
+        return Factors(FACTOR_NAMES, FACTOR_SIZES, lambda classes: grid.batch(classes_to_index(classes)))
 
 
 def load_dsprites(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:

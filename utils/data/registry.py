@@ -3,8 +3,8 @@
 A registered set states what the rest of the toolkit needs to know of it, so no code outside
 this module tests its name: its channels and native size, whether ``data.channels`` may convert
 it (``any_channels``), whether ``data.img_size`` may resize it (``fixed_size``), whether its images
-come with ground-truth factors (``has_factors``: its splits then offer ``factors`` and
-``factor_grid``), and its loader.
+come with ground-truth factors (``has_factors``: its splits then carry them as ``factors``, a
+``utils.data.factors.Factors``), and its loader.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 class DataSet:
     """A registered data set: its channels and native size, and its loader (config, shape) -> (train, test,
     source). ``any_channels``: converted to ``data.channels`` when set; ``fixed_size``: only its native size;
-    ``has_factors``: ground-truth generative factors (the disentanglement scores need them)."""
+    ``has_factors``: its splits carry ground-truth generative factors (``ImageSplit.factors``: the
+    disentanglement scores need them; known here before any data is read)."""
 
     channels: int
     size: int
@@ -68,7 +69,11 @@ def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
 
 def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSplit, ImageSplit, str]:
     """(train, test, one-line summary) for ``cfg.name``."""
-    train, test, source = DATASETS[cfg.name].load(cfg, image_shape(cfg))
+    ds = DATASETS[cfg.name]
+    train, test, source = ds.load(cfg, image_shape(cfg))
+    if ds.has_factors != (test.factors is not None):
+        raise TypeError(f"data set {cfg.name}: has_factors={ds.has_factors}, but its loader's splits "
+                        f"{'carry no' if ds.has_factors else 'carry'} factors")
     if cfg.cache:
         train, test = (s.cached(Path(cfg.cache_dir), num_workers) if isinstance(s, DecodedImages) else s
                        for s in (train, test))

@@ -20,12 +20,16 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from utils.errors import UserError
 from utils.files import private_temporary, remove_stale_temporaries
+
+if TYPE_CHECKING:
+    from utils.data.factors import Factors
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # part of every decoded cache's name: a change in how files decode (16-bit images scaled, not clipped) must not
@@ -34,9 +38,11 @@ DECODING = b"decoding 2: high bit depths scaled"
 
 
 class ImageSplit:
-    """A split of a data set: ``get(idx)`` -> uint8 (N, C, H, W)."""
+    """A split of a data set: ``get(idx)`` -> uint8 (N, C, H, W). ``factors``: the set's ground-truth factors
+    (utils/data/factors.py), None for a set without them."""
 
     labels: torch.Tensor | None  # (N,) class labels, or None
+    factors: Factors | None = None
     shape: tuple[int, int, int]
     workers_needed = False  # True: decode in DataLoader workers
     reading = "in memory"   # how batches are made, for the start-up summary

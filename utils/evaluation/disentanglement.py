@@ -1,15 +1,17 @@
-"""Disentanglement scores on dSprites' ground-truth factors: β-VAE metric, FactorVAE metric, MIG.
+"""Disentanglement scores on a data set's ground-truth factors: β-VAE metric, FactorVAE metric, MIG, DCI, SAP.
 
 Each takes ``codes(classes) -> (N, d)``: the representation of the images with
-the given factor classes (N, 5) — a model's posterior means, or, for the
-known-answer tests, the factors themselves or noise. Defaults are the sample
-sizes of the papers (as in disentanglement_lib); smaller ones make them cheap.
+the given factor classes (N, F) — a model's posterior means (``representation``),
+or, for the known-answer tests, the factors themselves or noise — and ``sizes``,
+the number of classes of each of the F factors (``Factors.sizes``: dSprites, or any
+set that declares its factors). Defaults are the sample sizes of the papers (as in
+disentanglement_lib); smaller ones make them cheap.
 
 - β-VAE metric (Higgins et al. 2017): accuracy of a linear classifier
   (scikit-learn's logistic regression with its defaults, as disentanglement_lib)
   that predicts which factor was held fixed from the mean |z1 − z2| over pairs
   of images; the two images of a pair share that factor's value, which differs
-  from pair to pair. Chance is 1/5.
+  from pair to pair. Chance is 1/F.
 - FactorVAE metric (Kim & Mnih 2018): with codes scaled by their global std and
   collapsed dimensions (std < 0.05) dropped, the dimension of least variance
   among images sharing a factor votes for that factor; accuracy of the
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,23 +45,35 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from utils.data.dsprites import FACTOR_SIZES
+if TYPE_CHECKING:
+    from models.vae import VAE
+    from utils.data.factors import Factors
 
 Representation = Callable[[torch.Tensor], torch.Tensor]
-N_FACTORS = len(FACTOR_SIZES)
+Sizes = tuple[int, ...]  # classes per factor
 
 
-def random_classes(n: int, g: torch.Generator) -> torch.Tensor:
-    """n factor vectors drawn uniformly from the grid: (n, 5)."""
-    return torch.stack([torch.randint(s, (n,), generator=g) for s in FACTOR_SIZES], 1)
+def representation(vae: VAE, factors: Factors, device: torch.device, chunk: int = 1024) -> Representation:
+    """classes -> the posterior means of the images with those factor classes, (N, z): what the scores read."""
+    @torch.no_grad()
+    def codes(classes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vae.encode(factors.images(part.to(device)))[0].float().cpu()
+                          for part in classes.split(chunk)])
+    return codes
 
 
-def _fixed_factor_batches(n_points: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(factor index per point (P,), classes (P, batch, 5) sharing that factor's value within each point): the
+def random_classes(n: int, sizes: Sizes, g: torch.Generator) -> torch.Tensor:
+    """n factor vectors drawn uniformly from the grid: (n, F)."""
+    return torch.stack([torch.randint(s, (n,), generator=g) for s in sizes], 1)
+
+
+def _fixed_factor_batches(n_points: int, batch: int, sizes: Sizes,
+                          g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor index per point (P,), classes (P, batch, F) sharing that factor's value within each point): the
     FactorVAE metric's batches."""
-    k = torch.randint(N_FACTORS, (n_points,), generator=g)
-    classes = random_classes(n_points * batch, g).view(n_points, batch, N_FACTORS)
-    value = torch.stack([torch.randint(FACTOR_SIZES[f], (1,), generator=g)[0] for f in k.tolist()])
+    k = torch.randint(len(sizes), (n_points,), generator=g)
+    classes = random_classes(n_points * batch, sizes, g).view(n_points, batch, len(sizes))
+    value = torch.stack([torch.randint(sizes[f], (1,), generator=g)[0] for f in k.tolist()])
     classes[torch.arange(n_points), :, k] = value.unsqueeze(1).expand(-1, batch)
     return k, classes
 
@@ -74,20 +89,21 @@ def _linear_classifier_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_
             float(model.score(x_eval.double().numpy(), y_eval.numpy())))
 
 
-def beta_vae_pairs(n: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fixed factor per point (n,), first and second classes (n, batch, 5)): in each of the batch pairs the two
+def beta_vae_pairs(n: int, batch: int, sizes: Sizes,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fixed factor per point (n,), first and second classes (n, batch, F)): in each of the batch pairs the two
     images share the fixed factor's value; the other factors, and that value, are drawn anew for every pair."""
-    k = torch.randint(N_FACTORS, (n,), generator=g)
-    first = random_classes(n * batch, g).view(n, batch, N_FACTORS)
-    second = random_classes(n * batch, g).view(n, batch, N_FACTORS)
+    k = torch.randint(len(sizes), (n,), generator=g)
+    first = random_classes(n * batch, sizes, g).view(n, batch, len(sizes))
+    second = random_classes(n * batch, sizes, g).view(n, batch, len(sizes))
     second[torch.arange(n), :, k] = first[torch.arange(n), :, k]
     return k, first, second
 
 
-def beta_vae_metric(codes: Representation, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
-                    n_eval: int = 5_000) -> dict[str, float]:
+def beta_vae_metric(codes: Representation, sizes: Sizes, g: torch.Generator, batch: int = 64,
+                    n_train: int = 10_000, n_eval: int = 5_000) -> dict[str, float]:
     def points(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, first, second = beta_vae_pairs(n, batch, g)
+        k, first, second = beta_vae_pairs(n, batch, sizes, g)
         z1, z2 = codes(first.flatten(0, 1)), codes(second.flatten(0, 1))
         return (z1 - z2).abs().view(n, batch, -1).mean(1), k
 
@@ -98,20 +114,21 @@ def beta_vae_metric(codes: Representation, g: torch.Generator, batch: int = 64, 
     return {"train_accuracy": train_acc, "eval_accuracy": eval_acc}
 
 
-def factor_vae_metric(codes: Representation, g: torch.Generator, batch: int = 64, n_train: int = 10_000,
-                      n_eval: int = 5_000, n_variance: int = 10_000, prune: float = 0.05) -> dict[str, float]:
-    global_var = codes(random_classes(n_variance, g)).var(0)
+def factor_vae_metric(codes: Representation, sizes: Sizes, g: torch.Generator, batch: int = 64,
+                      n_train: int = 10_000, n_eval: int = 5_000, n_variance: int = 10_000,
+                      prune: float = 0.05) -> dict[str, float]:
+    global_var = codes(random_classes(n_variance, sizes, g)).var(0)
     active = global_var.sqrt() >= prune  # disentanglement_lib prunes by standard deviation
     if not active.any():
         return {"train_accuracy": 0.0, "eval_accuracy": 0.0, "active_dims": 0}
     scale = global_var.sqrt()
 
     def votes(n: int) -> torch.Tensor:
-        k, classes = _fixed_factor_batches(n, batch, g)
+        k, classes = _fixed_factor_batches(n, batch, sizes, g)
         z = (codes(classes.flatten(0, 1)) / scale).view(n, batch, -1)
         var = z.var(1)[:, active]
         dims = active.nonzero().flatten()[var.argmin(1)]
-        table = torch.zeros(len(global_var), N_FACTORS)
+        table = torch.zeros(len(global_var), len(sizes))
         table.index_put_((dims, k), torch.ones(n), accumulate=True)
         return table
 
@@ -137,21 +154,23 @@ def _mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
     return (p[nz] * (p[nz] / (pa @ pb)[nz]).log()).sum().item()
 
 
-def mig(codes: Representation, g: torch.Generator, n: int = 10_000, bins: int = 20) -> dict[str, float]:
-    classes = random_classes(n, g)
+def mig(codes: Representation, sizes: Sizes, g: torch.Generator, n: int = 10_000,
+        bins: int = 20) -> dict[str, float]:
+    classes = random_classes(n, sizes, g)
     z = _discretise(codes(classes), bins)
     per_factor = []
-    for k in range(N_FACTORS):
+    for k in range(len(sizes)):
         mi = sorted((_mutual_information(z[:, j], classes[:, k]) for j in range(z.shape[1])), reverse=True)
         entropy = _mutual_information(classes[:, k], classes[:, k])
         gap = (mi[0] - (mi[1] if len(mi) > 1 else 0.0)) / entropy
         per_factor.append(gap)
-    return {"mig": sum(per_factor) / N_FACTORS, "per_factor": per_factor}
+    return {"mig": sum(per_factor) / len(sizes), "per_factor": per_factor}
 
 
-def _train_test(codes: Representation, g: torch.Generator, n_train: int, n_test: int) -> tuple[np.ndarray, ...]:
-    """(x_train, y_train, x_test, y_test) as float64 codes (N, d) and integer factor classes (N, 5)."""
-    train, test = random_classes(n_train, g), random_classes(n_test, g)
+def _train_test(codes: Representation, sizes: Sizes, g: torch.Generator, n_train: int,
+                n_test: int) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) as float64 codes (N, d) and integer factor classes (N, F)."""
+    train, test = random_classes(n_train, sizes, g), random_classes(n_test, sizes, g)
     return (codes(train).double().numpy(), train.numpy(), codes(test).double().numpy(), test.numpy())
 
 
@@ -164,9 +183,9 @@ def dci_scores(importance: np.ndarray) -> tuple[float, float]:
     return float(np.sum(per_code * w.sum(1) / w.sum())), float(np.sum(per_factor * w.sum(0) / w.sum()))
 
 
-def dci(codes: Representation, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000,
+def dci(codes: Representation, sizes: Sizes, g: torch.Generator, n_train: int = 10_000, n_test: int = 5_000,
         seed: int = 0) -> dict[str, float | list]:
-    x, y, x_test, y_test = _train_test(codes, g, n_train, n_test)
+    x, y, x_test, y_test = _train_test(codes, sizes, g, n_train, n_test)
     importance = np.zeros((x.shape[1], y.shape[1]))
     train_acc, test_acc = [], []
     for k in range(y.shape[1]):
@@ -185,9 +204,9 @@ def top_two_gap(scores: np.ndarray) -> float:
     return float(np.mean(top[0] - top[1])) if len(top) > 1 else float(np.mean(top[0]))
 
 
-def sap(codes: Representation, g: torch.Generator, n_train: int = 10_000,
+def sap(codes: Representation, sizes: Sizes, g: torch.Generator, n_train: int = 10_000,
         n_test: int = 5_000) -> dict[str, float | list]:
-    x, y, x_test, y_test = _train_test(codes, g, n_train, n_test)
+    x, y, x_test, y_test = _train_test(codes, sizes, g, n_train, n_test)
     scores = np.zeros((x.shape[1], y.shape[1]))
     for i in range(x.shape[1]):
         for k in range(y.shape[1]):

@@ -1,93 +1,75 @@
 """The metrics ``evaluate.py`` reports, registered by their ``--metrics`` name in ``METRICS``.
 
 A metric is one ``Metric`` entry: ``compute`` fills its part of the results (eval.json) from an
-``Evaluation`` (the model, the held-out split, the process group and the command's options),
-``rows`` turns that part into lines of the printed table, and ``headline`` into the model card's
-rows. Adding one is a function or three and an entry; the docs' table of metrics is generated
-from the registry (``metrics_markdown``). ELBO and NLL share one pass over the held-out set (the
-NLL's k samples give the ELBO too), as active units and reconstruction share another.
+``Evaluation`` (utils/evaluation/context.py: the model, the held-out split, the process group and
+the command's options), ``rows`` turns that part into lines of the printed table, ``headline`` into
+the model card's rows, and ``flags`` declares its own ``evaluate.py`` options (default, help,
+check), from which ``evaluate.py`` builds its parser. Adding one is a function or three and an
+entry; the docs' table of metrics is generated from the registry (``metrics_markdown``). ELBO and
+NLL share one pass over the held-out set (the NLL's k samples give the ELBO too), as active units
+and reconstruction share another.
+
+The declarations load no torch, so that ``evaluate.py --help`` and its argument errors answer at
+once: a compute function imports what it computes with when it runs.
 """
 
 from __future__ import annotations
 
-from argparse import Namespace
+import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-from accelerate import Accelerator
-from tqdm import tqdm
+from utils.errors import UserError
 
-from models.samplers import SAMPLERS, Sampler
-from models.vae import VAE
-from utils.data.dsprites import classes_to_index
-from utils.data.registry import load_data
-from utils.data.splits import ImageSplit
-from utils.evaluation.bounds import fix_optimal_sigma, latent_usage, likelihood_bounds
-from utils.evaluation.disentanglement import Representation, beta_vae_metric, dci, factor_vae_metric, mig, sap
-from utils.evaluation.fid import build_fid, fid_score
-from utils.evaluation.latents import posterior_stats
-from utils.evaluation.samplers import fitted_sampler, sampler_scores
+if TYPE_CHECKING:
+    from utils.evaluation.context import Evaluation
 
 Rows = list[tuple[str, str]]
 
 
-@dataclass
-class Evaluation:
-    """What every metric reads: the model, the held-out split, the processes, the options, and the results so
-    far (``results``, written to eval.json)."""
+@dataclass(frozen=True)
+class Option:
+    """An ``evaluate.py`` option, declared once: ``--name`` with its default, help line and check (``min``: the
+    least value accepted). ``type=bool`` is a switch. ``recorded``: kept in eval.json's ``computed_with`` beside
+    the numbers of each metric that declares it; False where the metric's entry records the value itself
+    (disentanglement's ``sizes``) or it names a file on this machine rather than a setting (--fid_weights)."""
 
-    vae: VAE
-    test: ImageSplit
-    accelerator: Accelerator
-    options: Namespace  # evaluate.py's parsed options: k, n_test, batch_size, seed, fid_*, dis_*, sampler_options, ..
-    metrics: list[str]
-    results: dict[str, Any]
-    _cache: dict[str, Any] = field(default_factory=dict)
+    name: str
+    default: Any
+    help: str | None = None
+    type: Callable[[str], Any] = int
+    min: int | None = None
+    recorded: bool = True
 
-    def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not self.accelerator.is_main_process, mininterval=2.0)
+    def add_to(self, p: argparse.ArgumentParser) -> None:
+        if self.type is bool:
+            p.add_argument(f"--{self.name}", action="store_true", help=self.help)
+        else:
+            p.add_argument(f"--{self.name}", type=self.type, default=self.default, help=self.help)
 
-    def bounds(self) -> dict[str, Any]:
-        """ELBO and IWAE bound in one pass (k = --k when the NLL is asked for, else 1); optimal σ fixed first."""
-        if "bounds" not in self._cache:
-            o = self.options
-            self.results["sigma"] = fix_optimal_sigma(self.vae, self.test, o.batch_size, self.accelerator, o.n_test)
-            k = o.k if "nll" in self.metrics else 1
-            n = len(self.test) if o.n_test <= 0 else min(o.n_test, len(self.test))
-            with self.bar(n, f"ELBO and IWAE (k={k})") as bar:
-                self._cache["bounds"] = likelihood_bounds(self.vae, self.test, k, self.accelerator, o.batch_size,
-                                                          limit=o.n_test, seed=o.seed, binarize=o.binarize,
-                                                          progress=bar)
-        return self._cache["bounds"]
+    def check(self, value: Any) -> None:
+        if self.min is not None and value < self.min:
+            raise UserError(f"--{self.name} must be at least {self.min}, got {value}")
 
-    def train(self) -> ImageSplit:
-        """The training split (read once, on first use: the fitted samplers need its codes)."""
-        if "train" not in self._cache:
-            cfg = self.vae.config.data
-            self._cache["train"] = load_data(cfg, cfg.num_workers)[0].to(self.accelerator.device)
-        return self._cache["train"]
 
-    def sampler(self, name: str) -> Sampler:
-        """The sampler ``name``: the prior, or kept in the model's folder, or fitted now (and kept)."""
-        o = self.options
-        return fitted_sampler(self.vae, self.vae.sampler_folder, name, self.train, o.sampler_options, o.refit,
-                              self.accelerator.device)
-
-    def usage(self) -> dict[str, Any]:
-        """Active units, per-dimension KL and reconstruction error, in one pass."""
-        if "usage" not in self._cache:
-            o = self.options
-            self._cache["usage"] = latent_usage(self.vae, self.test, self.accelerator, o.batch_size, o.n_test)
-        return self._cache["usage"]
+# the options several metrics read, declared once here; a metric's own options are declared in its entry
+COMMON = (
+    Option("n_test", 0, "held-out images to use (default 0: all)"),
+    Option("batch_size", 100, "images per batch", min=1),
+    Option("binarize", False, "bernoulli models: evaluate on the stochastically binarised held-out set (fixed "
+                              "seed), as published", type=bool),
+    Option("seed", 0),
+)
 
 
 @dataclass(frozen=True)
 class Metric:
     """A registered metric. ``default``: computed when --metrics is not given; ``needs_factors``: only on data
     with ground-truth factors (``DataSet.has_factors``), and then a default; ``main_only``: computed by
-    the main process alone; ``needs_posterior``: only for a model with a posterior and a KL (not an AE)."""
+    the main process alone; ``needs_posterior``: only for a model with a posterior and a KL (not an AE).
+    ``flags``: its own ``evaluate.py`` options; ``reads``: the shared ones its numbers depend on (``COMMON``, and
+    the sampler flags of utils/inference/loading.py)."""
 
     help: str
     compute: Callable[[Evaluation], None]
@@ -97,7 +79,14 @@ class Metric:
     needs_factors: bool = False
     main_only: bool = False
     needs_posterior: bool = False  # a bound on log p(x) or a KL: not for a deterministic autoencoder
-    options: tuple[str, ...] = ("n_test", "seed")  # the evaluate.py options its numbers depend on (eval.json)
+    flags: tuple[Option, ...] = ()
+    reads: tuple[str, ...] = ("n_test", "seed")
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The evaluate.py options its numbers depend on, as eval.json's ``computed_with`` records them: its own
+        recorded flags, then the shared ones it reads."""
+        return tuple(o.name for o in self.flags if o.recorded) + self.reads
 
 
 def _elbo(ev: Evaluation) -> None:
@@ -142,6 +131,8 @@ def _recon(ev: Evaluation) -> None:
 
 
 def _fid(ev: Evaluation) -> None:
+    from utils.evaluation.fid import build_fid, fid_score
+
     o, acc = ev.options, ev.accelerator
     metric = build_fid(o.fid_weights, device=acc.device)
     n = min(o.fid_samples, len(ev.test))
@@ -154,6 +145,10 @@ def _fid(ev: Evaluation) -> None:
 
 def _samplers(ev: Evaluation) -> None:
     """Each usable sampler's two offline numbers (utils/evaluation/samplers.py), fitting what is not fitted yet."""
+    from models.samplers import SAMPLERS
+    from utils.evaluation.latents import posterior_stats
+    from utils.evaluation.samplers import sampler_scores
+
     device = ev.accelerator.device
     train = posterior_stats(ev.vae, ev.train(), device=device)[0].cpu()
     test = posterior_stats(ev.vae, ev.test, limit=ev.options.n_test, device=device)[0].cpu()
@@ -166,25 +161,22 @@ def _sampler_rows(results: dict) -> Rows:
                                 f"{s['reverse']:.2f}") for name, s in results["samplers"].items()]
 
 
-def representation(vae: VAE, grid: ImageSplit, device: torch.device, chunk: int = 1024) -> Representation:
-    """classes -> the posterior means of the images with those factor classes, (N, z): what the scores read."""
-    @torch.no_grad()
-    def codes(classes: torch.Tensor) -> torch.Tensor:
-        idx = classes_to_index(classes)
-        return torch.cat([vae.encode(grid.batch(part.to(device)))[0].float().cpu() for part in idx.split(chunk)])
-    return codes
-
-
 def _disentanglement(ev: Evaluation) -> None:
-    o = ev.options
-    codes = representation(ev.vae, ev.test.factor_grid(), ev.accelerator.device)
+    """The five scores on the factors the held-out split declares (``ImageSplit.factors``), one generator seeded
+    with --seed shared by the five, in this order."""
+    import torch
+
+    from utils.evaluation.disentanglement import beta_vae_metric, dci, factor_vae_metric, mig, representation, sap
+
+    o, factors = ev.options, ev.test.factors
+    codes, sizes = representation(ev.vae, factors, ev.accelerator.device), factors.sizes
     g = torch.Generator().manual_seed(o.seed)
     ev.results["disentanglement"] = {
-        "beta_vae": beta_vae_metric(codes, g, o.dis_batch, o.dis_train, o.dis_eval),
-        "factor_vae": factor_vae_metric(codes, g, o.dis_batch, o.dis_train, o.dis_eval, o.dis_variance),
-        "mig": mig(codes, g, o.mig_samples),
-        "dci": dci(codes, g, o.dci_train, o.dci_test, o.seed),
-        "sap": sap(codes, g, o.dci_train, o.dci_test),
+        "beta_vae": beta_vae_metric(codes, sizes, g, o.dis_batch, o.dis_train, o.dis_eval),
+        "factor_vae": factor_vae_metric(codes, sizes, g, o.dis_batch, o.dis_train, o.dis_eval, o.dis_variance),
+        "mig": mig(codes, sizes, g, o.mig_samples),
+        "dci": dci(codes, sizes, g, o.dci_train, o.dci_test, o.seed),
+        "sap": sap(codes, sizes, g, o.dci_train, o.dci_test),
         "sizes": {"batch": o.dis_batch, "train": o.dis_train, "eval": o.dis_eval, "variance": o.dis_variance,
                   "mig": o.mig_samples, "dci_train": o.dci_train, "dci_test": o.dci_test}}
 
@@ -201,12 +193,27 @@ def _disentanglement_rows(results: dict) -> Rows:
 
 BOUND_OPTIONS = ("n_test", "seed", "binarize")
 
+
+def _size(name: str, default: int, help: str) -> Option:
+    """A disentanglement sample size: its entry records the sizes it used ("sizes"), not computed_with."""
+    return Option(name, default, help, min=1, recorded=False)
+
+
+SIZES = (_size("dis_batch", 64, "disentanglement: images per point (paper: 64)"),
+         _size("dis_train", 10_000, "disentanglement: training points (10,000)"),
+         _size("dis_eval", 5_000, "disentanglement: evaluation points (5,000)"),
+         _size("dis_variance", 10_000, "FactorVAE: images for the global variance"),
+         _size("mig_samples", 10_000, "MIG: images (10,000)"),
+         _size("dci_train", 10_000, "DCI and SAP: training images (10,000)"),
+         _size("dci_test", 5_000, "DCI and SAP: held-out images (5,000)"))
+
 METRICS: dict[str, Metric] = {
     "elbo": Metric("evidence lower bound, its reconstruction and KL parts (nats per image, bits per dimension)",
-                   _elbo, rows=_bound_rows, default=True, needs_posterior=True, options=BOUND_OPTIONS,
+                   _elbo, rows=_bound_rows, default=True, needs_posterior=True, reads=BOUND_OPTIONS,
                    headline=lambda r: [("ELBO", f"{r['elbo']['elbo']:.2f} nats")]),
     "nll": Metric("negative log-likelihood by the importance-weighted bound with --k samples (Burda et al. 2016)",
-                  _nll, default=True, needs_posterior=True, options=("k", *BOUND_OPTIONS),
+                  _nll, default=True, needs_posterior=True, reads=BOUND_OPTIONS,
+                  flags=(Option("k", 1000, "importance samples per image for the NLL (default 1000)", min=1),),
                   headline=lambda r: [(f"NLL (IWAE, k={r['nll']['k']}, {r['nll']['n']} images)",
                                        f"{r['nll']['nll']:.2f} nats ({r['nll']['nll_bpd']:.4f} bits/dim)")]),
     "au": Metric("active units (Var_x E[z_j] > 0.01) and the KL per latent dimension", _au, rows=_au_rows,
@@ -216,17 +223,47 @@ METRICS: dict[str, Metric] = {
                     rows=lambda r: [("reconstruction", f"MSE {r['recon']['mse']:.5f}, PSNR "
                                                        f"{r['recon']['psnr']:.2f} dB")]),
     "fid": Metric("FID of --fid_samples prior samples against held-out images (Inception-v3, --fid_weights)", _fid,
-                  options=("fid_samples", "sampler", "seed"),
+                  flags=(Option("fid_samples", 10_000, "samples and held-out images for FID", min=1),
+                         Option("fid_weights", None, "local copy of the standard Inception weights "
+                                                     "(pt_inception-...pth)", type=str, recorded=False)),
+                  reads=("sampler", "seed"),
                   rows=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples vs held-out images)")],
                   headline=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples)")]),
     "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "
                        "(nats per code)", _samplers, rows=_sampler_rows, main_only=True,
-                       options=("n_test", "seed", "gmm_components", "gmm_covariance", "two_stage_steps")),
+                       reads=("n_test", "seed", "gmm_components", "gmm_covariance", "two_stage_steps")),
     "disentanglement": Metric("beta-VAE and FactorVAE metrics, MIG, DCI and SAP on ground-truth factors",
                               _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True,
-                              options=("seed",)),
+                              flags=SIZES,
+                              reads=("seed",)),
 }
+
+
+def metric_options() -> list[Option]:
+    """Every option the metrics declare, each once: the shared ones, then each metric's own in the registry's
+    order (evaluate.py's parser, in this order)."""
+    seen: dict[str, str] = {o.name: "the shared options" for o in COMMON}
+    options = list(COMMON)
+    for name, m in METRICS.items():
+        for o in m.flags:
+            if o.name in seen:
+                raise ValueError(f"--{o.name} of metric {name} is already declared by {seen[o.name]}: declare an "
+                                 f"option once, in COMMON when several metrics read it")
+            seen[o.name] = f"metric {name}"
+            options.append(o)
+    return options
+
+
+def add_metric_arguments(p: argparse.ArgumentParser) -> None:
+    for o in metric_options():
+        o.add_to(p)
+
+
+def check_metric_options(args: argparse.Namespace) -> None:
+    """Each declared option's check, in declaration order: the first bad one is refused in one line."""
+    for o in metric_options():
+        o.check(getattr(args, o.name))
 
 
 def default_metrics(has_factors: bool, deterministic: bool = False) -> list[str]:
@@ -241,7 +278,7 @@ def table(results: dict) -> str:
     return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
 
 
-def computed_with(results: dict, options: Namespace) -> dict[str, dict]:
+def computed_with(results: dict, options: argparse.Namespace) -> dict[str, dict]:
     """For each metric entry in ``results``, the options its numbers were computed with (eval.json keeps them
     beside the numbers: entries of several calls can differ)."""
     return {name: {o: getattr(options, o) for o in m.options} for name, m in METRICS.items() if name in results}
