@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-from utils.config import config_yaml, load_config, run_warnings
+from utils.config import complete_config, config_yaml, load_config, run_warnings
 from utils.errors import CliParser, UserError, guarded_main
 from utils.files import DISK_ERRORS, disk_advice
 from utils.training.checkpoints import after_failed_write, resolve_resume
@@ -96,6 +96,7 @@ def main(argv: list[str]) -> None:
         cfg = load_config(args.config, overrides)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
+    complete_config(cfg)  # what parts derive from the data, so that --dry-run shows it (an older run's 0s too)
     run_precision(cfg.train.mixed_precision)  # accelerate's setting, checked as the config's is
     if state.is_main_process:
         for line in (run_warnings(cfg) + launch_warnings(state.num_processes)
