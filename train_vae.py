@@ -19,23 +19,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
-
-from utils.config import complete_config, config_yaml, load_config, run_warnings
+# only what --help and the argument checks need: torch, accelerate and the toolkit load in main, once the
+# arguments are known good (a typo in a flag is answered at once)
 from utils.errors import CliParser, UserError, guarded_main
-from utils.files import DISK_ERRORS, disk_advice
-from utils.training.checkpoints import after_failed_write, resolve_resume
 from utils.training.config import native_cpu_bf16, run_precision
-from utils.training.loop import train
-from utils.training.run_folder import (
-    check_name,
-    check_new_run_dir,
-    check_writable,
-    default_run_dir,
-    lock_run,
-    unlock_run,
-)
 
 
 def parser() -> CliParser:
@@ -81,18 +68,34 @@ def precision_warnings(precision: str, device_type: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
+    if args.resume and args.overwrite:
+        raise UserError("--overwrite starts a run afresh and -r continues one: pass only one of them")
+    if not args.resume and args.config is None:
+        raise UserError("no config given: pass one with -c, e.g. -c configs/mnist.yaml")
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    from utils.config import complete_config, config_yaml, load_config, run_warnings
+    from utils.files import DISK_ERRORS, disk_advice
+    from utils.training.checkpoints import after_failed_write, resolve_resume
+    from utils.training.loop import train
+    from utils.training.run_folder import (
+        check_name,
+        check_new_run_dir,
+        check_writable,
+        default_run_dir,
+        lock_run,
+        unlock_run,
+    )
+
     # every process builds the same view; only the main one prints warnings
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator would read it
     if args.resume:
-        if args.overwrite:
-            raise UserError("--overwrite starts a run afresh and -r continues one: pass only one of them")
         # (said once the run is locked, below: a checkpoint that another trainer is writing is not incomplete)
         run_dir, ckpt = resolve_resume(args.resume, args.exp_dir, args.config,
                                        verbose=state.is_main_process and args.dry_run)
         cfg = load_config(run_dir / "config.yaml", overrides)  # the run's own config; overrides may extend steps
     else:
-        if args.config is None:
-            raise UserError("no config given: pass one with -c, e.g. -c configs/mnist.yaml")
         cfg = load_config(args.config, overrides)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
