@@ -99,7 +99,10 @@ def main(argv: list[str]) -> None:
         cfg = load_config(args.config, overrides)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
-    complete_config(cfg)  # what parts derive from the data, so that --dry-run shows it (an older run's 0s too)
+    # what parts derive from the data (an older run's 0s too), so that --dry-run shows it; counting may fill a
+    # cache (a Hugging Face set), so one process per machine counts first, as loading does
+    with state.local_main_process_first():
+        complete_config(cfg)
     run_precision(cfg.train.mixed_precision)  # accelerate's setting, checked as the config's is
     if state.is_main_process:
         for line in (run_warnings(cfg) + launch_warnings(state.num_processes)
