@@ -31,8 +31,14 @@ def test_help_and_argument_errors_load_no_heavy_library(args, rc, said):
     assert not logged & HEAVY, sorted(logged & HEAVY)
 
 
-def test_the_import_log_is_read():
-    """The same reading sees torch where a run loads it (a config the trainer resolves)."""
-    res = run_script(["-X", "importtime", "train_vae.py", "-c", "configs/mnist.yaml", "--dry-run"])
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "torch" in imported(res.stderr)
+@pytest.mark.parametrize("args, rc, not_loaded", [
+    (["-c", "configs/mnist.yaml", "loss.betta=3"], 2, HEAVY - {"torch"}),  # the parts' registries still need torch
+    (["-c", "configs/mnist.yaml", "--dry-run"], 0, HEAVY - {"torch", "accelerate"}),  # accelerate: process count
+])
+def test_config_errors_and_dry_runs_load_no_training_code(args, rc, not_loaded):
+    """A config error or a dry run loads torch (the parts' registries) but not the training code: no torchvision
+    (the image grids), no accelerate for a config error. The reading sees torch where it is loaded."""
+    res = run_script(["-X", "importtime", "train_vae.py", *args])
+    assert res.returncode == rc, res.stderr[-2000:]
+    logged = imported(res.stderr)
+    assert "torch" in logged and not logged & not_loaded, sorted(logged & not_loaded)
