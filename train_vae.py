@@ -18,11 +18,17 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # only what --help and the argument checks need: torch, accelerate and the toolkit load in main, once the
 # arguments are known good (a typo in a flag is answered at once)
 from utils.errors import CliParser, UserError, guarded_main
 from utils.training.config import native_cpu_bf16, run_precision
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from utils.config import Config
 
 
 def parser() -> CliParser:
@@ -106,7 +112,7 @@ def main(argv: list[str]) -> None:
     start(args, cfg, run_dir, ckpt, state, command_line(argv, state.num_processes))
 
 
-def process_state():
+def process_state() -> PartialState:
     """Accelerate's view of this process (its index, the process count, its device), read from the environment
     as the Accelerator will read it; every process builds the same."""
     from accelerate import PartialState
@@ -115,7 +121,8 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def start(args: argparse.Namespace, cfg, run_dir: Path, ckpt: Path | None, state, command: str) -> None:
+def start(args: argparse.Namespace, cfg: Config, run_dir: Path, ckpt: Path | None, state: PartialState,
+          command: str) -> None:
     """Check (and to resume, lock) the run directory, agreed by every process, and train into it. The training
     code loads only here: a dry run or a config error needs none of it."""
     from accelerate.utils import broadcast_object_list
