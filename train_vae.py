@@ -18,24 +18,17 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
-
-from utils.config import config_yaml, load_config, run_warnings
+# only what --help and the argument checks need: torch, accelerate and the toolkit load in main, once the
+# arguments are known good (a typo in a flag is answered at once)
 from utils.errors import CliParser, UserError, guarded_main
-from utils.files import DISK_ERRORS, disk_advice
-from utils.training.checkpoints import after_failed_write, resolve_resume
 from utils.training.config import native_cpu_bf16, run_precision
-from utils.training.loop import train
-from utils.training.run_folder import (
-    check_name,
-    check_new_run_dir,
-    check_writable,
-    default_run_dir,
-    lock_run,
-    unlock_run,
-)
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from utils.config import Config
 
 
 def parser() -> CliParser:
@@ -81,21 +74,31 @@ def precision_warnings(precision: str, device_type: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
-    # every process builds the same view; only the main one prints warnings
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator would read it
+    if args.resume and args.overwrite:
+        raise UserError("--overwrite starts a run afresh and -r continues one: pass only one of them")
+    if not args.resume and args.config is None:
+        raise UserError("no config given: pass one with -c, e.g. -c configs/mnist.yaml")
+    from utils.config import complete_config, config_yaml, load_config, run_warnings
+
     if args.resume:
-        if args.overwrite:
-            raise UserError("--overwrite starts a run afresh and -r continues one: pass only one of them")
+        from utils.training.checkpoints import resolve_resume
+
+        state = process_state()
         # (said once the run is locked, below: a checkpoint that another trainer is writing is not incomplete)
         run_dir, ckpt = resolve_resume(args.resume, args.exp_dir, args.config,
                                        verbose=state.is_main_process and args.dry_run)
         cfg = load_config(run_dir / "config.yaml", overrides)  # the run's own config; overrides may extend steps
     else:
-        if args.config is None:
-            raise UserError("no config given: pass one with -c, e.g. -c configs/mnist.yaml")
-        cfg = load_config(args.config, overrides)
+        from utils.training.run_folder import default_run_dir
+
+        cfg = load_config(args.config, overrides)  # (a config error is said before accelerate loads)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
+        state = process_state()
+    # what parts derive from the data (an older run's 0s too), so that --dry-run shows it; counting may fill a
+    # cache (a Hugging Face set), so one process per machine counts first, as loading does
+    with state.local_main_process_first():
+        complete_config(cfg)
     run_precision(cfg.train.mixed_precision)  # accelerate's setting, checked as the config's is
     if state.is_main_process:
         for line in (run_warnings(cfg) + launch_warnings(state.num_processes)
@@ -106,6 +109,29 @@ def main(argv: list[str]) -> None:
             what = f"resume {ckpt}" if ckpt else f"train into {run_dir}"
             print(f"# would {what}\n{config_yaml(cfg)}", end="")
         return
+    start(args, cfg, run_dir, ckpt, state, command_line(argv, state.num_processes))
+
+
+def process_state() -> PartialState:
+    """Accelerate's view of this process (its index, the process count, its device), read from the environment
+    as the Accelerator will read it; every process builds the same."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def start(args: argparse.Namespace, cfg: Config, run_dir: Path, ckpt: Path | None, state: PartialState,
+          command: str) -> None:
+    """Check (and to resume, lock) the run directory, agreed by every process, and train into it. The training
+    code loads only here: a dry run or a config error needs none of it."""
+    from accelerate.utils import broadcast_object_list
+
+    from utils.files import DISK_ERRORS, disk_advice
+    from utils.training.checkpoints import after_failed_write, resolve_resume
+    from utils.training.loop import train
+    from utils.training.run_folder import check_name, check_new_run_dir, check_writable, lock_run, unlock_run
+
     check_name(run_dir)
     if ckpt is None:
         check_new_run_dir(run_dir, args.overwrite)
@@ -127,7 +153,7 @@ def main(argv: list[str]) -> None:
         if ckpt is not None:  # now that no other trainer writes into the run
             run_dir, ckpt = resolve_resume(args.resume, str(run_dir) if args.resume == "latest" else None, None,
                                            verbose=state.is_main_process)
-        train(cfg, run_dir, ckpt, args.overwrite, command_line(argv, state.num_processes))
+        train(cfg, run_dir, ckpt, args.overwrite, command)
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
@@ -135,7 +161,6 @@ def main(argv: list[str]) -> None:
                         f"{after_failed_write(run_dir)}") from None
     finally:
         unlock_run(run_dir)
-
 
 if __name__ == "__main__":
     guarded_main(main)

@@ -28,8 +28,8 @@ class ModelConfig:
     res_blocks: int = opt(1, "resconv: residual blocks at each resolution", min=0, max=64)
     conditional: bool = opt(False, "a conditional VAE (Sohn et al. 2015): encoder and decoder also see the image's "
                                    "class label, one-hot; needs a data set with labels")
-    n_classes: int = opt(0, "conditional: number of classes (0: from the data set's labels, written into the run's "
-                            "config.yaml)", min=0)
+    n_classes: int = opt(0, "conditional: number of classes (0: from the data set's labels, filled in when the "
+                            "config is resolved)", min=0)
 
 
 @dataclass
@@ -50,7 +50,7 @@ class LossConfig:
     tc_estimator: str = opt("mss", "regulariser=tcvae: minibatch-stratified or minibatch-weighted sampling "
                                    "(Chen et al. 2018)")
     tc_dataset_size: int = opt(0, "regulariser=tcvae: training images N in the estimator (0: the training set's "
-                                  "size, written into the run's config.yaml)", min=0)
+                                  "size, filled in when the config is resolved)", min=0)
     factor_gamma: float = opt(10.0, "regulariser=factorvae: weight of the critic's total correlation estimate "
                                     "(disentanglement_lib sweeps 10-100)", min=0.0)
     factor_critic_hidden: list[int] = opt([1000] * 6, "regulariser=factorvae: the critic's hidden layers (the "

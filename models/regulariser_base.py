@@ -15,6 +15,8 @@ from models.priors import Prior
 from utils.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from models.config import LossConfig
 
 
@@ -34,7 +36,7 @@ class Regulariser(nn.Module):
     outside it tests its name: ``plain_kl`` (it is β·KL and nothing more: the IWAE bound can take it),
     ``min_batch`` (it estimates over the batch), ``accumulates`` (its term can be split over micro-batches),
     ``deterministic_ok``, ``matches_prior`` and ``trains_prior`` (below), ``check`` (its keys' rules) and
-    ``complete_config`` (values it takes from the training set)."""
+    ``complete_config`` (values it takes from the training set, when the config is resolved)."""
 
     plain_kl = False
     min_batch = 1
@@ -51,8 +53,10 @@ class Regulariser(nn.Module):
                             f"{loss.regulariser}: set loss.regulariser=mmd, or drop mmd_weight")
 
     @classmethod
-    def complete_config(cls, loss: LossConfig, train_size: int) -> None:
-        """Fill keys left at 0 ('from the data') once the training set is known; written into config.yaml."""
+    def complete_config(cls, loss: LossConfig, train_size: Callable[[], int]) -> None:
+        """Fill keys left at 0 ('from the data') when the config is resolved, so that --dry-run shows them and
+        config.yaml records them. ``train_size()`` counts the training set from its metadata: call it only when
+        a key needs it (counting some sets opens their files)."""
 
     def __init__(self, loss: LossConfig):
         super().__init__()

@@ -14,6 +14,8 @@ from models.regulariser_base import PosteriorSample, Regulariser
 from utils.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from models.config import LossConfig
 
 TC_ESTIMATORS = ("mss", "mws")  # see log_importance_weights
@@ -68,16 +70,16 @@ class TCVAE(Regulariser):
     min_batch = 2
 
     @classmethod
-    def complete_config(cls, loss: LossConfig, train_size: int) -> None:
+    def complete_config(cls, loss: LossConfig, train_size: Callable[[], int]) -> None:
         if loss.tc_dataset_size == 0:
-            loss.tc_dataset_size = train_size  # evaluation and resume then use the same N
+            loss.tc_dataset_size = train_size()  # evaluation and resume then use the same N
 
     def __init__(self, loss: LossConfig):
         super().__init__(loss)
         self.n, self.estimator = loss.tc_dataset_size, loss.tc_estimator
         if self.n < 2:
-            raise UserError("loss.tc_dataset_size must be the number of training images (the trainer fills it in "
-                            "when it is 0): set it")
+            raise UserError("loss.tc_dataset_size must be the number of training images (resolving the config fills "
+                            "it in when it is 0): set it")
 
     def kl_weight(self, step: int | None) -> float:
         """w_t, the warm-up from 0 to 1 (β weighs the TC here, not the KL)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import sys
 from collections.abc import Collection
@@ -37,8 +38,8 @@ from utils.training.config import TrainConfig
 from utils.training.schedules import SCHEDULES
 from utils.training.trackers import tracker_names
 
-__all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "build_config", "config_to_dict",
-           "config_yaml", "load_config", "read_yaml", "reference_markdown", "registries_markdown"]
+__all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "build_config", "complete_config",
+           "config_to_dict", "config_yaml", "load_config", "read_yaml", "reference_markdown", "registries_markdown"]
 
 # the config keys that name a part, and the registry whose keys are their choices (one list per kind)
 REGISTRIES: dict[str, Collection] = {
@@ -248,6 +249,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"config section '{section}' must be a mapping of keys, got {node!r}")
         node[name] = value
     return build_config(tree)
+
+
+def complete_config(cfg: Config) -> Config:
+    """Fill in the keys left at 0 that the chosen parts derive from the data: the regulariser's (its
+    ``complete_config``: β-TCVAE's data-set size) and a conditional model's class count. Counted from the data
+    set's metadata, and only when a part asks, so that --dry-run prints, and config.yaml records, the values
+    training uses. A set without labels leaves ``model.n_classes`` at 0: loading then says it has none. Keys
+    already set (a resumed run's config.yaml) stay as they are."""
+    data = cfg.data
+    counts = functools.cache(lambda: DATASETS[data.name].count(data))
+    REGULARISERS[cfg.loss.regulariser].complete_config(cfg.loss, lambda: counts().train)
+    if cfg.model.conditional and not cfg.model.n_classes:
+        cfg.model.n_classes = counts().classes or 0
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A registered set states what the rest of the toolkit needs to know of it, so no 
 this module tests its name: its channels and native size, whether ``data.channels`` may convert
 it (``any_channels``), whether ``data.img_size`` may resize it (``fixed_size``), whether its images
 come with ground-truth factors (``has_factors``: its splits then carry them as ``factors``, a
-``utils.data.factors.Factors``), and its loader.
+``utils.data.factors.Factors``), its loader, and how it counts its training images and classes
+without loading (``counts``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from utils.data.counts import Counts, dsprites_counts, image_folder_counts, loaded_counts, torchvision_counts
 from utils.data.dsprites import load_dsprites
 from utils.data.hf import load_hf
 from utils.data.sources import celeba, image_folder, torchvision_set
@@ -38,15 +40,25 @@ class DataSet:
     any_channels: bool = False
     fixed_size: bool = False
     has_factors: bool = False
+    counts: Callable[[DataConfig], Counts] | None = None  # cheap counts (utils/data/counts.py); None: by loading
+
+    def count(self, cfg: DataConfig) -> Counts:
+        """The training-split size and class count that loading ``cfg`` gives, as cheaply as the set allows."""
+        if self.counts is not None:
+            return self.counts(cfg)
+        train, test, _ = self.load(cfg, image_shape(cfg))
+        return loaded_counts(train.labels, test.labels, len(train))
 
 
 DATASETS: dict[str, DataSet] = {
-    "mnist": DataSet(1, 28, partial(torchvision_set, "MNIST")),
-    "fashion_mnist": DataSet(1, 28, partial(torchvision_set, "FashionMNIST")),
-    "cifar10": DataSet(3, 32, partial(torchvision_set, "CIFAR10")),
+    "mnist": DataSet(1, 28, partial(torchvision_set, "MNIST"), counts=partial(torchvision_counts, "MNIST")),
+    "fashion_mnist": DataSet(1, 28, partial(torchvision_set, "FashionMNIST"),
+                             counts=partial(torchvision_counts, "FashionMNIST")),
+    "cifar10": DataSet(3, 32, partial(torchvision_set, "CIFAR10"), counts=partial(torchvision_counts, "CIFAR10")),
     "celeba": DataSet(3, 64, celeba),
-    "dsprites": DataSet(1, 64, load_dsprites, fixed_size=True, has_factors=True),
-    "image_folder": DataSet(3, 64, image_folder, any_channels=True),  # channels and size as configured
+    "dsprites": DataSet(1, 64, load_dsprites, fixed_size=True, has_factors=True, counts=dsprites_counts),
+    # channels and size as configured
+    "image_folder": DataSet(3, 64, image_folder, any_channels=True, counts=image_folder_counts),
     "hf": DataSet(3, 64, load_hf, any_channels=True),  # Hugging Face datasets; channels and size as configured
 }
 

@@ -165,15 +165,22 @@ def _celeba_torchvision(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[I
     return train, test, f"{base} (torchvision CelebA), split: official partition"
 
 
-def image_folder(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:
+def folder_listing(cfg: DataConfig) -> tuple[list[Path], list[str]]:
+    """(the images under data.root, the names of its sub-folders that hold images): what an image folder's loading
+    and its counts both read."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"data.root={cfg.root} is not a folder: point it at a folder of images (jpg, png, webp)")
     paths = list_images(root)
     if not paths:
         raise UserError(f"no images (jpg, png, webp) under {root}: point data.root at a folder that has some")
+    return paths, sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+
+
+def image_folder(cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:
+    root = Path(cfg.root)
+    paths, classes = folder_listing(cfg)
     labels = None
-    classes = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
     if cfg.labels and classes:
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index.get(p.relative_to(root).parts[0], -1) for p in paths])

@@ -243,10 +243,16 @@ def cpu_workers(requested: int) -> int:
     return min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def held_out(n: int, fraction: float) -> int:
+    """Images a seeded split of ``n`` holds out: ``fraction`` of them, rounded, at least one (also what
+    utils/data/counts.py counts without loading)."""
+    return max(1, round(n * fraction))
+
+
 def seeded_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, test) index tensors: a fixed random ``fraction`` of n held out (at least one)."""
     if n < 2:
         raise UserError(f"only {n} image found: a data set needs at least 2 (one to train on, one held out)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, round(n * fraction))
+    n_test = held_out(n, fraction)
     return perm[n_test:].sort().values, perm[:n_test].sort().values

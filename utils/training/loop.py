@@ -29,9 +29,8 @@ try:
 except ImportError:
     resource = None
 
-from models.regularisers import REGULARISERS
 from models.vae import VAE
-from utils.config import Config, config_to_dict, config_yaml
+from utils.config import Config, complete_config, config_to_dict, config_yaml
 from utils.data.batching import BatchOrder, to_inputs, train_batches
 from utils.data.registry import class_count, load_data
 from utils.data.splits import ImageSplit
@@ -90,6 +89,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
     Raises ``Interrupted`` after saving a checkpoint when SIGINT/SIGTERM arrives, and
     ``UserError`` when training diverges (``train.max_bad_steps`` non-finite steps in a row).
     """
+    complete_config(cfg)  # a config built in code; one that train_vae.py resolved is complete already
     s = start_session(cfg, run_dir, resume, overwrite, command)
     t, acc = cfg.train, s.accelerator
     guard, meter = StepGuard(s.vae, acc.device), Meter(acc.device)
@@ -176,10 +176,8 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     set_seed(t.seed)  # same initial weights on every process and for any process count
     with acc.local_main_process_first():  # one process per machine decodes a cache; the others then read it
         train_set, test_set, summary = load_data(cfg.data, cfg.data.num_workers)
-    REGULARISERS[cfg.loss.regulariser].complete_config(cfg.loss, len(train_set))  # (into config.yaml)
-    if cfg.model.conditional:
-        # into config.yaml: sampling and evaluation build the same model
-        cfg.model.n_classes = class_count(train_set, test_set, cfg.model.n_classes)
+    if cfg.model.conditional:  # the labels agree with model.n_classes, every class has training images
+        class_count(train_set, test_set, cfg.model.n_classes)
     vae = VAE(cfg.model, cfg.loss, train_set.shape, cfg.train.batch_size)
     fmt = torch.channels_last if t.channels_last and vae.convolutional else torch.contiguous_format
     vae = vae.to(memory_format=fmt)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from accelerate import Accelerator
 from PIL import Image
 
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # (the config checks tracker names without loading accelerate)
+    from accelerate import Accelerator
 
 # Accelerate's tracker names and the package each needs
 PACKAGES: dict[str, str] = {

@@ -1,0 +1,44 @@
+"""train_vae.py answers --help and argument errors before the heavy libraries load: torch and the rest take
+seconds to import, and a typo in a flag should not cost that wait. Read from the interpreter's own import log
+(``python -X importtime``), in a fresh process each."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_script
+
+HEAVY = {"torch", "torchvision", "accelerate", "sklearn", "matplotlib", "datasets"}
+
+
+def imported(stderr: str) -> set[str]:
+    """The top-level packages that ``-X importtime`` logged as imported."""
+    return {line.split("|")[2].strip().split(".")[0] for line in stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2} - {"package"}
+
+
+@pytest.mark.parametrize("args, rc, said", [
+    (["--help"], 0, "usage: train_vae.py"),
+    (["-c"], 2, "error: argument -c/--config: expected one argument"),
+    (["-r", "latest", "--overwrite"], 2, "error: --overwrite starts a run afresh and -r continues one"),
+    ([], 2, "error: no config given"),
+])
+def test_help_and_argument_errors_load_no_heavy_library(args, rc, said):
+    res = run_script(["-X", "importtime", "train_vae.py", *args])
+    assert res.returncode == rc and said in res.stdout + res.stderr, res.stderr[-2000:]
+    logged = imported(res.stderr)
+    assert "utils" in logged  # the log is read: the toolkit's own modules show in it
+    assert not logged & HEAVY, sorted(logged & HEAVY)
+
+
+@pytest.mark.parametrize("args, rc, not_loaded", [
+    (["-c", "configs/mnist.yaml", "loss.betta=3"], 2, HEAVY - {"torch"}),  # the parts' registries still need torch
+    (["-c", "configs/mnist.yaml", "--dry-run"], 0, HEAVY - {"torch", "accelerate"}),  # accelerate: process count
+])
+def test_config_errors_and_dry_runs_load_no_training_code(args, rc, not_loaded):
+    """A config error or a dry run loads torch (the parts' registries) but not the training code: no torchvision
+    (the image grids), no accelerate for a config error. The reading sees torch where it is loaded."""
+    res = run_script(["-X", "importtime", "train_vae.py", *args])
+    assert res.returncode == rc, res.stderr[-2000:]
+    logged = imported(res.stderr)
+    assert "torch" in logged and not logged & not_loaded, sorted(logged & not_loaded)
