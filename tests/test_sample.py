@@ -21,6 +21,7 @@ from utils.data.splits import TensorImages
 from utils.errors import guarded_main
 from utils.evaluation.latents import interpolate, posterior_stats, traversal_codes
 from utils.grids import LABEL_MARGIN, grid, to_pil
+from utils.inference import modes
 from utils.inference.loading import load_trained
 
 
@@ -80,7 +81,7 @@ def test_traverse_top_dimensions_by_kl(runs, tmp_path):
     test = load_data(cfg.data)[1]
     _, kl = posterior_stats(model, test, 100, 300)
     with torch.no_grad():
-        base = model.encode(test.batch(sample.pick(1, len(test), torch.Generator().manual_seed(7))))[0][0]
+        base = model.encode(test.batch(modes.pick(1, len(test), torch.Generator().manual_seed(7))))[0][0]
 
     def picture(dims: list[int]) -> np.ndarray:
         with torch.no_grad():
@@ -223,7 +224,7 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, monkeypatch):
     assert "train first" in capsys.readouterr().err
 
     unlabelled = TensorImages(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), None)
-    monkeypatch.setattr(sample, "load_data", lambda cfg: (unlabelled, unlabelled, ""))
+    monkeypatch.setattr("utils.data.registry.load_data", lambda cfg: (unlabelled, unlabelled, ""))
     with pytest.raises(SystemExit) as e:
         call(["--exp_dir", str(runs[5]), "--mode", "visualize_latent"])
     assert e.value.code == 2 and "has no labels" in capsys.readouterr().err
