@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import cli, train
+from conftest import cli, run_script, train
 from utils.data.registry import load_data
 from utils.data.splits import TensorImages
 from utils.errors import guarded_main
@@ -236,3 +236,43 @@ def test_no_run_found(tmp_path, monkeypatch):
     assert res.returncode == 2
     assert res.stderr.startswith("error: no run with model.safetensors found under runs/")
     assert res.stderr.count("\n") == 1
+
+
+# What sample.py must not have loaded when it answers --help or refuses a flag: the wait is torch's and more.
+HEAVY = ("torch", "torchvision", "accelerate", "sklearn", "matplotlib", "datasets")
+REPORT_HEAVY = f"""
+import runpy, sys
+sys.argv = ["sample.py", *sys.argv[1:]]
+try:
+    runpy.run_path("sample.py", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print("loaded:", *sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv, answer", [
+    (["--help"], "--traverse_range TRAVERSE_RANGE"),
+    (["--bogus"], "error: unknown argument --bogus"),
+    (["--mode", "dream"], "error: unknown --mode 'dream'"),
+    (["--n_samples", "0"], "error: --n_samples must be at least 1, got 0"),
+    (["--mode", "traverse", "--n_dims", "-1"], "error: --n_dims must be 0 (every dimension) or more, got -1"),
+    (["--mode", "reconstruct", "--sampler", "gmm"], "error: --sampler has no effect here"),
+    (["--sampler", "nope"], "error: unknown --sampler 'nope'"),
+    (["--n_samples"], "error: argument --n_samples: expected one argument"),
+])
+def test_help_and_bad_flags_answer_before_torch_loads(argv, answer):
+    proc = run_script(["-c", REPORT_HEAVY, *argv], timeout=120)
+    assert proc.returncode == (0 if argv == ["--help"] else 2), proc.stderr
+    assert answer in proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == "loaded:", proc.stderr  # none of HEAVY
+
+
+def test_the_sampler_names_read_for_help_are_the_registry():
+    """--help and a bad --sampler name list the samplers from models/samplers.py's source (torch not imported):
+    the same names, and covariance types, as the imported registry."""
+    from models.samplers import COVARIANCES, SAMPLERS
+    from utils.inference.loading import sampler_declarations
+
+    assert sampler_declarations() == (list(SAMPLERS), COVARIANCES)

@@ -79,8 +79,8 @@ def unusable_path(e: BaseException) -> str | None:
 def leave_process_group() -> None:
     """Destroy the torch.distributed group if this process joined one (``accelerate launch``): left to the
     interpreter's exit, gloo's threads can abort a process that finished well ("terminate called without an
-    active exception", exit -6)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    active exception", exit -6). A process that never loaded torch.distributed joined no group: it is not imported
+    here, so that --help and a bad flag exit without loading torch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid, save_image
 
 from utils.files import written_whole
 
@@ -16,6 +15,8 @@ LABEL_MARGIN = 90   # pixels left of a grid for row labels
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     """Images (N, C, H, W) in [0, 1] as one PNG, ``per_row`` tiles a row; written whole or not at all."""
+    from torchvision.utils import save_image  # (here: importing torchvision loads its models and torch._dynamo)
+
     with written_whole(path) as tmp:
         save_image(images, tmp, nrow=per_row, padding=PAD, pad_value=1.0)
 
@@ -29,6 +30,8 @@ def save_whole(image: Image.Image, path: Path, **options) -> None:
 
 def grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
     """The grid ``save_grid`` writes, as a (3, H, W) tensor in [0, 1]."""
+    from torchvision.utils import make_grid
+
     return make_grid(images, nrow=per_row, padding=PAD, pad_value=1.0)
 
 
