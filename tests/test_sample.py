@@ -276,3 +276,58 @@ def test_the_sampler_names_read_for_help_are_the_registry():
     from utils.inference.loading import sampler_declarations
 
     assert sampler_declarations() == (list(SAMPLERS), COVARIANCES)
+
+
+def mode_temperature(model, cfg, args, g, out: Path) -> list[Path]:
+    """One row per --temperatures value: the same --n_samples codes from --sampler, each scaled by it."""
+    import torch
+
+    from utils.grids import save_grid
+
+    z = args.draw(args.n_samples, g)  # from --sampler (the prior unless another is asked for)
+    codes = torch.cat([t * z for t in args.temperatures])
+    x = modes.decode(model, codes, args.batch_size, modes.labels_for(model, args, len(codes), g))
+    path = out / "temperature.png"
+    save_grid(x, path, per_row=args.n_samples)
+    return [path]
+
+
+def test_a_mode_added_to_the_registry_alone_gets_its_flag_its_checks_and_its_files(runs, tmp_path, monkeypatch):
+    """docs/extending.md's worked example: one function and one MODES entry, nothing in sample.py."""
+    monkeypatch.setitem(modes.MODES, "temperature", modes.Mode(mode_temperature, draws=lambda args: True, flags=(
+        modes.flag("--temperatures", type=float, nargs="+", default=[0.5, 1.0, 1.5],
+                   valid=(lambda ts: all(t > 0 for t in ts), "must all be positive"),
+                   help="temperature: the scales of the codes, one row each"),
+    )))
+    helped = " ".join(cli(sample.main, ["--help"]).stdout.split())
+    assert "--temperatures TEMPERATURES [TEMPERATURES ...] temperature: the scales of the codes" in helped
+    assert "one of sample, interpolate, traverse, reconstruct, visualize_latent, temperature" in helped
+    assert "| `temperature` | One row per --temperatures value:" in modes.modes_markdown()
+    # its check refuses a bad value before the run is even looked for; a mode that draws codes takes --sampler,
+    # and refuses a sampler option the prior has not
+    bad = cli(sample.main, ["--exp_dir", str(tmp_path / "nowhere"), "--mode", "temperature", "--temperatures", "0",
+                            "1"])
+    assert (bad.returncode, bad.stderr) == (2, "error: --temperatures must all be positive, got [0.0, 1.0]\n")
+    bad = cli(sample.main, ["--exp_dir", str(runs[5]), "--mode", "temperature", "--gmm_components", "3"])
+    assert bad.returncode == 2 and "--mode temperature draws from --sampler prior: drop it" in bad.stderr
+
+    args = ["--exp_dir", str(runs[5]), "--n_samples", "3", "--seed", "3"]
+    res = cli(sample.main, [*args, "--mode", "temperature", "--temperatures", "0.5", "1", "--sampler", "prior",
+                            "--save_dir", str(tmp_path / "t")])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"wrote {tmp_path / 't' / 'temperature.png'}\n"
+    written = pixels(tmp_path / "t" / "temperature.png")
+    assert written.shape == (tiles(2), tiles(3), 3)
+    # the row at temperature 1 is what --mode sample draws with the same seed (there two tiles a row)
+    cli(sample.main, [*args, "--mode", "sample", "--save_dir", str(tmp_path / "s")])
+    drawn = pixels(tmp_path / "s" / "samples.png")
+    for i in range(3):
+        r, c = divmod(i, 2)
+        tile = drawn[2 + r * 30:30 + r * 30, 2 + c * 30:30 + c * 30]
+        assert np.array_equal(written[32:60, 2 + i * 30:30 + i * 30], tile), i
+    # and the row at 0.5 decodes the same prior codes halved
+    _, model, _, _ = load_trained(str(runs[5]), None, None)
+    z = model.prior.sample(3, torch.Generator().manual_seed(3))
+    halved = np.asarray(to_pil(grid(modes.decode(model, 0.5 * z, 8), per_row=3)).convert("RGB"))
+    assert np.abs(written[:tiles(1)].astype(int) - halved[:tiles(1)].astype(int)).max() <= 1  # (rounding)
+    assert not np.array_equal(written[2:30], written[32:60])
