@@ -239,10 +239,10 @@ def test_no_run_found(tmp_path, monkeypatch):
 
 
 # What sample.py must not have loaded when it answers --help or refuses a flag: the wait is torch's and more.
-HEAVY = ("torch", "torchvision", "accelerate", "sklearn", "matplotlib", "datasets")
+HEAVY = ("torch", "torchvision", "accelerate", "sklearn", "matplotlib", "datasets", "torch._dynamo")
 REPORT_HEAVY = f"""
 import runpy, sys
-sys.argv = ["sample.py", *sys.argv[1:]]
+sys.argv, code = ["sample.py", *sys.argv[1:]], 0
 try:
     runpy.run_path("sample.py", run_name="__main__")
 except SystemExit as e:
@@ -267,6 +267,32 @@ def test_help_and_bad_flags_answer_before_torch_loads(argv, answer):
     assert proc.returncode == (0 if argv == ["--help"] else 2), proc.stderr
     assert answer in proc.stdout + proc.stderr
     assert proc.stderr.splitlines()[-1] == "loaded:", proc.stderr  # none of HEAVY
+
+
+def test_prior_samples_are_drawn_and_written_without_torchvision(runs, tmp_path):
+    """Importing torchvision loads its models and torch._dynamo: a grid of prior samples needs neither."""
+    proc = run_script(["-c", REPORT_HEAVY, "--exp_dir", str(runs[2]), "--n_samples", "4", "--save_dir",
+                       str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "loaded: accelerate torch"
+    assert size(tmp_path / "samples.png") == (tiles(2), tiles(2))
+
+
+@pytest.mark.parametrize("n, channels", [(1, 1), (1, 3), (3, 1), (7, 3), (16, 1)])
+def test_grids_are_the_bytes_torchvision_writes(n, channels, tmp_path):
+    """utils/grids.py lays out and rounds as torchvision's make_grid and save_image do (bytes written before
+    it stopped importing torchvision load again): the reference is torchvision itself."""
+    from torchvision.utils import make_grid, save_image
+
+    from utils.grids import save_grid
+
+    images = torch.rand(n, channels, 6, 5, generator=torch.Generator().manual_seed(n))
+    images[0, 0, 0, :3] = torch.tensor([0.5, 1.5, 2.5]) / 255  # values on the rounding's edges
+    for per_row in (1, 3, 8):
+        assert torch.equal(grid(images, per_row), make_grid(images, nrow=per_row, padding=2, pad_value=1.0))
+        save_image(images, tmp_path / "torchvision.png", nrow=per_row, padding=2, pad_value=1.0)
+        save_grid(images, tmp_path / "ours.png", per_row)
+        assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "torchvision.png").read_bytes(), per_row
 
 
 def test_the_sampler_names_read_for_help_are_the_registry():
