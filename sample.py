@@ -18,6 +18,7 @@ import utils.sleeping_waits  # noqa: F401  (first: the OpenMP wait policy is rea
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from utils.errors import CliParser, UserError, guarded_main
 from utils.inference.loading import (
@@ -31,8 +32,12 @@ from utils.inference.modes import MODES, Flag, at_least, flag, mode_flags
 from utils.threads import add_threads_argument, set_threads
 from utils.training.config import fp32_only
 
+if TYPE_CHECKING:
+    from models.samplers import SamplerOptions
+    from utils.inference.trained import TrainedVAE
 
-def _label_fits(value: int | None, model) -> str | None:
+
+def _label_fits(value: int | None, model: TrainedVAE) -> str | None:
     if value is None or 0 <= value < max(model.n_classes, 1):
         return None
     return f"--label {value}: " + (f"the model has {model.n_classes} classes; pass 0..{model.n_classes - 1}"
@@ -40,7 +45,7 @@ def _label_fits(value: int | None, model) -> str | None:
                                    "the model is not conditional (model.conditional=false); drop --label")
 
 
-# the flags every mode reads (and --mode, first); each mode's own come from its registry entry
+# sample.py's own flags, any mode's to read; the flags of one mode come from its entry in MODES
 SHARED: tuple[Flag, ...] = (
     flag("-e", "--exp_dir", help="run directory (default: the newest run under runs/)"),
     flag("-c", "--config", help="config YAML, with --weights, instead of a run directory"),
@@ -59,8 +64,8 @@ SHARED: tuple[Flag, ...] = (
 def main(argv: list[str]) -> None:
     """Parse and check the arguments (torch is not loaded yet: --help and a bad flag answer at once), then work."""
     p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    choice = flag("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")
-    flags = [choice, *SHARED, *mode_flags()]
+    choose = flag("--mode", default="sample", help=f"one of {', '.join(MODES)} (default sample)")  # (as MODES is now)
+    flags = [choose, *SHARED, *mode_flags()]
     for f in flags:
         f.add_to(p)
     add_sampler_arguments(p)
@@ -91,7 +96,7 @@ def main(argv: list[str]) -> None:
     run_mode(args, flags, options if drawn else None)
 
 
-def run_mode(args: argparse.Namespace, flags: list[Flag], options) -> None:
+def run_mode(args: argparse.Namespace, flags: list[Flag], options: SamplerOptions | None) -> None:
     """Load the model, check the flags that depend on it, and write the mode's files; ``options`` are the fit
     options of the sampler the mode draws from (None: it draws no codes). Torch and the rest load here."""
     import torch

@@ -357,3 +357,13 @@ def test_a_mode_added_to_the_registry_alone_gets_its_flag_its_checks_and_its_fil
     halved = np.asarray(to_pil(grid(modes.decode(model, 0.5 * z, 8), per_row=3)).convert("RGB"))
     assert np.abs(written[:tiles(1)].astype(int) - halved[:tiles(1)].astype(int)).max() <= 1  # (rounding)
     assert not np.array_equal(written[2:30], written[32:60])
+
+
+def test_a_flag_two_modes_read_is_one_declaration(monkeypatch):
+    """A second, different --n_pairs would be a second add_argument (argparse's conflict) or a silent
+    disagreement about its default and check: the registry refuses it and names the flag."""
+    assert [f.dest for f in modes.mode_flags()].count("kl_samples") == 1  # traverse and visualize_latent share it
+    monkeypatch.setitem(modes.MODES, "pairs", modes.Mode(mode_temperature, flags=(
+        modes.flag("--n_pairs", type=int, default=3),)))
+    with pytest.raises(ValueError, match="--mode pairs declares --n_pairs again"):
+        modes.mode_flags()

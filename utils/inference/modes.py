@@ -144,7 +144,8 @@ def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
 
 # ---- the modes ---------------------------------------------------------------------------------------------------
 
-def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
+def mode_sample(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
+                out: Path) -> list[Path]:
     """Samples as one grid (--n_samples; --individual: one PNG each), codes from --sampler (the prior, or one
     fitted to the training codes: samples_<sampler>.png); a conditional model: one row per class."""
     import math
@@ -173,7 +174,8 @@ def mode_sample(model, cfg, args, g, out: Path) -> list[Path]:
     return paths
 
 
-def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
+def mode_interpolate(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
+                     out: Path) -> list[Path]:
     """Rows from one code to another (--n_pairs, --n_interpolate, --interp linear or slerp), between prior draws
     and between test images."""
     from utils.evaluation.latents import interpolate
@@ -197,7 +199,8 @@ def mode_interpolate(model, cfg, args, g, out: Path) -> list[Path]:
     return paths
 
 
-def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
+def mode_traverse(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
+                  out: Path) -> list[Path]:
     """Each latent dimension swept over ±--traverse_range around a test image's code (or a prior draw), rows
     ordered by KL; a PNG and an animated GIF."""
     import torch
@@ -233,7 +236,8 @@ def mode_traverse(model, cfg, args, g, out: Path) -> list[Path]:
     return [path, gif]
 
 
-def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
+def mode_reconstruct(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
+                     out: Path) -> list[Path]:
     """Test images above their posterior-mean reconstructions."""
     from utils.grids import save_pairs
 
@@ -246,7 +250,8 @@ def mode_reconstruct(model, cfg, args, g, out: Path) -> list[Path]:
     return [path]
 
 
-def mode_visualize_latent(model, cfg, args, g, out: Path) -> list[Path]:
+def mode_visualize_latent(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
+                          out: Path) -> list[Path]:
     """The test set's posterior means coloured by class (PCA beyond 2 dimensions) and the KL per dimension (not
     for an autoencoder)."""
     import matplotlib
