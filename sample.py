@@ -103,6 +103,7 @@ def run_mode(args: argparse.Namespace, flags: list[Flag], options: SamplerOption
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    from models.samplers import SAMPLERS
     from utils.data.registry import load_data
     from utils.evaluation.samplers import fitted_sampler
     from utils.files import cannot_write, disk_advice, is_disk_error, write_failure
@@ -127,7 +128,7 @@ def run_mode(args: argparse.Namespace, flags: list[Flag], options: SamplerOption
     sampler = fitted_sampler(model, sampler_home(model.sampler_folder, out, args.sampler, args.refit),
                              args.sampler, train, options, args.refit, args.device) if options else None
     args.draw = lambda n, gen: sampler.sample(n, gen).to(args.device)
-    args.suffix = "" if args.sampler == "prior" else f"_{args.sampler}"
+    args.suffix = f"_{args.sampler}" if SAMPLERS[args.sampler].fitted else ""  # samples_gmm.png beside the prior's
     if auto:
         print(f"using the newest run: {run} (pass --exp_dir to choose another)")
     g = torch.Generator().manual_seed(args.seed)
