@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from utils.inference.modes import MODES  # noqa: E402  (sample.py's modes: the registry, torch-free to import)
+
 # family -> (config, data root below DATA_ROOT or None for rendered data, extra overrides)
 FAMILIES: dict[str, tuple[str, str | None, list[str]]] = {
     "vae": ("mnist.yaml", "", []),
@@ -54,7 +56,6 @@ FAMILIES: dict[str, tuple[str, str | None, list[str]]] = {
     "celeba": ("celeba.yaml", "celeba-10k", ["data.cache=true"]),  # conv nets, optimal σ, the JPEG cache
 }
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-SAMPLE_MODES = ["sample", "interpolate", "traverse", "reconstruct", "visualize_latent"]
 
 
 def run(cmd: list[str], log: Path, env: dict) -> subprocess.CompletedProcess:
@@ -128,9 +129,9 @@ def check_family(family: str, precision: str, args: argparse.Namespace, env: dic
         row["failures"].append(f"resume from step {half} logged steps {after}, expected {expected}")
     row["resume_gap"] = weight_gap(unbroken, run_dir / "model.safetensors")
 
-    modes = SAMPLE_MODES if precision == args.inspect else ["sample"]
-    if sub != "":  # visualize_latent colours codes by class: MNIST's labels (dSprites and CelebA have none)
-        modes = [m for m in modes if m != "visualize_latent"]
+    modes = list(MODES) if precision == args.inspect else ["sample"]
+    if sub != "":  # a mode that reads classes needs MNIST's labels (dSprites and CelebA have none)
+        modes = [m for m in modes if not MODES[m].needs_labels]
     for mode in modes:
         proc = run(["sample.py", "-e", str(run_dir), "--mode", mode, "--n_samples", "64"], log, env)
         if proc.returncode:

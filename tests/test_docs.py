@@ -89,12 +89,12 @@ def test_a_planted_broken_link_is_reported(tmp_path):
 
 def test_the_generated_tables_of_metrics_and_modes_are_current():
     """docs/extending.md carries the tables the registries generate: a metric or mode added without them fails."""
-    import sample
     from utils.evaluation.metrics import metrics_markdown
+    from utils.inference.modes import modes_markdown
 
     text = (REPO / "docs" / "extending.md").read_text()
     assert metrics_markdown() in text
-    assert sample.modes_markdown() in text
+    assert modes_markdown() in text
 
 
 def test_the_generated_registry_table_of_models_md_is_current():

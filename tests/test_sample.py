@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import cli, train
+from conftest import cli, run_script, train
 from utils.data.registry import load_data
 from utils.data.splits import TensorImages
 from utils.errors import guarded_main
 from utils.evaluation.latents import interpolate, posterior_stats, traversal_codes
 from utils.grids import LABEL_MARGIN, grid, to_pil
+from utils.inference import modes
 from utils.inference.loading import load_trained
 
 
@@ -80,7 +81,7 @@ def test_traverse_top_dimensions_by_kl(runs, tmp_path):
     test = load_data(cfg.data)[1]
     _, kl = posterior_stats(model, test, 100, 300)
     with torch.no_grad():
-        base = model.encode(test.batch(sample.pick(1, len(test), torch.Generator().manual_seed(7))))[0][0]
+        base = model.encode(test.batch(modes.pick(1, len(test), torch.Generator().manual_seed(7))))[0][0]
 
     def picture(dims: list[int]) -> np.ndarray:
         with torch.no_grad():
@@ -223,7 +224,7 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, monkeypatch):
     assert "train first" in capsys.readouterr().err
 
     unlabelled = TensorImages(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), None)
-    monkeypatch.setattr(sample, "load_data", lambda cfg: (unlabelled, unlabelled, ""))
+    monkeypatch.setattr("utils.data.registry.load_data", lambda cfg: (unlabelled, unlabelled, ""))
     with pytest.raises(SystemExit) as e:
         call(["--exp_dir", str(runs[5]), "--mode", "visualize_latent"])
     assert e.value.code == 2 and "has no labels" in capsys.readouterr().err
@@ -235,3 +236,134 @@ def test_no_run_found(tmp_path, monkeypatch):
     assert res.returncode == 2
     assert res.stderr.startswith("error: no run with model.safetensors found under runs/")
     assert res.stderr.count("\n") == 1
+
+
+# What sample.py must not have loaded when it answers --help or refuses a flag: the wait is torch's and more.
+HEAVY = ("torch", "torchvision", "accelerate", "sklearn", "matplotlib", "datasets", "torch._dynamo")
+REPORT_HEAVY = f"""
+import runpy, sys
+sys.argv, code = ["sample.py", *sys.argv[1:]], 0
+try:
+    runpy.run_path("sample.py", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print("loaded:", *sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv, answer", [
+    (["--help"], "--traverse_range TRAVERSE_RANGE"),
+    (["--bogus"], "error: unknown argument --bogus"),
+    (["--mode", "dream"], "error: unknown --mode 'dream'"),
+    (["--n_samples", "0"], "error: --n_samples must be at least 1, got 0"),
+    (["--mode", "traverse", "--n_dims", "-1"], "error: --n_dims must be 0 (every dimension) or more, got -1"),
+    (["--mode", "reconstruct", "--sampler", "gmm"], "error: --sampler has no effect here"),
+    (["--sampler", "nope"], "error: unknown --sampler 'nope'"),
+    (["--n_samples"], "error: argument --n_samples: expected one argument"),
+])
+def test_help_and_bad_flags_answer_before_torch_loads(argv, answer):
+    proc = run_script(["-c", REPORT_HEAVY, *argv], timeout=120)
+    assert proc.returncode == (0 if argv == ["--help"] else 2), proc.stderr
+    assert answer in proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == "loaded:", proc.stderr  # none of HEAVY
+
+
+def test_prior_samples_are_drawn_and_written_without_torchvision(runs, tmp_path):
+    """Importing torchvision loads its models and torch._dynamo: a grid of prior samples needs neither."""
+    proc = run_script(["-c", REPORT_HEAVY, "--exp_dir", str(runs[2]), "--n_samples", "4", "--save_dir",
+                       str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "loaded: accelerate torch"
+    assert size(tmp_path / "samples.png") == (tiles(2), tiles(2))
+
+
+@pytest.mark.parametrize("n, channels", [(1, 1), (1, 3), (3, 1), (7, 3), (16, 1)])
+def test_grids_are_the_bytes_torchvision_writes(n, channels, tmp_path):
+    """utils/grids.py lays out and rounds as torchvision's make_grid and save_image do (bytes written before
+    it stopped importing torchvision load again): the reference is torchvision itself."""
+    from torchvision.utils import make_grid, save_image
+
+    from utils.grids import save_grid
+
+    images = torch.rand(n, channels, 6, 5, generator=torch.Generator().manual_seed(n))
+    images[0, 0, 0, :3] = torch.tensor([0.5, 1.5, 2.5]) / 255  # values on the rounding's edges
+    for per_row in (1, 3, 8):
+        assert torch.equal(grid(images, per_row), make_grid(images, nrow=per_row, padding=2, pad_value=1.0))
+        save_image(images, tmp_path / "torchvision.png", nrow=per_row, padding=2, pad_value=1.0)
+        save_grid(images, tmp_path / "ours.png", per_row)
+        assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "torchvision.png").read_bytes(), per_row
+
+
+def test_the_sampler_names_read_for_help_are_the_registry():
+    """--help and a bad --sampler name list the samplers from models/samplers.py's source (torch not imported):
+    the same names, and covariance types, as the imported registry."""
+    from models.samplers import COVARIANCES, SAMPLERS
+    from utils.inference.loading import sampler_declarations
+
+    assert sampler_declarations() == (list(SAMPLERS), COVARIANCES)
+
+
+def mode_temperature(model, cfg, args, g, out: Path) -> list[Path]:
+    """One row per --temperatures value: the same --n_samples codes from --sampler, each scaled by it."""
+    import torch
+
+    from utils.grids import save_grid
+
+    z = args.draw(args.n_samples, g)  # from --sampler (the prior unless another is asked for)
+    codes = torch.cat([t * z for t in args.temperatures])
+    x = modes.decode(model, codes, args.batch_size, modes.labels_for(model, args, len(codes), g))
+    path = out / "temperature.png"
+    save_grid(x, path, per_row=args.n_samples)
+    return [path]
+
+
+def test_a_mode_added_to_the_registry_alone_gets_its_flag_its_checks_and_its_files(runs, tmp_path, monkeypatch):
+    """docs/extending.md's worked example: one function and one MODES entry, nothing in sample.py."""
+    monkeypatch.setitem(modes.MODES, "temperature", modes.Mode(mode_temperature, draws=lambda args: True, flags=(
+        modes.flag("--temperatures", type=float, nargs="+", default=[0.5, 1.0, 1.5],
+                   valid=(lambda ts: all(t > 0 for t in ts), "must all be positive"),
+                   help="temperature: the scales of the codes, one row each"),
+    )))
+    helped = " ".join(cli(sample.main, ["--help"]).stdout.split())
+    assert "--temperatures TEMPERATURES [TEMPERATURES ...] temperature: the scales of the codes" in helped
+    assert "one of sample, interpolate, traverse, reconstruct, visualize_latent, temperature" in helped
+    assert "| `temperature` | One row per --temperatures value:" in modes.modes_markdown()
+    # its check refuses a bad value before the run is even looked for; a mode that draws codes takes --sampler,
+    # and refuses a sampler option the prior has not
+    bad = cli(sample.main, ["--exp_dir", str(tmp_path / "nowhere"), "--mode", "temperature", "--temperatures", "0",
+                            "1"])
+    assert (bad.returncode, bad.stderr) == (2, "error: --temperatures must all be positive, got [0.0, 1.0]\n")
+    bad = cli(sample.main, ["--exp_dir", str(runs[5]), "--mode", "temperature", "--gmm_components", "3"])
+    assert bad.returncode == 2 and "--mode temperature draws from --sampler prior: drop it" in bad.stderr
+
+    args = ["--exp_dir", str(runs[5]), "--n_samples", "3", "--seed", "3"]
+    res = cli(sample.main, [*args, "--mode", "temperature", "--temperatures", "0.5", "1", "--sampler", "prior",
+                            "--save_dir", str(tmp_path / "t")])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"wrote {tmp_path / 't' / 'temperature.png'}\n"
+    written = pixels(tmp_path / "t" / "temperature.png")
+    assert written.shape == (tiles(2), tiles(3), 3)
+    # the row at temperature 1 is what --mode sample draws with the same seed (there two tiles a row)
+    cli(sample.main, [*args, "--mode", "sample", "--save_dir", str(tmp_path / "s")])
+    drawn = pixels(tmp_path / "s" / "samples.png")
+    for i in range(3):
+        r, c = divmod(i, 2)
+        tile = drawn[2 + r * 30:30 + r * 30, 2 + c * 30:30 + c * 30]
+        assert np.array_equal(written[32:60, 2 + i * 30:30 + i * 30], tile), i
+    # and the row at 0.5 decodes the same prior codes halved
+    _, model, _, _ = load_trained(str(runs[5]), None, None)
+    z = model.prior.sample(3, torch.Generator().manual_seed(3))
+    halved = np.asarray(to_pil(grid(modes.decode(model, 0.5 * z, 8), per_row=3)).convert("RGB"))
+    assert np.abs(written[:tiles(1)].astype(int) - halved[:tiles(1)].astype(int)).max() <= 1  # (rounding)
+    assert not np.array_equal(written[2:30], written[32:60])
+
+
+def test_a_flag_two_modes_read_is_one_declaration(monkeypatch):
+    """A second, different --n_pairs would be a second add_argument (argparse's conflict) or a silent
+    disagreement about its default and check: the registry refuses it and names the flag."""
+    assert [f.dest for f in modes.mode_flags()].count("kl_samples") == 1  # traverse and visualize_latent share it
+    monkeypatch.setitem(modes.MODES, "pairs", modes.Mode(mode_temperature, flags=(
+        modes.flag("--n_pairs", type=int, default=3),)))
+    with pytest.raises(ValueError, match="--mode pairs declares --n_pairs again"):
+        modes.mode_flags()

@@ -1,12 +1,17 @@
-"""Image grids, written the same way by the trainer (samples/) and by sample.py: white 2-pixel gutters."""
+"""Image grids, written the same way by the trainer (samples/) and by sample.py: white 2-pixel gutters.
+
+The layout and the 8-bit rounding are torchvision's ``make_grid`` and ``save_image`` (the same bytes: a test
+compares them), written here because importing torchvision loads its models and torch._dynamo, seconds that
+writing a grid of prior samples does not need.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid, save_image
 
 from utils.files import written_whole
 
@@ -16,8 +21,9 @@ LABEL_MARGIN = 90   # pixels left of a grid for row labels
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     """Images (N, C, H, W) in [0, 1] as one PNG, ``per_row`` tiles a row; written whole or not at all."""
+    levels = grid(images, per_row).mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8)
     with written_whole(path) as tmp:
-        save_image(images, tmp, nrow=per_row, padding=PAD, pad_value=1.0)
+        Image.fromarray(levels.numpy()).save(tmp)
 
 
 def save_whole(image: Image.Image, path: Path, **options) -> None:
@@ -28,8 +34,20 @@ def save_whole(image: Image.Image, path: Path, **options) -> None:
 
 
 def grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
-    """The grid ``save_grid`` writes, as a (3, H, W) tensor in [0, 1]."""
-    return make_grid(images, nrow=per_row, padding=PAD, pad_value=1.0)
+    """The grid ``save_grid`` writes, as a (3, H, W) tensor in [0, 1]: greyscale tiles as RGB, one image alone
+    without gutters."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if len(images) == 1:
+        return images[0]
+    n, channels, h, w = images.shape
+    cols = min(per_row, n)
+    rows = math.ceil(n / cols)
+    out = images.new_full((channels, rows * (h + PAD) + PAD, cols * (w + PAD) + PAD), 1.0)
+    for k, image in enumerate(images):
+        top, left = PAD + (k // cols) * (h + PAD), PAD + (k % cols) * (w + PAD)
+        out[:, top:top + h, left:left + w] = image
+    return out
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -4,23 +4,29 @@ a Hub-format folder (config.json + model.safetensors), a config with its weights
 Weights are read with safetensors only (utils/inference/trained.py): loading never executes
 code from the file, and a file that does not fit the config's model gets an error listing
 what differs, not a ``load_state_dict`` dump.
+
+Importing this module loads no torch: the CLIs add its flags and refuse bad ones first, and load the model after.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
+import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from models.samplers import COVARIANCES, SAMPLERS, SamplerOptions
-from utils.config import Config, load_config
 from utils.errors import UserError
-from utils.inference.trained import TrainedVAE, load_model
-from utils.training.run_folder import newest_run_folder
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.samplers import SamplerOptions
+    from utils.config import Config
+    from utils.inference.trained import TrainedVAE
 
 # The data layer's advice names the config keys a training run takes; sample.py and evaluate.py take no config
 # overrides, only --data_root (and the run's data.download as it was trained): their errors name the flag instead.
@@ -57,6 +63,8 @@ def find_model_folder(exp_dir: str | None) -> tuple[Path, bool]:
             raise UserError(f"{run} is not a run directory (no config.yaml) nor a Hub-format folder (no "
                             f"config.json): pass a run under runs/ to --exp_dir")
         return run, False
+    from utils.training.run_folder import newest_run_folder
+
     return newest_run_folder(require="model.safetensors"), True
 
 
@@ -72,6 +80,9 @@ def load_trained(exp_dir: str | None, config: str | None, weights: str | None,
 
 def _load_trained(exp_dir: str | None, config: str | None, weights: str | None,
               device: torch.device | str) -> tuple[Config, TrainedVAE, Path, bool]:
+    from utils.config import load_config
+    from utils.inference.trained import TrainedVAE, load_model
+
     if config or weights:
         if not (config and weights):
             raise UserError("-c and --weights go together: pass both, or pass a run with --exp_dir")
@@ -94,27 +105,48 @@ def output_folder(model_folder: Path, name: str) -> Path:
     return model_folder.parent / f"{model_folder.name}-{name}"
 
 
+def sampler_declarations() -> tuple[list[str], tuple[str, ...]]:
+    """(the names of ``SAMPLERS``, ``COVARIANCES``) as models/samplers.py declares them, read from its source, not
+    imported: that module needs torch for the samplers themselves, and --help and a bad --sampler name answer
+    before torch loads. (A test holds them equal to the imported registry.)"""
+    found: dict[str, Any] = {}
+    source = Path(importlib.util.find_spec("models.samplers").origin).read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                      else None)
+        if isinstance(target, ast.Name) and target.id == "SAMPLERS":
+            found["SAMPLERS"] = [ast.literal_eval(k) for k in node.value.keys]
+        elif isinstance(target, ast.Name) and target.id == "COVARIANCES":
+            found["COVARIANCES"] = ast.literal_eval(node.value)
+    return found["SAMPLERS"], found["COVARIANCES"]
+
+
 FIT_FLAGS = ("gmm_components", "gmm_covariance", "two_stage_steps")  # SamplerOptions fields with a flag
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """sample.py's and evaluate.py's choice of ex-post sampler and its fit options (None when not given, so that
     a flag the command would ignore can be refused: ``sampler_options``)."""
-    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(SAMPLERS)} (default prior; gmm and "
+    names, covariances = sampler_declarations()
+    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(names)} (default prior; gmm and "
                                      "two_stage are fitted to the training codes once, and kept in the model's folder)")
     p.add_argument("--refit", action="store_true", help="fit the sampler again, replacing the kept one")
     p.add_argument("--gmm_components", type=int, help="gmm: mixture components (default 10)")
-    p.add_argument("--gmm_covariance", choices=COVARIANCES, help="gmm: covariance type (default full)")
+    p.add_argument("--gmm_covariance", choices=covariances, help="gmm: covariance type (default full)")
     p.add_argument("--two_stage_steps", type=int, help="two_stage: training steps of the second VAE (default 3000)")
 
 
 def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> SamplerOptions:
     """The fit options of sample.py's and evaluate.py's arguments, checked by ``SamplerOptions`` itself (one home
     for the rules), after refusing each sampler flag that would have no effect: ``uses`` are the samplers the
-    command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line."""
+    command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line. An unknown name
+    is refused before torch loads."""
+    names, _ = sampler_declarations()
     for name in uses:
-        if name not in SAMPLERS:
-            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+        if name not in names:
+            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(names)}")
+    from models.samplers import SAMPLERS, SamplerOptions
+
     given = {k: getattr(args, k) for k in FIT_FLAGS if getattr(args, k) is not None}
     for k in given:
         owners = [n for n in SAMPLERS if k in SAMPLERS[n].options]

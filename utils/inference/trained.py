@@ -39,7 +39,6 @@ from utils.config import Config, build_config, config_to_dict, load_config
 from utils.data.registry import image_shape, load_data
 from utils.errors import UserError, unusable_path
 from utils.evaluation.bounds import image_bounds
-from utils.evaluation.metrics import headline
 from utils.evaluation.samplers import check_usable, fitted_sampler, kept_folder
 from utils.fields import is_whole
 from utils.files import save_tensors, tensor_mismatches
@@ -215,6 +214,8 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         lines = [f"# A {kind} on {cfg.data.name}", "",
                  f"Trained with vae-toolkit: `{info.get('command', 'python train_vae.py -c config.yaml')}`, "
                  f"the config below; {cfg.train.steps:,} steps at batch {cfg.train.batch_size}.", ""]
+        from utils.evaluation.metrics import headline  # (here: the metrics load scikit-learn)
+
         rows = headline(info["eval"]) if info.get("eval") else []
         if rows:  # (an eval.json of metrics without a headline, the samplers' alone, gives no table)
             lines += ["## Held-out numbers (evaluate.py)", "", "| metric | value |", "| --- | --- |"]
