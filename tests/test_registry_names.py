@@ -382,3 +382,21 @@ def test_the_same_tests_pass_inside_the_part_and_ordinary_words_pass_elsewhere()
 def test_the_ordinary_words_are_registry_keys():
     """An entry that no registry holds any more is dropped, so the list says what it exempts."""
     assert set(ORDINARY) <= set(parts().owners)
+
+
+def test_the_docs_name_each_registry_where_it_is_and_each_likelihood_it_holds():
+    """The docs' hand-written lists of parts follow the registries: extending.md's table names each registry's
+    module (the config's are also in the generated table of models.md; the command lines' only here), and the
+    likelihood table of models.md has one row per LIKELIHOODS entry, in its order."""
+    from models.likelihoods import LIKELIHOODS
+    from utils.config import REGISTRIES
+
+    extending = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| an? [^|]+\|[^|]+\| `([A-Z_]+)` \| `([\w/.]+)` \|", extending, re.MULTILINE)
+    assert rows, "the table of docs/extending.md is not where this test reads it"
+    homes = {name: f"{module.replace('.', '/')}.py" for module, name in map(home, registries().values())}
+    assert [(name, path) for name, path in rows if homes.get(name) != path] == []
+    assert {home(r)[1] for k, r in registries().items() if k not in REGISTRIES} <= {name for name, _ in rows}
+    models_md = (REPO / "docs" / "models.md").read_text(encoding="utf-8")
+    table = models_md[models_md.index("| likelihood | reconstruction term per image |"):]
+    assert re.findall(r"^\| `(\w+)` \|", table.split("\n\n")[0], re.MULTILINE) == list(LIKELIHOODS)
