@@ -19,6 +19,9 @@ statistic, ``"prior"`` a choice of ``--from``):
    the same function looks it up in a registry (``X in SAMPLERS``, ``SAMPLERS[X]``, ``for X in SAMPLERS``): then
    any key of any registry counts;
 2. any other expression: any key counts but those in ORDINARY.
+
+The strings are a literal's, or those of a collection bound once to a name at the module's top (``args.mode in
+DRAWN`` with ``DRAWN = ("sample", "interpolate")``).
 """
 
 from __future__ import annotations
@@ -121,12 +124,28 @@ def toolkit_sources() -> dict[str, str]:
     return {name: p.read_text(encoding="utf-8") for name, p in zip(names, files)}
 
 
-def _strings(node: ast.AST) -> list[str]:
+def _strings(node: ast.AST, constants: dict[str, ast.AST] | None = None) -> list[str]:
+    """The strings a literal holds, or a name bound to one at the module's top (``DRAWN = ("sample", ...)``)."""
+    if isinstance(node, ast.Name) and constants and node.id in constants:
+        node = constants[node.id]
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return [node.value]
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
         return [s for e in node.elts for s in _strings(e)]
     return []
+
+
+def _constants(tree: ast.Module) -> dict[str, ast.AST]:
+    """Names bound once at the module's top to a literal collection: a list of names may hide behind one."""
+    bound: dict[str, list[ast.AST]] = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) and node.value is not None else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                bound.setdefault(t.id, []).append(node.value)
+    return {name: values[0] for name, values in bound.items()
+            if len(values) == 1 and isinstance(values[0], (ast.Tuple, ast.List, ast.Set))}
 
 
 def _pattern_strings(p: ast.pattern) -> list[str]:
@@ -155,14 +174,14 @@ def _name(node: ast.AST) -> str | None:
     return word.rstrip("_").lower()
 
 
-def _compared(node: ast.AST) -> Iterator[tuple[ast.AST, list[str]]]:
+def _compared(node: ast.AST, constants: dict[str, ast.AST]) -> Iterator[tuple[ast.AST, list[str]]]:
     """(expression, the strings it is compared with) for each comparison or match case at ``node``."""
     if isinstance(node, ast.Compare):
         operands = [node.left, *node.comparators]
         for op, left, right in zip(node.ops, operands, operands[1:]):
             if isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot, ast.In, ast.NotIn)):
-                yield left, _strings(right)
-                yield right, _strings(left)
+                yield left, _strings(right, constants)
+                yield right, _strings(left, constants)
     elif isinstance(node, ast.Match):
         for case in node.cases:
             yield node.subject, _pattern_strings(case.pattern)
@@ -284,13 +303,13 @@ def violations(sources: dict[str, str], known: Parts | None = None) -> list[str]
     found = []
     for module, source in sorted(sources.items()):
         tree = ast.parse(source)
-        imports = _imports(tree)
+        imports, constants = _imports(tree), _constants(tree)
         where, scope_of = _enclosing(tree)
         looked_up = {scope: _looked_up(scope, known.registry_names) for scope in set(scope_of.values())}
         for node in ast.walk(tree):
             # a class body is its own qualified name: a comparison in a method of MMD is inside MMD
             qualname = where[node] + (f".{node.name}" if isinstance(node, ast.ClassDef) else "")
-            for expr, strings in _compared(node):
+            for expr, strings in _compared(node, constants):
                 for s in strings:
                     if s not in known.owners or _inside(module, qualname, known.owners[s]):
                         continue
@@ -333,10 +352,14 @@ def test_a_planted_comparison_of_a_part_name_is_reported_in_each_form():
         "    if name not in SAMPLERS:",  # an ordinary word, beside a name this function looks up
         "        return",
         "    return name == 'prior' or [n for n in SAMPLERS if n != 'prior']",  # 15
+        "DRAWN = ('sample', 'interpolate')",
+        "def h(args):",
+        "    return args.mode in DRAWN",  # 18: a list of names behind a constant
     ))
     reported = [(int(v.split(":")[1]), v.split("'")[1]) for v in found]
     assert reported == [(2, "mmd"), (3, "tcvae"), (4, "interpolate"), (4, "traverse"), (5, "fid"), (6, "dip_ii"),
-                        (7, "normal"), (8, "mnist"), (9, "ae"), (9, "iwae"), (15, "prior"), (15, "prior")]
+                        (7, "normal"), (8, "mnist"), (9, "ae"), (9, "iwae"), (15, "prior"), (15, "prior"),
+                        (18, "interpolate"), (18, "sample")]
     assert "`cfg.loss.regulariser` is compared with 'mmd', a key of REGULARISERS" in found[0]
 
 
