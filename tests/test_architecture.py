@@ -4,6 +4,7 @@ imports included), imports that point down the layers, and no module over about 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -141,3 +142,37 @@ def test_no_module_is_over_about_400_lines():
     files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")] + [REPO / f"{s}.py" for s in SCRIPTS]
     long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def layout_files(block: str) -> set[str]:
+    """The files the layout block of docs/development.md names, as paths: a line at the margin opens a folder
+    (``models/``), one indented two spaces a sub-folder (``  data/``) or a file of the folder; deeper lines go on
+    with the line above; a name with a slash is a path from the root."""
+    found, top, sub = set(), "", ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        first = (line.split() or [""])[0]
+        if indent == 0:
+            top, sub = (first if first.endswith("/") else ""), ""
+        elif indent == 2:
+            sub = first if first.endswith("/") else ""
+        found |= {name if "/" in name else top + sub + name for name in re.findall(r"[\w/]+\.py\b", line)}
+    return found
+
+
+def test_the_layout_names_every_module_and_only_those():
+    """docs/development.md holds the one layout (the README links to it); a module added, moved or removed without
+    it fails here."""
+    text = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
+    block = re.search(r"^## Layout\n+```\n(.*?)^```", text, re.MULTILINE | re.DOTALL).group(1)
+    modules = {p.relative_to(REPO).as_posix() for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")
+               if p.name != "__init__.py"} | {f"{s}.py" for s in SCRIPTS}
+    named = layout_files(block)
+    assert sorted(modules - named) == [], "modules the layout of docs/development.md does not name"
+    assert sorted(named - modules) == [], "files the layout of docs/development.md names that do not exist"
+
+
+def test_the_layout_reader_reads_folders_sub_folders_and_paths():
+    block = "a.py  b.py   the scripts\npkg/   uses lib/x.py\n  c.py  what\n  sub/  d.py (D), e.py\n        f.py\n"
+    assert layout_files(block) == {"a.py", "b.py", "lib/x.py", "pkg/c.py", "pkg/sub/d.py", "pkg/sub/e.py",
+                                   "pkg/sub/f.py"}

@@ -32,6 +32,8 @@ from utils.inference import TrainedVAE
 from utils.inference import export as exporter
 from utils.inference import trained as trained_module
 
+pytestmark = pytest.mark.slow  # thousands of generated inputs at every entry point
+
 MNIST = str(REPO / "configs" / "mnist.yaml")
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import DATA, run_script
 from utils.inference.modes import MODES
+
+pytestmark = pytest.mark.slow  # the GPU check, which trains each family
 
 
 def test_gpu_check_passes_on_a_good_run_and_measures_the_resume(tmp_path, real_data):

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import DATA, REPO, run_script
 
+pytestmark = pytest.mark.slow  # the benchmarks, which train
+
 
 def test_throughput_benchmark_prints_its_table(tmp_path, real_data):
     out = tmp_path / "bench.json"

@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "pip install mlflow-skinny": (NETWORK, "installs from the package index"),
     "pip install mlflow-skinny ruff": (NETWORK, "installs from the package index"),
     "python -m pytest -q -n 2": (LONG, "the whole suite, this test among it"),
+    "python -m pytest -q -n 2 -m \"not slow\"": (LONG, "most of the suite"),
     "bash .ci/run": (NETWORK, "installs the requirements into a fresh virtual environment"),
     "ruff check .": (RUN, []),
     # docs/distributed.md
@@ -318,6 +319,7 @@ CHECKS: dict[str, Callable[[Path], None]] = {
 }
 
 
+@pytest.mark.slow  # runs the documented commands, training included
 @pytest.mark.parametrize(("where", "block"), blocks(), ids=[where for where, _ in blocks()])
 def test_the_documented_commands_run(where, block, clone, monkeypatch):
     """Each runnable command of one bash block, in order, in a fresh clone folder: exit status 0, and what

@@ -100,6 +100,7 @@ def test_dci_scores_by_hand():
     assert dci_scores(r) == pytest.approx((d, c), abs=1e-6)
 
 
+@pytest.mark.slow  # fits gradient-boosted trees for every factor, twice
 def test_dci_on_true_factors_and_on_noise():
     """Codes that are the factors: each tree uses its own factor's code only (D = C = 1) and predicts the class
     exactly; noise: no code structure, and held-out accuracy at chance, mean over factors of 1/size."""

@@ -303,6 +303,7 @@ def test_evaluate_binarized_and_optimal_sigma(mnist_run, tmp_path, real_data):
     assert refused.returncode == 2 and "--binarize is for bernoulli models" in refused.stderr
 
 
+@pytest.mark.slow  # trains on dSprites and scores every disentanglement metric
 def test_evaluate_dsprites_disentanglement(tmp_path, real_data):
     run = tmp_path / "dsprites"
     train(run, "configs/dsprites.yaml", ["train.steps=10", "model.base_width=4", "train.batch_size=16"])

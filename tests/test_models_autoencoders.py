@@ -174,6 +174,7 @@ def test_samplers_are_reproducible_kept_and_refused_in_one_line(ae_run, tmp_path
         fitted_sampler(cvae, tmp_path, "gmm", lambda: pytest.fail("no data is read"), SamplerOptions())
 
 
+@pytest.mark.slow  # trains the second stage
 def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
     """On a trained autoencoder's codes, by both offline numbers: N(0, I) does not know where its codes are."""
     res = cli(evaluate.main, ["--exp_dir", str(ae_run), "--metrics", "recon,samplers", "--two_stage_steps", "600",

@@ -94,6 +94,7 @@ def digit_classifier(real_data):
     return clf
 
 
+@pytest.mark.slow  # trains a conditional VAE and a digit classifier
 def test_samples_show_the_class_asked_for(cvae_run, digit_classifier, tmp_path):
     """Prior samples decoded with label c, and test images re-drawn as every other digit (same z, new label),
     are read as c by the classifier more often than not (blurry decoder means: about 0.65-0.75 after 1,500

@@ -227,6 +227,7 @@ def test_schedules_against_learning_rates_by_hand(schedule):
     assert lr_by_hand("cosine", 19) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))))
 
 
+@pytest.mark.slow  # trains in a new process, then resumes and extends the run
 def test_schedule_is_followed_across_a_resume(tmp_path, real_data):
     run = tmp_path / "run"
     common = [*FAST, "train.lr_schedule=cosine", *SCHEDULE_KEYS, "model.hidden=32", f"data.root={DATA}"]

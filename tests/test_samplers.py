@@ -115,6 +115,7 @@ def metadata(path) -> dict[str, str]:
         return f.metadata()
 
 
+@pytest.mark.slow  # fits samplers to a trained run through sample.py, and again after it trains on
 def test_a_kept_sampler_is_bound_to_its_weights(run, tmp_path, monkeypatch):
     assert fit_cli(run).returncode == 0
     kept = run / "samplers" / "gmm.safetensors"
@@ -165,6 +166,7 @@ def damage(path, how: str) -> None:
     save_tensors(state, path, metadata=meta)
 
 
+@pytest.mark.slow  # fits both samplers (the two-stage one trains) through sample.py
 def test_a_damaged_kept_file_is_refused_in_one_line_everywhere(run, tmp_path):
     """sample.py and the API refuse it naming the file and the fix (Python's fix from Python); evaluate.py too,
     before writing anything; the exporter leaves it (and a temporary) out with a warning line each."""

@@ -20,6 +20,7 @@ def probe(code: str, env: dict[str, str]) -> list[str]:
                           capture_output=True, text=True, check=True).stdout.split()
 
 
+@pytest.mark.slow  # runs sample.py and evaluate.py in processes
 def test_sample_and_evaluate_sleep_in_waits_unless_the_user_chose():
     code = "import utils.sleeping_waits, os, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
     assert probe(code, {}) == ["PASSIVE"]
@@ -103,6 +104,7 @@ def test_the_trainer_checks_the_free_cores_every_step(tmp_path, real_data, monke
     assert len(calls) == 3
 
 
+@pytest.mark.slow  # trains
 def test_run_line_and_metrics_show_the_count(tmp_path, real_data):
     res = run_script(["train_vae.py", "-c", "configs/mnist.yaml", "-e", str(tmp_path / "run"), *FAST,
                       "train.steps=2", "train.threads=2", "model.hidden=32"])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import CPU, FAST, REPO, accel_2, run_script, train, train_cli
+
+pytestmark = pytest.mark.slow  # training runs, under two processes too
 
 COMMON = ["model.hidden=32", "train.batch_size=64", "train.steps=6", "train.log_every=1", "train.lr=3e-3"]
 

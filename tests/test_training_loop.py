@@ -24,6 +24,8 @@ from utils.grids import save_grid, save_pairs
 from utils.inference.loading import load_trained
 from utils.training.run_folder import read_metrics
 
+pytestmark = pytest.mark.slow  # short training runs end to end, and two processes
+
 FAMILIES = {
     "bernoulli-mlp": ("configs/mnist.yaml", []),
     "beta-warmup-conv": ("configs/mnist_beta_vae.yaml", ["loss.kl_warmup_steps=4"]),

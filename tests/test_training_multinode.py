@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import CPU, DATA, REPO, THREADS, accel_2, free_port
+
+pytestmark = pytest.mark.slow  # two launches of two processes each
 
 TRAIN = [str(REPO / "train_vae.py")]
 SETTINGS = ["model.hidden=32", "train.batch_size=32", "train.log_every=1", "train.eval_every=0",

@@ -28,6 +28,8 @@ from conftest import DATA, FAST, REPO, THREADS, run_script, train, train_cli
 from utils.training.checkpoints import checkpoints, problem, write_manifest
 from utils.training.run_folder import read_metrics
 
+pytestmark = pytest.mark.slow  # training runs killed, signalled and resumed, in processes
+
 TRAIN = str(REPO / "train_vae.py")
 MNIST = str(REPO / "configs" / "mnist.yaml")
 

@@ -33,6 +33,8 @@ from utils.inference import export as exporter
 from utils.inference.trained import TrainedVAE
 from utils.training.run_folder import create_run_dir, read_metrics
 
+pytestmark = pytest.mark.slow  # training, sampling and exports under file-size limits, in processes
+
 MNIST = str(REPO / "configs" / "mnist.yaml")
 
 
