@@ -89,17 +89,19 @@ def main(argv: list[str]) -> None:
             having = ", ".join(name for name, ds in DATASETS.items() if ds.has_factors)
             raise UserError(f"{m} needs ground-truth factors, which only {having} has (this run is "
                             f"{cfg.data.name}): drop it from --metrics")
-    # the sampler flags: --sampler chooses the FID's codes; the fit options apply to the samplers fitted
-    if args.sampler is not None and "fid" not in metrics:
-        raise UserError("--sampler chooses where the codes of --metrics fid come from, and fid is not asked for: "
-                        "drop it (--metrics samplers compares every sampler)")
+    # the sampler flags: --sampler chooses the codes of the metrics that take it; the fit options apply to the
+    # samplers the metrics asked for fit
+    readers = [m for m in metrics if METRICS[m].takes("sampler")]
+    if args.sampler is not None and not readers:
+        takers = " or ".join(m for m, metric in METRICS.items() if metric.takes("sampler"))
+        raise UserError(f"--sampler chooses where the codes of --metrics {takers} come from, and {takers} is not "
+                        f"asked for: drop it (--metrics samplers compares every sampler)")
     args.sampler = args.sampler or "prior"
-    uses = ([args.sampler] if "fid" in metrics else []) + (
-        [n for n in SAMPLERS if n != "prior" and not vae.n_classes] if "samplers" in metrics else [])
-    fits = " and ".join(sorted(set(uses) - {"prior"}))
+    uses = list(dict.fromkeys(n for m in metrics for n in METRICS[m].draws(args, vae)))
+    fits = " and ".join(sorted(n for n in uses if n not in SAMPLERS or SAMPLERS[n].fitted))
     does = (f"--metrics {','.join(metrics)} fits " + (f"--sampler {fits} only" if fits else "no sampler"))
     args.sampler_options = sampler_options(args, uses, does)  # checked before anything is read
-    if "fid" in metrics:
+    if readers:
         check_usable(vae, args.sampler)
     if args.binarize and vae.likelihood.continuous:
         raise UserError(f"--binarize is for bernoulli models; this one is {cfg.model.likelihood}: drop --binarize")
@@ -112,7 +114,8 @@ def main(argv: list[str]) -> None:
     weights = Path(args.weights) if args.weights else run / "model.safetensors"
     results: dict = {"run": str(run), "config": cfg.model.likelihood, "data": cfg.data.name, "metrics": metrics,
                      "weights": {"file": str(weights), "sha256": model_fingerprint(vae)}}
-    ev = Evaluation(vae, test, accelerator, args, metrics, results)
+    k = args.k if any(METRICS[m].takes("k") for m in metrics) else 1  # the ELBO alone: one sample
+    ev = Evaluation(vae, test, accelerator, args, metrics, results, k)
     for name, metric in METRICS.items():  # in the registry's order, whatever the order asked
         if name in metrics and (accelerator.is_main_process or not metric.main_only):
             metric.compute(ev)

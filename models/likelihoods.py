@@ -51,6 +51,7 @@ class Likelihood(nn.Module):
 
     n_params = 1        # decoder output channels per image channel
     continuous = True   # a density on [0,1] (False: a probability mass, bernoulli)
+    sigma_from_batch = False  # σ is the batch's own: evaluation fixes one σ for the whole held-out set instead
 
     @classmethod
     def from_config(cls, m: ModelConfig, batch_size: int) -> Likelihood:
@@ -171,6 +172,7 @@ class OptimalSigma(Likelihood):
     this; only loss computations do.)
     """
 
+    sigma_from_batch = True
     fixed_log_sigma: torch.Tensor | None = None  # evaluation: one σ for a whole test set (evaluate.py)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> LikelihoodTerms:

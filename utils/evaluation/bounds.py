@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator
 
-from models.likelihoods import OptimalSigma, softclip_log_sigma
+from models.likelihoods import softclip_log_sigma
 from models.objectives import importance_parts, kl_divergence
 from models.vae import VAE
 from utils.data.batching import shard
@@ -95,7 +95,7 @@ def elbo_terms(model: torch.nn.Module, data: ImageSplit, batch_size: int, accele
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
                 count += len(idx)
     finally:
-        if isinstance(vae.likelihood, OptimalSigma):  # training goes on with each batch's own σ
+        if vae.likelihood.sigma_from_batch:  # training goes on with each batch's own σ
             vae.likelihood.fixed_log_sigma = had_sigma
         model.train(was_training)
     keys = sorted(sums)
@@ -121,7 +121,7 @@ def fix_optimal_sigma(vae: VAE, data: ImageSplit, batch_size: int, accelerator: 
     likelihood per image, so evaluation uses the held-out set's own optimum.
     Returns σ, or None for other likelihoods.
     """
-    if not isinstance(vae.likelihood, OptimalSigma):
+    if not vae.likelihood.sigma_from_batch:
         return None
     vae.likelihood.fixed_log_sigma = None
     n = len(data) if limit <= 0 else min(limit, len(data))

@@ -30,17 +30,18 @@ class Evaluation:
     options: Namespace  # evaluate.py's parsed options: k, n_test, batch_size, seed, fid_*, dis_*, sampler_options, ..
     metrics: list[str]
     results: dict[str, Any]
+    k: int = 1  # importance samples of the bounds' pass: --k when a metric asked for takes it (the NLL)
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not self.accelerator.is_main_process, mininterval=2.0)
 
     def bounds(self) -> dict[str, Any]:
-        """ELBO and IWAE bound in one pass (k = --k when the NLL is asked for, else 1); optimal σ fixed first."""
+        """ELBO and IWAE bound in one pass (``k`` importance samples); optimal σ fixed first."""
         if "bounds" not in self._cache:
             o = self.options
             self.results["sigma"] = fix_optimal_sigma(self.vae, self.test, o.batch_size, self.accelerator, o.n_test)
-            k = o.k if "nll" in self.metrics else 1
+            k = self.k
             n = len(self.test) if o.n_test <= 0 else min(o.n_test, len(self.test))
             with self.bar(n, f"ELBO and IWAE (k={k})") as bar:
                 self._cache["bounds"] = likelihood_bounds(self.vae, self.test, k, self.accelerator, o.batch_size,

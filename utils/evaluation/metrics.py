@@ -81,6 +81,11 @@ class Metric:
     needs_posterior: bool = False  # a bound on log p(x) or a KL: not for a deterministic autoencoder
     flags: tuple[Option, ...] = ()
     reads: tuple[str, ...] = ("n_test", "seed")
+    draws: Callable[[argparse.Namespace, Any], list[str]] = lambda options, vae: []  # samplers it draws codes from
+
+    def takes(self, option: str) -> bool:
+        """Whether its numbers depend on ``option`` (its own flag, recorded or not, or a shared one it reads)."""
+        return option in self.reads or any(o.name == option for o in self.flags)
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -152,8 +157,16 @@ def _samplers(ev: Evaluation) -> None:
     device = ev.accelerator.device
     train = posterior_stats(ev.vae, ev.train(), device=device)[0].cpu()
     test = posterior_stats(ev.vae, ev.test, limit=ev.options.n_test, device=device)[0].cpu()
-    names = [n for n in SAMPLERS if n != "prior" or ev.vae.has_prior]
+    names = [n for n in SAMPLERS if SAMPLERS[n].fitted or ev.vae.has_prior]
     ev.results["samplers"] = {n: sampler_scores(ev.sampler(n), train, test, seed=ev.options.seed) for n in names}
+
+
+def _every_fitted_sampler(options: argparse.Namespace, vae: Any) -> list[str]:
+    """The samplers the comparison fits (each one fitted to codes; a conditional model's codes are not one
+    density, and no fitted sampler takes it)."""
+    from models.samplers import SAMPLERS
+
+    return [] if vae.n_classes else [n for n, s in SAMPLERS.items() if s.fitted]
 
 
 def _sampler_rows(results: dict) -> Rows:
@@ -226,13 +239,14 @@ METRICS: dict[str, Metric] = {
                   flags=(Option("fid_samples", 10_000, "samples and held-out images for FID", min=1),
                          Option("fid_weights", None, "local copy of the standard Inception weights "
                                                      "(pt_inception-...pth)", type=str, recorded=False)),
-                  reads=("sampler", "seed"),
+                  reads=("sampler", "seed"), draws=lambda options, vae: [options.sampler],
                   rows=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples vs held-out images)")],
                   headline=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples)")]),
     "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "
                        "(nats per code)", _samplers, rows=_sampler_rows, main_only=True,
-                       reads=("n_test", "seed", "gmm_components", "gmm_covariance", "two_stage_steps")),
+                       reads=("n_test", "seed", "gmm_components", "gmm_covariance", "two_stage_steps"),
+                       draws=_every_fitted_sampler),
     "disentanglement": Metric("beta-VAE and FactorVAE metrics, MIG, DCI and SAP on ground-truth factors",
                               _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True,
                               flags=SIZES,

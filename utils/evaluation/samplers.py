@@ -67,11 +67,11 @@ def check_usable(vae: VAE, name: str, api: bool = False) -> None:
     if name not in SAMPLERS:
         what = "sampler" if api else "--sampler"
         raise UserError(f"unknown {what} {name!r}: choose one of {', '.join(SAMPLERS)}")
-    if name == "prior" and not vae.has_prior:
+    if not SAMPLERS[name].fitted and not vae.has_prior:
         raise UserError(f"this autoencoder has no prior to draw from (its codes are not pulled to one): use "
                         f"{_flag('sampler', 'gmm', api)} or {_flag('sampler', 'two_stage', api)}, fitted to its "
                         f"codes")
-    if name != "prior" and vae.n_classes:
+    if SAMPLERS[name].fitted and vae.n_classes:
         raise UserError(f"{_flag('sampler', name, api)} fits one density to every class's codes, and this model is "
                         f"conditional: use {_flag('sampler', 'prior', api)}, which draws for the class asked")
 

@@ -33,7 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.samplers import Sampler, SamplerOptions
+from models.samplers import SAMPLERS, Sampler, SamplerOptions
 from models.vae import VAE
 from utils.config import Config, build_config, config_to_dict, load_config
 from utils.data.registry import image_shape, load_data
@@ -132,7 +132,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
             raise UserError(f"sample(batch_size=...) must be a whole number of at least 1, got {batch_size!r}")
         labels = self._checked_labels(labels, n)
         check_usable(self, sampler, api=True)
-        z = (self.prior.sample(n, generator) if sampler == "prior"
+        z = (self.prior.sample(n, generator) if not SAMPLERS[sampler].fitted
              else self.ex_post_sampler(sampler, refit, options).sample(n, generator)).to(self.device)
         ys = [None] * math.ceil(n / batch_size) if labels is None else labels.split(batch_size)
         return torch.cat([self.decode(part, y) for part, y in zip(z.split(batch_size), ys)])
