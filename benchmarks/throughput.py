@@ -73,7 +73,7 @@ def decoder_speed(run: str, n: int, batch: int) -> dict:
     """ImageSplit/s of the decoder alone (prior draws -> images), the core of sample.py --mode sample."""
     import torch
 
-    from sample import decode
+    from utils.inference.modes import decode
     from utils.inference.loading import load_trained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
