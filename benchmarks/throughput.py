@@ -73,8 +73,8 @@ def decoder_speed(run: str, n: int, batch: int) -> dict:
     """ImageSplit/s of the decoder alone (prior draws -> images), the core of sample.py --mode sample."""
     import torch
 
-    from utils.inference.modes import decode
     from utils.inference.loading import load_trained
+    from utils.inference.modes import decode
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, vae, _, _ = load_trained(run, None, None, device)
