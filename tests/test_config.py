@@ -196,6 +196,7 @@ def test_config_choices_are_the_registries():
                 assert "expected one of" not in str(e), (key, choice, e)
         with pytest.raises(UserError, match="expected one of"):
             build_config({section: {name: "no_such_part"}})
+        registry = registry.load()
         if isinstance(registry, dict):
             registry["no_such_part"] = next(iter(registry.values()))  # another name for a real part
             try:
@@ -220,3 +221,23 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'loss.betta': did you mean 'loss.beta'?"]
+
+
+def test_the_names_read_before_a_registry_loads_are_its_keys(tmp_path, monkeypatch):
+    """Each registry's names as a config checks them before torch loads (read from the literal in its module's
+    source) are the loaded registry's keys, in order; once loaded, the live registry's names count (an entry a
+    test or a user adds); a registry that is no literal of names is said, not guessed."""
+    from models.samplers import COVARIANCES, SAMPLERS
+    from utils.fields import Registry
+
+    views = [*REGISTRIES.values(), Registry("models.samplers", "SAMPLERS"), Registry("models.samplers", "COVARIANCES")]
+    for view in views:
+        assert view._read_names() == list(view.load()), view
+    assert list(views[-2]) == list(SAMPLERS) and tuple(views[-1]) == COVARIANCES
+    monkeypatch.setitem(SAMPLERS, "planted", SAMPLERS["gmm"])
+    assert "planted" in views[-2] and "planted" not in views[-2]._read_names()
+    (tmp_path / "built.py").write_text("PARTS = dict(a=1)\nNAMES = ('a', 'b')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert list(Registry("built", "NAMES")) == ["a", "b"]  # (not imported: read from the source)
+    with pytest.raises(LookupError, match="no literal dict or tuple of names to PARTS"):
+        list(Registry("built", "PARTS"))

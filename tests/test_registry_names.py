@@ -61,7 +61,8 @@ def registries() -> dict[str, Collection]:
     from utils.evaluation.metrics import METRICS
     from utils.inference.modes import MODES
 
-    return {**REGISTRIES, "--metrics": METRICS, "--sampler": SAMPLERS, "--mode": MODES}
+    return {**{key: registry.load() for key, registry in REGISTRIES.items()}, "--metrics": METRICS,
+            "--sampler": SAMPLERS, "--mode": MODES}
 
 
 def home(registry: Collection) -> tuple[str, str]:

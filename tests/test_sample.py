@@ -295,15 +295,6 @@ def test_grids_are_the_bytes_torchvision_writes(n, channels, tmp_path):
         assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "torchvision.png").read_bytes(), per_row
 
 
-def test_the_sampler_names_read_for_help_are_the_registry():
-    """--help and a bad --sampler name list the samplers from models/samplers.py's source (torch not imported):
-    the same names, and covariance types, as the imported registry."""
-    from models.samplers import COVARIANCES, SAMPLERS
-    from utils.inference.loading import sampler_declarations
-
-    assert sampler_declarations() == (list(SAMPLERS), COVARIANCES)
-
-
 def mode_temperature(model, cfg, args, g, out: Path) -> list[Path]:
     """One row per --temperatures value: the same --n_samples codes from --sampler, each scaled by it."""
     import torch

@@ -31,13 +31,29 @@ def test_help_and_argument_errors_load_no_heavy_library(args, rc, said):
     assert not logged & HEAVY, sorted(logged & HEAVY)
 
 
+@pytest.mark.parametrize("args, said", [
+    (["-c", "configs/mnist.yaml", "loss.betta=3"], "unknown config key 'loss.betta'"),
+    (["-c", "configs/mnist.yaml", "loss.regulariser=mmdd"], "expected one of kl, none, mmd"),
+    (["-c", "configs/mnist.yaml", "train.lr=-1"], "train.lr"),
+])
+def test_a_config_key_error_loads_no_heavy_library(args, said):
+    """A key or a value the schema refuses (an unknown key, a part no registry holds, a value out of range) is said
+    before torch loads: the registries' names are read without importing their modules."""
+    res = run_script(["-X", "importtime", "train_vae.py", *args])
+    assert res.returncode == 2 and said in res.stderr, res.stderr[-2000:]
+    logged = imported(res.stderr)
+    assert "utils" in logged and not logged & HEAVY, sorted(logged & HEAVY)
+
+
 @pytest.mark.parametrize("args, rc, not_loaded", [
-    (["-c", "configs/mnist.yaml", "loss.betta=3"], 2, HEAVY - {"torch"}),  # the parts' registries still need torch
+    # a rule across parts asks the chosen parts' classes, which need torch
+    (["-c", "configs/mnist.yaml", "loss.regulariser=mmd"], 2, HEAVY - {"torch"}),
     (["-c", "configs/mnist.yaml", "--dry-run"], 0, HEAVY - {"torch", "accelerate"}),  # accelerate: process count
 ])
-def test_config_errors_and_dry_runs_load_no_training_code(args, rc, not_loaded):
-    """A config error or a dry run loads torch (the parts' registries) but not the training code: no torchvision
-    (the image grids), no accelerate for a config error. The reading sees torch where it is loaded."""
+def test_rules_across_parts_and_dry_runs_load_no_training_code(args, rc, not_loaded):
+    """A rule across parts or a dry run loads torch (the chosen parts' classes state their rules) but not the
+    training code: no torchvision (the image grids), no accelerate for a config error. The reading sees torch
+    where it is loaded."""
     res = run_script(["-X", "importtime", "train_vae.py", *args])
     assert res.returncode == rc, res.stderr[-2000:]
     logged = imported(res.stderr)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import re
 import sys
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,34 +23,28 @@ from typing import Any
 import yaml
 
 from models.config import LossConfig, ModelConfig
-from models.likelihoods import LIKELIHOODS
-from models.networks import ACTIVATIONS, NETWORKS
-from models.objectives import OBJECTIVES
-from models.priors import PRIORS
-from models.regularisers import KERNELS, REGULARISERS, TC_ESTIMATORS
 from utils.data.config import DataConfig
-from utils.data.registry import DATASETS
 from utils.errors import UserError
-from utils.fields import accepts, coerce, default_of, section_fields
+from utils.fields import Registry, accepts, coerce, default_of, section_fields
 from utils.training.config import TrainConfig
-from utils.training.schedules import SCHEDULES
 from utils.training.trackers import tracker_names
 
 __all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "build_config", "complete_config",
            "config_to_dict", "config_yaml", "load_config", "read_yaml", "reference_markdown", "registries_markdown"]
 
-# the config keys that name a part, and the registry whose keys are their choices (one list per kind)
-REGISTRIES: dict[str, Collection] = {
-    "data.name": DATASETS,
-    "model.net": NETWORKS,
-    "model.activation": ACTIVATIONS,
-    "model.likelihood": LIKELIHOODS,
-    "model.prior": PRIORS,
-    "loss.objective": OBJECTIVES,
-    "loss.regulariser": REGULARISERS,
-    "loss.mmd_kernel": KERNELS,
-    "loss.tc_estimator": TC_ESTIMATORS,
-    "train.lr_schedule": SCHEDULES,
+# the config keys that name a part, and the registry whose keys are their choices (one list per kind), by its
+# module and name: a key's value is checked against the names before the parts' modules (and torch) load
+REGISTRIES: dict[str, Registry] = {
+    "data.name": Registry("utils.data.registry", "DATASETS"),
+    "model.net": Registry("models.networks", "NETWORKS"),
+    "model.activation": Registry("models.networks", "ACTIVATIONS"),
+    "model.likelihood": Registry("models.likelihoods", "LIKELIHOODS"),
+    "model.prior": Registry("models.priors", "PRIORS"),
+    "loss.objective": Registry("models.objectives", "OBJECTIVES"),
+    "loss.regulariser": Registry("models.regularisers", "REGULARISERS"),
+    "loss.mmd_kernel": Registry("models.regularisers", "KERNELS"),
+    "loss.tc_estimator": Registry("models.total_correlation", "TC_ESTIMATORS"),
+    "train.lr_schedule": Registry("utils.training.schedules", "SCHEDULES"),
 }
 
 
@@ -105,15 +97,16 @@ def build_config(tree: dict[str, Any]) -> Config:
 
 def _check_together(cfg: Config) -> None:
     """Keys that only make sense together. Each part states its own needs (its ``check`` and class attributes),
-    so this asks the chosen parts and names none."""
+    so this asks the chosen parts and names none. (The parts' modules load here, and torch with them.)"""
     loss, train = cfg.loss, cfg.train
-    objective, regulariser = OBJECTIVES[loss.objective], REGULARISERS[loss.regulariser]
+    objective = REGISTRIES["loss.objective"][loss.objective]
+    regulariser = REGISTRIES["loss.regulariser"][loss.regulariser]
     objective.check(loss)
     if train.batch_size < regulariser.min_batch:
         raise UserError(f"loss.regulariser={loss.regulariser} estimates over the batch and needs "
                         f"train.batch_size >= {regulariser.min_batch}: raise it")
     tracker_names(train.log_with)  # an unknown tracker is an error now, not after the data loaded
-    prior = PRIORS[cfg.model.prior]
+    prior = REGISTRIES["model.prior"][cfg.model.prior]
     if cfg.model.conditional and not prior.conditional:
         raise UserError(f"model.conditional=true and model.prior={cfg.model.prior} do not go together (the prior "
                         f"has no class label): use model.prior=normal, or model.conditional=false")
@@ -128,15 +121,16 @@ def _check_together(cfg: Config) -> None:
 def _check_autoencoder(cfg: Config, prior: type, regulariser: type) -> None:
     """A deterministic autoencoder has no KL: refuse what would then train but could not be used."""
     ae = f"loss.objective={cfg.loss.objective} with loss.regulariser={cfg.loss.regulariser}"
+    regularisers = REGISTRIES["loss.regulariser"].load()
     if cfg.model.conditional and not regulariser.matches_prior:
         # a conditional model draws through its prior, a class at a time; the ex-post samplers (fitted to codes)
         # fit one density to every class's codes and refuse it
-        pulls = [k for k, r in REGULARISERS.items() if r.deterministic_ok and r.matches_prior]
+        pulls = [k for k, r in regularisers.items() if r.deterministic_ok and r.matches_prior]
         raise UserError(f"model.conditional=true and {ae} do not go together: nothing pulls its codes to the "
                         f"prior, so no sampler can draw a class from it: use loss.regulariser={' or '.join(pulls)}, "
                         f"model.conditional=false, or loss.objective=elbo")
     if prior.learned and not regulariser.trains_prior:
-        trains = [k for k, r in REGULARISERS.items() if r.deterministic_ok and r.trains_prior]
+        trains = [k for k, r in regularisers.items() if r.deterministic_ok and r.trains_prior]
         raise UserError(f"model.prior={cfg.model.prior} learns through the KL, which {ae} does not have, so its "
                         f"parameters would never train: use model.prior=normal, loss.regulariser="
                         f"{' or '.join(trains)} (whose prior draws train them), or loss.objective=elbo")
@@ -258,8 +252,8 @@ def complete_config(cfg: Config) -> Config:
     training uses. A set without labels leaves ``model.n_classes`` at 0: loading then says it has none. Keys
     already set (a resumed run's config.yaml) stay as they are."""
     data = cfg.data
-    counts = functools.cache(lambda: DATASETS[data.name].count(data))
-    REGULARISERS[cfg.loss.regulariser].complete_config(cfg.loss, lambda: counts().train)
+    counts = functools.cache(lambda: REGISTRIES["data.name"][data.name].count(data))
+    REGISTRIES["loss.regulariser"][cfg.loss.regulariser].complete_config(cfg.loss, lambda: counts().train)
     if cfg.model.conditional and not cfg.model.n_classes:
         cfg.model.n_classes = counts().classes or 0
     return cfg
@@ -283,26 +277,14 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
-def _home(registry: Collection) -> tuple[str, Path]:
-    """(name, file) of the module-level assignment that defines ``registry`` (other modules only import it)."""
-    for module in list(sys.modules.values()):
-        file = getattr(module, "__file__", None)
-        for name, value in list(vars(module).items()) if file else ():
-            if value is registry and name.isupper() and re.search(rf"^{name}\b[^=\n]*=", Path(file).read_text(
-                    encoding="utf-8"), re.MULTILINE):
-                return name, Path(file).resolve()
-    raise LookupError(f"no module defines {registry!r}")
-
-
 def registries_markdown() -> str:
     """The registry table of docs/models.md, generated from REGISTRIES: every entry listed, so the docs cannot omit
     a new one."""
     rows = ["| config key | registry | module | entries |", "| --- | --- | --- | --- |"]
     root = Path(__file__).resolve().parent.parent
     for key, registry in REGISTRIES.items():
-        name, file = _home(registry)
         entries = ", ".join(f"`{entry}`" for entry in registry)
-        rows.append(f"| `{key}` | `{name}` | `{file.relative_to(root).as_posix()}` | {entries} |")
+        rows.append(f"| `{key}` | `{registry.variable}` | `{registry.file.relative_to(root).as_posix()}` | {entries} |")
     return "\n".join(rows)
 
 

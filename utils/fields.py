@@ -8,11 +8,16 @@ choices of the fields that name a part.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
+import importlib.util
 import math
+import sys
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from utils.errors import UserError
@@ -105,3 +110,61 @@ def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | Non
     if m["max"] is not None and value > m["max"]:
         raise bad
     return value
+
+
+class Registry(Collection):
+    """A registry's names, known before its module is imported; the registry itself on ``load()`` (or on a lookup).
+
+    A registry is a dict (or tuple) literal assigned at the top of the module that defines its parts, and those
+    modules import torch. A config, or a command line, names parts, and its mistakes should be said at once,
+    not after torch has loaded: while the module is not loaded, the names are read from that literal in its
+    source; once it is loaded, from the live registry (where a test or a user may have added an entry). A test
+    holds the two equal for every registry.
+    """
+
+    def __init__(self, module: str, variable: str):
+        self.module, self.variable = module, variable
+        self._source_names: list[str] | None = None
+
+    def load(self) -> Any:
+        """The registry itself (importing its module)."""
+        return getattr(importlib.import_module(self.module), self.variable)
+
+    @property
+    def file(self) -> Path:
+        return Path(importlib.util.find_spec(self.module).origin).resolve()
+
+    def names(self) -> list[str]:
+        loaded = sys.modules.get(self.module)
+        if loaded is not None and hasattr(loaded, self.variable):
+            return list(getattr(loaded, self.variable))
+        if self._source_names is None:
+            self._source_names = self._read_names()
+        return self._source_names
+
+    def _read_names(self) -> list[str]:
+        for node in ast.parse(self.file.read_text(encoding="utf-8")).body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            if isinstance(target, ast.Name) and target.id == self.variable:
+                value = node.value
+                keys = value.keys if isinstance(value, ast.Dict) else getattr(value, "elts", None)
+                if keys is None or not all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in keys):
+                    break
+                return [k.value for k in keys]
+        raise LookupError(f"{self.module} assigns no literal dict or tuple of names to {self.variable}")
+
+    def __getitem__(self, name: str) -> Any:
+        return self.load()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"{self.module}.{self.variable}"

@@ -16,10 +16,10 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -63,6 +63,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     the CPU, with the permissions any other new file gets (safetensors alone would make it 0600, unreadable to a
     group sharing the file system). On failure the partial file is removed and the error raised (safetensors
     reports a full disk as a SafetensorError, not an OSError)."""
+    from safetensors.torch import save_file  # (here: the CLIs' checks that use this module load no torch)
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -11,15 +11,14 @@ Importing this module loads no torch: the CLIs add its flags and refuse bad ones
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
-import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from utils.errors import UserError
+from utils.fields import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -105,20 +104,8 @@ def output_folder(model_folder: Path, name: str) -> Path:
     return model_folder.parent / f"{model_folder.name}-{name}"
 
 
-def sampler_declarations() -> tuple[list[str], tuple[str, ...]]:
-    """(the names of ``SAMPLERS``, ``COVARIANCES``) as models/samplers.py declares them, read from its source, not
-    imported: that module needs torch for the samplers themselves, and --help and a bad --sampler name answer
-    before torch loads. (A test holds them equal to the imported registry.)"""
-    found: dict[str, Any] = {}
-    source = Path(importlib.util.find_spec("models.samplers").origin).read_text(encoding="utf-8")
-    for node in ast.parse(source).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
-                                                                      else None)
-        if isinstance(target, ast.Name) and target.id == "SAMPLERS":
-            found["SAMPLERS"] = [ast.literal_eval(k) for k in node.value.keys]
-        elif isinstance(target, ast.Name) and target.id == "COVARIANCES":
-            found["COVARIANCES"] = ast.literal_eval(node.value)
-    return found["SAMPLERS"], found["COVARIANCES"]
+# the samplers' names and the GMM's covariance types, read before models/samplers.py (and torch) loads
+SAMPLER_NAMES, COVARIANCE_NAMES = Registry("models.samplers", "SAMPLERS"), Registry("models.samplers", "COVARIANCES")
 
 
 FIT_FLAGS = ("gmm_components", "gmm_covariance", "two_stage_steps")  # SamplerOptions fields with a flag
@@ -127,12 +114,11 @@ FIT_FLAGS = ("gmm_components", "gmm_covariance", "two_stage_steps")  # SamplerOp
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """sample.py's and evaluate.py's choice of ex-post sampler and its fit options (None when not given, so that
     a flag the command would ignore can be refused: ``sampler_options``)."""
-    names, covariances = sampler_declarations()
-    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(names)} (default prior; gmm and "
+    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(SAMPLER_NAMES)} (default prior; gmm and "
                                      "two_stage are fitted to the training codes once, and kept in the model's folder)")
     p.add_argument("--refit", action="store_true", help="fit the sampler again, replacing the kept one")
     p.add_argument("--gmm_components", type=int, help="gmm: mixture components (default 10)")
-    p.add_argument("--gmm_covariance", choices=covariances, help="gmm: covariance type (default full)")
+    p.add_argument("--gmm_covariance", choices=tuple(COVARIANCE_NAMES), help="gmm: covariance type (default full)")
     p.add_argument("--two_stage_steps", type=int, help="two_stage: training steps of the second VAE (default 3000)")
 
 
@@ -141,10 +127,9 @@ def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> Sam
     for the rules), after refusing each sampler flag that would have no effect: ``uses`` are the samplers the
     command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line. An unknown name
     is refused before torch loads."""
-    names, _ = sampler_declarations()
     for name in uses:
-        if name not in names:
-            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(names)}")
+        if name not in SAMPLER_NAMES:
+            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLER_NAMES)}")
     from models.samplers import SAMPLERS, SamplerOptions
 
     given = {k: getattr(args, k) for k in FIT_FLAGS if getattr(args, k) is not None}

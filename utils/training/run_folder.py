@@ -21,8 +21,8 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 
 try:
@@ -32,6 +32,9 @@ except ImportError:
 
 from utils.errors import UserError
 from utils.files import cannot_write, disk_advice, save_tensors, write_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 RUNS = Path("runs")
 LOCK = "train.lock"
