@@ -249,3 +249,37 @@ def test_corrupt_image_stops_training_with_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()  # the DataLoader worker's traceback is not shown, only its message
     assert len(lines) == 1 and lines[0].startswith("error: cannot read image ") and ".jpg" in lines[0], res.stderr
     assert "remove or replace the file" in lines[0]
+
+
+@pytest.mark.parametrize("name, size", [("MNIST", 28), ("FashionMNIST", 28), ("MNIST", 32)])
+def test_idx_sets_read_as_torchvision_reads_them(name, size, real_data):
+    """MNIST and Fashion-MNIST read from their IDX files directly give torchvision's tensors, resized alike; a
+    damaged or missing file goes to torchvision's class, which says what is wrong (or downloads)."""
+    from utils.data.sources import idx_set, torchvision_set
+
+    cfg = DataConfig(root=str(real_data), download=False)
+    ours, theirs = idx_set(name, cfg, (1, size, size)), torchvision_set(name, cfg, (1, size, size))
+    assert ours[2] == theirs[2]
+    for a, b in zip(ours[:2], theirs[:2]):
+        assert a.images.dtype == b.images.dtype and torch.equal(a.images, b.images)
+        assert a.labels.dtype == b.labels.dtype and torch.equal(a.labels, b.labels)
+
+
+def test_an_idx_set_without_its_files_is_torchvisions_to_refuse(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + (2).to_bytes(4, "big") * 3 + bytes(7))
+    with pytest.raises(UserError, match="is damaged"):
+        load_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
+
+
+def test_loading_mnist_imports_no_torchvision(real_data):
+    """Reading MNIST's files needs no torchvision, whose import loads its models and the compiler (seconds)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from utils.data.registry import load_data; from utils.config import DataConfig; "
+            f"load_data(DataConfig(root={str(real_data)!r}, download=False)); "
+            f"print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from utils.data.counts import Counts, dsprites_counts, image_folder_counts, loaded_counts, torchvision_counts
 from utils.data.dsprites import load_dsprites
 from utils.data.hf import load_hf
-from utils.data.sources import celeba, image_folder, torchvision_set
+from utils.data.sources import celeba, idx_set, image_folder, torchvision_set
 from utils.data.splits import DecodedImages, ImageSplit
 from utils.errors import UserError
 
@@ -51,8 +51,8 @@ class DataSet:
 
 
 DATASETS: dict[str, DataSet] = {
-    "mnist": DataSet(1, 28, partial(torchvision_set, "MNIST"), counts=partial(torchvision_counts, "MNIST")),
-    "fashion_mnist": DataSet(1, 28, partial(torchvision_set, "FashionMNIST"),
+    "mnist": DataSet(1, 28, partial(idx_set, "MNIST"), counts=partial(torchvision_counts, "MNIST")),
+    "fashion_mnist": DataSet(1, 28, partial(idx_set, "FashionMNIST"),
                              counts=partial(torchvision_counts, "FashionMNIST")),
     "cifar10": DataSet(3, 32, partial(torchvision_set, "CIFAR10"), counts=partial(torchvision_counts, "CIFAR10")),
     "celeba": DataSet(3, 64, celeba),

@@ -83,6 +83,38 @@ def torchvision_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int])
     return splits[0], splits[1], cfg.root
 
 
+IDX_FILES = (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # (images, labels) of the train and test splits
+             ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+
+
+def idx_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:
+    """MNIST and Fashion-MNIST: the official IDX files read as torchvision's class reads them, when all four are
+    in data.root/<set>/raw and whole, without importing torchvision (whose import, with the models and the
+    compiler it loads, takes longer than the read); otherwise torchvision's class, which downloads them or says
+    what is wrong. A test holds the two readings equal."""
+    raw = Path(cfg.root) / cls_name / "raw"
+    if not all((raw / name).is_file() for pair in IDX_FILES for name in pair) or damaged_idx_files(raw):
+        return torchvision_set(cls_name, cfg, shape)
+    splits = []
+    for images_file, labels_file in IDX_FILES:
+        images, labels = _read_idx(raw / images_file), _read_idx(raw / labels_file)
+        if images is None or labels is None or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            return torchvision_set(cls_name, cfg, shape)  # not the official layout: torchvision says so
+        splits.append(TensorImages(_resize(torch.from_numpy(images).unsqueeze(1), shape[1]),
+                                   torch.from_numpy(labels).long()))
+    return splits[0], splits[1], cfg.root
+
+
+def _read_idx(path: Path) -> np.ndarray | None:
+    """An IDX file of unsigned bytes as an array of its declared dimensions (None: another element type)."""
+    data = bytearray(path.read_bytes())  # (writable: a tensor may share its memory)
+    if data[2] != 0x08:
+        return None
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
 def damaged_idx_files(folder: Path) -> tuple[Path, str] | None:
     """(the first IDX file in ``folder`` whose size is not the one its header declares, why), or None. The IDX
     header (MNIST, Fashion-MNIST) gives the element type and every dimension, so a truncated or padded file shows
