@@ -18,6 +18,7 @@ from torch import nn
 
 from models.priors import Prior
 from models.regulariser_base import PosteriorSample, Regulariser
+from models.regulariser_rules import AdversarialRules, CriticRules, FactorVAERules
 
 if TYPE_CHECKING:
     from models.config import LossConfig
@@ -44,12 +45,9 @@ class Critic(nn.Module):
         return self.net(z)
 
 
-class CriticRegulariser(Regulariser):
+class CriticRegulariser(CriticRules, Regulariser):
     """A regulariser with a network of its own (see the module's docstring). A subclass builds ``critic`` and
     says how it is trained in ``critic_loss``; its ``forward`` calls ``remember`` with the step's codes."""
-
-    min_batch = 2
-    accumulates = False  # the network trains on each step's whole batch of codes
 
     def __init__(self, loss: LossConfig, critic: nn.Module, lr: float):
         super().__init__(loss)
@@ -99,7 +97,7 @@ class CriticRegulariser(Regulariser):
         self.critic_optimizer.load_state_dict({"state": moments, "param_groups": own["param_groups"]})
 
 
-class FactorVAE(CriticRegulariser):
+class FactorVAE(FactorVAERules, CriticRegulariser):
     """β_t · KL + γ · TC (Kim & Mnih 2018), TC = KL(q(z) ‖ Π_d q(z_d)) estimated by the density-ratio trick:
     mean(logit_0 − logit_1) of a critic trained to tell codes from permuted codes. The critic is trained after
     each VAE step on that step's codes, detached, and their permutation (disentanglement_lib's one-batch
@@ -136,7 +134,7 @@ def discriminator_losses(on_prior: torch.Tensor, on_codes: torch.Tensor) -> tupl
     return d, F.binary_cross_entropy_with_logits(on_codes, torch.ones_like(on_codes))
 
 
-class Adversarial(CriticRegulariser):
+class Adversarial(AdversarialRules, CriticRegulariser):
     """The adversarial autoencoder (Makhzani et al. 2016): β_t · KL (absent with ``loss.objective=ae``, the
     paper's deterministic encoder) + ``loss.aae_weight`` · the encoder's adversarial loss, from a discriminator
     on z (an MLP, ``loss.aae_hidden``; the paper's two layers of 1000) trained after each step to tell prior
@@ -147,9 +145,6 @@ class Adversarial(CriticRegulariser):
     and the encoder's adversarial term, against the discriminator as it stands, and one step of the VAE's
     optimizer takes both; the discriminator then steps on that forward's codes, detached, which the encoder
     made before its update. Each side thus answers the other's previous step, as in a simultaneous GAN update."""
-
-    deterministic_ok = True
-    matches_prior = True
 
     def __init__(self, loss: LossConfig, z_dim: int):
         super().__init__(loss, Critic(z_dim, loss.aae_hidden, outputs=1), loss.aae_lr)

@@ -26,9 +26,9 @@ import torch
 
 from models.gaussian import gaussian_log_density
 from models.likelihoods import Likelihood, LikelihoodTerms
+from models.objective_rules import OBJECTIVES, AERules, ELBORules, IWAERules, ObjectiveRules
 from models.priors import Prior
-from models.regularisers import REGULARISERS, PosteriorSample, Regulariser
-from utils.errors import UserError
+from models.regularisers import PosteriorSample, Regulariser
 
 if TYPE_CHECKING:
     from models.config import LossConfig
@@ -73,11 +73,9 @@ def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Ten
     return -lik.nll.view(k, -1), log_ratio, lik
 
 
-class Objective:
+class Objective(ObjectiveRules):
     """Computes the training loss of a batch; ``__call__(vae, x, step, y) -> terms`` (y: labels, or None).
-    ``deterministic``: no posterior sampling and no KL (an autoencoder), so no bound on log p(x) either."""
-
-    deterministic = False
+    What it states for the config (``deterministic``, ``check``) is its rules class's (objective_rules.py)."""
 
     def __init__(self, loss: LossConfig):
         self.cfg = loss
@@ -86,18 +84,12 @@ class Objective:
     def from_config(cls, loss: LossConfig) -> Objective:
         return cls(loss)
 
-    @classmethod
-    def check(cls, loss: LossConfig) -> None:
-        """Refuse, in one line, ``loss`` keys this objective cannot honour (called when a config is validated)."""
-        if loss.k > 1:
-            raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
-
     def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
-class ELBO(Objective):
+class ELBO(ELBORules, Objective):
     """The evidence lower bound with one reparameterised sample per image (Kingma & Welling 2014)."""
 
     def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
@@ -118,7 +110,7 @@ class ELBO(Objective):
         return terms
 
 
-class IWAE(Objective):
+class IWAE(IWAERules, Objective):
     """The importance-weighted bound with ``loss.k`` reparameterised samples per image (Burda et al. 2016).
 
     It tightens towards log p(x) as k grows, and its gradient weights each sample by its
@@ -127,12 +119,6 @@ class IWAE(Objective):
     the k samples' mean reconstruction and the KL, so runs of either objective compare; ``iwae``
     is the bound trained on.
     """
-
-    @classmethod
-    def check(cls, loss: LossConfig) -> None:
-        if not REGULARISERS[loss.regulariser].plain_kl:
-            raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
-                            f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
 
     def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -154,23 +140,10 @@ class IWAE(Objective):
         return terms
 
 
-class AE(Objective):
+class AE(AERules, Objective):
     """A deterministic autoencoder: z is the encoder's mean, the loss the reconstruction term plus the
     regulariser's (an AAE's adversarial loss, a WAE's MMD), with no KL and no posterior variance. There is no
     bound on log p(x): the terms are rec, nll (−log p(x|z) at the code) and the regulariser's."""
-
-    deterministic = True
-
-    @classmethod
-    def check(cls, loss: LossConfig) -> None:
-        super().check(loss)
-        if not REGULARISERS[loss.regulariser].deterministic_ok:
-            ok = ", ".join(k for k, r in REGULARISERS.items() if r.deterministic_ok)
-            raise UserError(f"loss.objective=ae has no posterior variance and no KL, which loss.regulariser="
-                            f"{loss.regulariser} needs: use one of {ok}, or loss.objective=elbo")
-        if loss.beta != 1.0 or loss.kl_warmup_steps:
-            raise UserError("loss.beta and loss.kl_warmup_steps weigh the KL, which loss.objective=ae does not have: "
-                            "drop them")
 
     def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -187,12 +160,5 @@ class AE(Objective):
         return terms
 
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    "elbo": ELBO,
-    "iwae": IWAE,
-    "ae": AE,
-}
-
-
 def build_objective(loss: LossConfig) -> Objective:
-    return OBJECTIVES[loss.objective].from_config(loss)
+    return OBJECTIVES[loss.objective].load().from_config(loss)

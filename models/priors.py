@@ -20,15 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gaussian import HALF_LOG_2PI
+from models.prior_rules import PRIORS, PriorRules, StandardNormalRules, VampPriorRules
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
 
-class Prior(nn.Module):
-    """p(z) over codes of size ``z_dim``."""
-
-    conditional = True  # usable by a conditional VAE (whose prior stays p(z))
-    learned = False     # has parameters, which only log p(z) in the KL, or draws from it with gradients, train
+class Prior(PriorRules, nn.Module):
+    """p(z) over codes of size ``z_dim``; what it states for the config (``conditional``, ``learned``) is its
+    rules class's (prior_rules.py)."""
 
     def __init__(self, z_dim: int):
         super().__init__()
@@ -69,7 +68,7 @@ class Prior(nn.Module):
         return per_dim if per_dim is not None else StandardNormal(self.z_dim).kl_per_dim(mu, logvar)
 
 
-class StandardNormal(Prior):
+class StandardNormal(StandardNormalRules, Prior):
     """N(0, I), the prior of Kingma & Welling (2014)."""
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -86,15 +85,12 @@ class StandardNormal(Prior):
         return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
-class VampPrior(Prior):
+class VampPrior(VampPriorRules, Prior):
     """p(z) = (1/K) Σ_k q(z | u_k): the encoder's posteriors at K learned pseudo-inputs u_k (Tomczak & Welling
     2018). The pseudo-inputs are ``hardtanh(θ, 0, 1)`` of a parameter θ initialised at N(0.05, 0.01²), as in
     the authors' code for binary images; K is ``model.vamp_components``. Its KL to a posterior has no closed
     form, so the objective estimates it by Monte Carlo.
     """
-
-    conditional = False  # the pseudo-inputs have no class label
-    learned = True       # the pseudo-inputs
 
     def __init__(self, z_dim: int, components: int, img_shape: tuple[int, int, int]):
         super().__init__(z_dim)
@@ -184,11 +180,5 @@ def logsumexp_floored(x: torch.Tensor) -> torch.Tensor:
     return (x - top).clamp_(min=-80.0).exp_().sum(-1).log_() + top.squeeze(-1)
 
 
-PRIORS: dict[str, type[Prior]] = {
-    "normal": StandardNormal,
-    "vamp": VampPrior,
-}
-
-
 def build_prior(m: ModelConfig, img_shape: tuple[int, int, int]) -> Prior:
-    return PRIORS[m.prior].from_config(m, img_shape)
+    return PRIORS[m.prior].load().from_config(m, img_shape)

@@ -1,7 +1,8 @@
 """The regulariser's interface: what the objective hands it (the KL per image, the sampled codes with their
-posterior's parameters, the prior) and what a regulariser states of itself (class attributes and class
-methods), so that no code outside it tests its name. The regularisers themselves are in regularisers.py,
-total_correlation.py and adversarial.py; the registry, ``REGULARISERS``, in regularisers.py."""
+posterior's parameters, the prior). What a regulariser states of itself for the config (class attributes and
+class methods, so that no code outside it tests its name) is in its rules class, and the registry,
+``REGULARISERS``, in regulariser_rules.py; the regularisers themselves are in regularisers.py,
+total_correlation.py and adversarial.py."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ import torch
 from torch import nn
 
 from models.priors import Prior
-from utils.errors import UserError
+from models.regulariser_rules import RegulariserRules
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from models.config import LossConfig
 
 
@@ -29,34 +28,11 @@ class PosteriorSample:
     logvar: torch.Tensor
 
 
-class Regulariser(nn.Module):
+class Regulariser(RegulariserRules, nn.Module):
     """β_t · KL, plus whatever a subclass adds. Returns (the batch's penalty, extra terms to log).
 
-    What a regulariser needs of the run is said here, as class attributes and class methods, so no code
-    outside it tests its name: ``plain_kl`` (it is β·KL and nothing more: the IWAE bound can take it),
-    ``min_batch`` (it estimates over the batch), ``accumulates`` (its term can be split over micro-batches),
-    ``deterministic_ok``, ``matches_prior`` and ``trains_prior`` (below), ``check`` (its keys' rules) and
-    ``complete_config`` (values it takes from the training set, when the config is resolved)."""
-
-    plain_kl = False
-    min_batch = 1
-    accumulates = True
-    deterministic_ok = False  # usable by a deterministic autoencoder (loss.objective=ae): no KL, no posterior σ
-    matches_prior = False     # pulls the codes' distribution to the prior, so that prior draws decode to images
-    trains_prior = False      # its term draws from the prior with gradients, which train a learned prior without a KL
-
-    @classmethod
-    def check(cls, loss: LossConfig) -> None:
-        """Refuse, in one line, ``loss`` keys that cannot take effect with this regulariser."""
-        if loss.mmd_weight > 0:
-            raise UserError(f"loss.mmd_weight={loss.mmd_weight:g} has no effect with loss.regulariser="
-                            f"{loss.regulariser}: set loss.regulariser=mmd, or drop mmd_weight")
-
-    @classmethod
-    def complete_config(cls, loss: LossConfig, train_size: Callable[[], int]) -> None:
-        """Fill keys left at 0 ('from the data') when the config is resolved, so that --dry-run shows them and
-        config.yaml records them. ``train_size()`` counts the training set from its metadata: call it only when
-        a key needs it (counting some sets opens their files)."""
+    What a regulariser needs of the run (``plain_kl``, ``min_batch``, ``check``, ...) is its rules class's
+    (regulariser_rules.py): a subclass subclasses its own rules class first, ``class MMD(MMDRules, Regulariser)``."""
 
     def __init__(self, loss: LossConfig):
         super().__init__()

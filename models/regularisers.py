@@ -12,11 +12,11 @@
 β_t is ``loss.beta`` after the linear warm-up of ``loss.kl_warmup_steps``. The
 objective hands each regulariser the per-image KL it already computed (closed
 form where the prior has one, else a Monte Carlo estimate), the sampled codes with
-their posterior's parameters, and the prior, so a new regulariser is one class and
-one ``REGULARISERS`` entry. A regulariser with a network of its own (FactorVAE's
-critic, the AAE's discriminator: adversarial.py) lists it in ``auxiliary_parameters`` (kept out of the
-VAE's optimizer), trains it in ``after_step`` and hands its optimizer's state to checkpoints. The base
-class is in regulariser_base.py, β-TCVAE in total_correlation.py.
+their posterior's parameters, and the prior, so a new regulariser is one class here, its rules class (what
+it states for the config, without torch) and one ``REGULARISERS`` entry, both in regulariser_rules.py. A
+regulariser with a network of its own (FactorVAE's critic, the AAE's discriminator: adversarial.py) lists it
+in ``auxiliary_parameters`` (kept out of the VAE's optimizer), trains it in ``after_step`` and hands its
+optimizer's state to checkpoints. The base class is in regulariser_base.py, β-TCVAE in total_correlation.py.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import torch
 from models.adversarial import Adversarial, Critic, FactorVAE, discriminator_losses, permute_dims
 from models.priors import Prior
 from models.regulariser_base import PosteriorSample, Regulariser
+from models.regulariser_rules import REGULARISERS, DIPIIRules, DIPRules, KLRules, MMDRules, NoRegulariserRules
 from models.total_correlation import TC_ESTIMATORS, TCVAE, log_importance_weights, log_q_matrix, tc_parts
-from utils.errors import UserError
 
-__all__ = ["KERNELS", "REGULARISERS", "TC_ESTIMATORS", "Adversarial", "Critic", "FactorVAE", "PosteriorSample",
-           "Regulariser", "discriminator_losses", "log_importance_weights", "log_q_matrix", "mmd", "permute_dims",
-           "tc_parts"]
+__all__ = ["KERNELS", "REGULARISERS", "TC_ESTIMATORS", "TCVAE", "Adversarial", "Critic", "FactorVAE",
+           "PosteriorSample", "Regulariser", "discriminator_losses", "log_importance_weights", "log_q_matrix", "mmd",
+           "permute_dims", "tc_parts"]
 
 if TYPE_CHECKING:
     from models.config import LossConfig
@@ -70,35 +70,21 @@ def mmd(z: torch.Tensor, prior: torch.Tensor, kind: str = "imq") -> torch.Tensor
     return k_zz + k_pp - 2.0 * kernel(z, prior).mean()
 
 
-class KL(Regulariser):
+class KL(KLRules, Regulariser):
     """β_t · KL(q(z|x) || p(z)) per image, averaged over the batch."""
 
-    plain_kl = True
 
-
-class NoRegulariser(Regulariser):
+class NoRegulariser(NoRegulariserRules, Regulariser):
     """No latent term at all: with ``loss.objective=ae``, the plain autoencoder; with the ELBO, a VAE without
     its KL (β = 0)."""
-
-    deterministic_ok = True
 
     def forward(self, kl: torch.Tensor, codes: PosteriorSample, prior: Prior,
                 step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return torch.zeros((), device=codes.z.device), {}
 
 
-class MMD(Regulariser):
+class MMD(MMDRules, Regulariser):
     """β_t · KL + ``loss.mmd_weight`` · MMD(q(z) || p(z)) with ``loss.mmd_kernel``, codes z against prior draws."""
-
-    deterministic_ok = True  # with loss.objective=ae: the Wasserstein autoencoder (Tolstikhin et al. 2018)
-    matches_prior = True
-    trains_prior = True      # the MMD's prior draws are reparameterised: a VampPrior's pseudo-inputs learn from it
-
-    @classmethod
-    def check(cls, loss: LossConfig) -> None:
-        if loss.mmd_weight == 0:
-            raise UserError("loss.regulariser=mmd needs loss.mmd_weight > 0 (100 suits MNIST): set it, or use "
-                            "loss.regulariser=kl")
 
     def __init__(self, loss: LossConfig):
         super().__init__(loss)
@@ -118,13 +104,12 @@ def covariance(x: torch.Tensor) -> torch.Tensor:
     return centred.T @ centred / len(x)
 
 
-class DIP(Regulariser):
+class DIP(DIPRules, Regulariser):
     """β_t · KL + λ_od · Σ_i≠j C_ij² + λ_d · Σ_i (C_ii − 1)² (Kumar et al. 2018): pushes a covariance of the
     codes towards the identity, the prior's. DIP-VAE-I takes C = Cov[E_q[z|x]] (the means' covariance),
     DIP-VAE-II C = Cov_q(z)[z] = E[Σ(x)] + Cov[E_q[z|x]]; both over the batch, as disentanglement_lib."""
 
     second_moment = False
-    min_batch = 2
 
     def __init__(self, loss: LossConfig):
         super().__init__(loss)
@@ -142,23 +127,11 @@ class DIP(Regulariser):
         return penalty + self.lambda_od * off + self.lambda_d * on, {"dip_off_diagonal": off, "dip_diagonal": on}
 
 
-class DIPII(DIP):
+class DIPII(DIPIIRules, DIP):
     """DIP-VAE-II: the aggregate posterior's covariance."""
 
     second_moment = True
 
 
-REGULARISERS: dict[str, type[Regulariser]] = {
-    "kl": KL,
-    "none": NoRegulariser,
-    "mmd": MMD,
-    "tcvae": TCVAE,
-    "factorvae": FactorVAE,
-    "aae": Adversarial,
-    "dip_i": DIP,
-    "dip_ii": DIPII,
-}
-
-
 def build_regulariser(loss: LossConfig, z_dim: int) -> Regulariser:
-    return REGULARISERS[loss.regulariser].from_config(loss, z_dim)
+    return REGULARISERS[loss.regulariser].load().from_config(loss, z_dim)

@@ -11,11 +11,10 @@ import torch
 from models.gaussian import log_normal
 from models.priors import Prior
 from models.regulariser_base import PosteriorSample, Regulariser
+from models.regulariser_rules import TCVAERules
 from utils.errors import UserError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from models.config import LossConfig
 
 TC_ESTIMATORS = ("mss", "mws")  # see log_importance_weights
@@ -61,18 +60,11 @@ def tc_parts(codes: PosteriorSample, prior: Prior, n: int, estimator: str) -> di
     return {"mi": log_qzx - log_qz, "tc": log_qz - log_prod, "dwkl": log_prod - log_pz}
 
 
-class TCVAE(Regulariser):
+class TCVAE(TCVAERules, Regulariser):
     """β-TCVAE (Chen et al. 2018): w_t · (KL + (β − 1) · TC), the total correlation weighted by β and the mutual
     information and dimension-wise KL by 1 (the paper's α = γ = 1), with the KL in closed form as
     disentanglement_lib. TC is estimated on the batch each process sees (``loss.tc_estimator``, with the
     training set's size ``loss.tc_dataset_size``); w_t is the warm-up alone. Logs mi, tc and dwkl."""
-
-    min_batch = 2
-
-    @classmethod
-    def complete_config(cls, loss: LossConfig, train_size: Callable[[], int]) -> None:
-        if loss.tc_dataset_size == 0:
-            loss.tc_dataset_size = train_size()  # evaluation and resume then use the same N
 
     def __init__(self, loss: LossConfig):
         super().__init__(loss)

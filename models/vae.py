@@ -3,11 +3,14 @@
 VAE, β-VAE, MMD-VAE and σ-VAE are not four models: they differ only in the parts
 chosen by name, each from its registry:
 
-    model.net          networks.NETWORKS          encoder and decoder
-    model.likelihood   likelihoods.LIKELIHOODS    p(x|z)
-    model.prior        priors.PRIORS              p(z)
-    loss.objective     objectives.OBJECTIVES      how the loss is estimated (ELBO)
-    loss.regulariser   regularisers.REGULARISERS  the latent term (β·KL, + MMD)
+    model.net          networks.NETWORKS               encoder and decoder
+    model.likelihood   likelihoods.LIKELIHOODS         p(x|z)
+    model.prior        prior_rules.PRIORS              p(z)
+    loss.objective     objective_rules.OBJECTIVES      how the loss is estimated (ELBO)
+    loss.regulariser   regulariser_rules.REGULARISERS  the latent term (β·KL, + MMD)
+
+(A prior's, an objective's and a regulariser's registry holds its rules class, torch-free, which the part's
+torch class subclasses: its ``load()`` gives that class.)
 
 With ``model.conditional`` it is a conditional VAE (Sohn et al. 2015): q(z|x, y)
 and p(x|z, y) also read the one-hot class label y, the prior stays p(z), and every

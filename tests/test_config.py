@@ -241,3 +241,39 @@ def test_the_names_read_before_a_registry_loads_are_its_keys(tmp_path, monkeypat
     assert list(Registry("built", "NAMES")) == ["a", "b"]  # (not imported: read from the source)
     with pytest.raises(LookupError, match="no literal dict or tuple of names to PARTS"):
         list(Registry("built", "PARTS"))
+
+
+def test_each_rules_class_loads_its_torch_class_which_subclasses_it():
+    """A prior's, an objective's and a regulariser's registry holds its rules class (torch-free); ``load()`` gives
+    the torch class, which subclasses the rules and restates none of them, so the config's checks and the model
+    cannot disagree. A torch class registered directly is its own, a subclass of a part too."""
+    from models.objective_rules import OBJECTIVES
+    from models.prior_rules import PRIORS
+    from models.regulariser_rules import REGULARISERS
+    from models.regularisers import KL, Regulariser
+
+    for registry in (OBJECTIVES, REGULARISERS, PRIORS):
+        for name, rules in registry.items():
+            part = rules.load()
+            assert part is not rules and issubclass(part, rules), name
+            assert part.load() is part and not issubclass(rules, torch.nn.Module), name
+            stated = {k for c in rules.__mro__ for k in vars(c) if not k.startswith("_")} - {"load"}
+            assert stated >= {"implementation", "check"} or registry is PRIORS, name
+            restated = [k for k in stated if next(c for c in part.__mro__ if k in vars(c)) not in rules.__mro__]
+            assert restated == [], name
+
+    class L1(KL):
+        pass
+
+    class Plain(Regulariser):
+        pass
+
+    assert L1.load() is L1 and Plain.load() is Plain and L1.plain_kl and not Plain.plain_kl
+    assert REGULARISERS["kl"].load() is KL and REGULARISERS["kl"] is not KL
+
+
+def test_the_rules_modules_import_no_torch():
+    """The config's rules across parts are read before torch loads."""
+    res = run_script(["-c", "import sys, models.objective_rules, models.prior_rules, models.regulariser_rules; "
+                            "print('torch' in sys.modules)"])
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]

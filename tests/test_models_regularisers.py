@@ -132,7 +132,7 @@ def test_dip_penalties_by_hand():
     cfg = load_config(None, ["loss.regulariser=dip_i", "loss.dip_lambda_od=3", "loss.dip_lambda_d=7"]).loss
     kl = torch.rand(64)
     for name, cov in (("dip_i", c), ("dip_ii", c + torch.diag(codes.logvar.double().exp().mean(0)))):
-        penalty, parts = REGULARISERS[name](cfg)(kl, codes, StandardNormal(4), None)
+        penalty, parts = REGULARISERS[name].load()(cfg)(kl, codes, StandardNormal(4), None)
         off = (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()).item()
         on = (torch.diagonal(cov) - 1).pow(2).sum().item()
         assert parts["dip_off_diagonal"].item() == pytest.approx(off, rel=1e-4)
@@ -140,7 +140,7 @@ def test_dip_penalties_by_hand():
     # whitened means have the identity as covariance: DIP-VAE-I adds nothing
     w = codes.mu - codes.mu.mean(0)
     w = w @ torch.linalg.inv(torch.linalg.cholesky(covariance(w))).T
-    penalty, _ = REGULARISERS["dip_i"](cfg)(kl, PosteriorSample(w, w, codes.logvar), StandardNormal(4), None)
+    penalty, _ = REGULARISERS["dip_i"].load()(cfg)(kl, PosteriorSample(w, w, codes.logvar), StandardNormal(4), None)
     assert penalty.item() == pytest.approx(kl.mean().item(), abs=1e-4)
 
 

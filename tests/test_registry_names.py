@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import REPO
+from utils.fields import PartRules
 
 SCANNED = ("models", "utils")  # and the scripts
 SCRIPTS = ("train_vae", "sample", "evaluate")
@@ -88,12 +89,20 @@ class Parts:
     config_keys: set[str]  # data.name, ...
 
 
+def _members(value: object) -> list[object]:
+    """What a registry entry is made of: the members of a tuple; a part's rules class (``PartRules``: what it
+    states for the config, without torch) and the torch class it names, which subclasses it."""
+    members = list(value) if isinstance(value, tuple) else [value]
+    return members + [m.load() for m in members if isinstance(m, type) and issubclass(m, PartRules)
+                      and m.load() is not m]
+
+
 def _own_scopes(value: object, registry_home: str) -> set[Scope]:
-    """Where a registered value's name may be tested: inside its own class or function when the toolkit defines
-    one (its module may hold other parts and their dispatch), else anywhere
-    in the registry's module (a tuple of names, a data set or metric object, a class of torch's)."""
-    members = value if isinstance(value, tuple) else (value,)
-    bodies = {(m.__module__, m.__qualname__) for m in members if (isinstance(m, type) or inspect.isfunction(m))
+    """Where a registered value's name may be tested: inside its own classes or function when the toolkit
+    defines them (its module may hold other parts and their dispatch; a part's rules class and its torch class
+    are both its own), else anywhere in the registry's module (a tuple of names, a data set or metric object, a
+    class of torch's)."""
+    bodies = {(m.__module__, m.__qualname__) for m in _members(value) if (isinstance(m, type) or inspect.isfunction(m))
               and (getattr(sys.modules.get(m.__module__), "__file__", None) or "").startswith(str(REPO))}
     return bodies or {(registry_home, "")}
 
@@ -112,7 +121,7 @@ def parts() -> Parts:
             value = registry[entry] if isinstance(registry, dict) else None
             found.owners.setdefault(entry, set()).update(_own_scopes(value, where))
             found.registries_of.setdefault(entry, []).append(name)
-            for m in value if isinstance(value, tuple) else (value,):
+            for m in _members(value):
                 if isinstance(m, type):
                     found.classes.setdefault(m, set()).update(_own_scopes(m, where))
     return found
@@ -370,16 +379,19 @@ def test_a_planted_class_test_of_a_registered_part_is_reported_in_each_form():
         "from models.likelihoods import OptimalSigma as Optimal",
         "from models.total_correlation import TCVAE",
         "from torch import nn",
+        "from models.regulariser_rules import MMDRules",
         "def f(vae, r, m):",
-        "    a = isinstance(vae.likelihood, Optimal)",  # 6: through an alias
-        "    b = isinstance(r, (int, regularisers.MMD))",  # 7: in a tuple, through the module
-        "    c = type(r) is TCVAE",  # 8
-        "    d = r.__class__ == regularisers.DIPII",  # 9
-        "    e = issubclass(m, nn.ReLU)",  # 10: a registered class of torch's (model.activation)
+        "    a = isinstance(vae.likelihood, Optimal)",  # 7: through an alias
+        "    b = isinstance(r, (int, regularisers.MMD))",  # 8: in a tuple, through the module
+        "    c = type(r) is TCVAE",  # 9
+        "    d = r.__class__ == regularisers.DIPII",  # 10
+        "    e = issubclass(m, nn.ReLU)",  # 11: a registered class of torch's (model.activation)
+        "    f = issubclass(m, MMDRules)",  # 12: a part's rules class (its registry's entry)
     ))
     assert [(int(v.split(":")[1]), v.split()[-1]) for v in found] == [
-        (6, "models.likelihoods.OptimalSigma"), (7, "models.regularisers.MMD"), (8, "models.total_correlation.TCVAE"),
-        (9, "models.regularisers.DIPII"), (10, "torch.nn.modules.activation.ReLU")]
+        (7, "models.likelihoods.OptimalSigma"), (8, "models.regularisers.MMD"), (9, "models.total_correlation.TCVAE"),
+        (10, "models.regularisers.DIPII"), (11, "torch.nn.modules.activation.ReLU"),
+        (12, "models.regulariser_rules.MMDRules")]
 
 
 def test_the_same_tests_pass_inside_the_part_and_ordinary_words_pass_elsewhere():

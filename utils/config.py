@@ -33,15 +33,17 @@ __all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "
            "config_to_dict", "config_yaml", "load_config", "read_yaml", "reference_markdown", "registries_markdown"]
 
 # the config keys that name a part, and the registry whose keys are their choices (one list per kind), by its
-# module and name: a key's value is checked against the names before the parts' modules (and torch) load
+# module and name: a key's value is checked against the names before the parts' modules (and torch) load; a
+# prior's, an objective's and a regulariser's registry holds their rules classes (torch-free), whose ``load()``
+# gives the torch class
 REGISTRIES: dict[str, Registry] = {
     "data.name": Registry("utils.data.registry", "DATASETS"),
     "model.net": Registry("models.networks", "NETWORKS"),
     "model.activation": Registry("models.networks", "ACTIVATIONS"),
     "model.likelihood": Registry("models.likelihoods", "LIKELIHOODS"),
-    "model.prior": Registry("models.priors", "PRIORS"),
-    "loss.objective": Registry("models.objectives", "OBJECTIVES"),
-    "loss.regulariser": Registry("models.regularisers", "REGULARISERS"),
+    "model.prior": Registry("models.prior_rules", "PRIORS"),
+    "loss.objective": Registry("models.objective_rules", "OBJECTIVES"),
+    "loss.regulariser": Registry("models.regulariser_rules", "REGULARISERS"),
     "loss.mmd_kernel": Registry("models.regularisers", "KERNELS"),
     "loss.tc_estimator": Registry("models.total_correlation", "TC_ESTIMATORS"),
     "train.lr_schedule": Registry("utils.training.schedules", "SCHEDULES"),
@@ -97,7 +99,7 @@ def build_config(tree: dict[str, Any]) -> Config:
 
 def _check_together(cfg: Config) -> None:
     """Keys that only make sense together. Each part states its own needs (its ``check`` and class attributes),
-    so this asks the chosen parts and names none. (The parts' modules load here, and torch with them.)"""
+    so this asks the chosen parts and names none: their rules classes, which need no torch."""
     loss, train = cfg.loss, cfg.train
     objective = REGISTRIES["loss.objective"][loss.objective]
     regulariser = REGISTRIES["loss.regulariser"][loss.regulariser]

@@ -3,7 +3,8 @@
 Why here, on the ground floor: every layer owns its config section (``models/config.py``,
 ``utils/data/config.py``, ``utils/training/config.py``) and declares its fields with ``opt``;
 ``utils/config.py`` assembles the sections and supplies the registries whose keys are the
-choices of the fields that name a part.
+choices of the fields that name a part. What a config names is known here before torch loads: a registry's
+names (``Registry``), a part's rules (``PartRules``), and the code a reference names (``resolve``).
 """
 
 from __future__ import annotations
@@ -168,3 +169,26 @@ class Registry(Collection):
 
     def __repr__(self) -> str:
         return f"{self.module}.{self.variable}"
+
+
+def resolve(reference: str) -> Any:
+    """The object a ``"package.module:name"`` reference names, importing its module: how a torch-free module
+    points at code that needs torch without importing it."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class PartRules:
+    """What a part states for config validation and resolution (class attributes and class methods), without
+    torch: a config's rules across parts are checked before torch loads. A kind's registry maps each name to its
+    part's rules class; the part's torch class subclasses its rules class, so the two cannot disagree.
+    ``implementation`` names that torch class (``"models.regularisers:MMD"``)."""
+
+    implementation = ""
+
+    @classmethod
+    def load(cls) -> type:
+        """The part's torch class: the one ``implementation`` names, or this class where it is that class or a
+        subclass of it (a part defined with torch and registered directly)."""
+        implementation = resolve(cls.implementation)
+        return cls if issubclass(cls, implementation) else implementation

@@ -1,0 +1,65 @@
+"""What each objective states for config validation, without torch, and the registry of objectives,
+``OBJECTIVES`` (``loss.objective``: name -> rules class). Each objective's torch class (objectives.py)
+subclasses its rules class here, and ``load()`` returns it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from models.regulariser_rules import REGULARISERS
+from utils.errors import UserError
+from utils.fields import PartRules
+
+if TYPE_CHECKING:
+    from models.config import LossConfig
+
+
+class ObjectiveRules(PartRules):
+    """``deterministic``: no posterior sampling and no KL (an autoencoder), so no bound on log p(x) either;
+    ``check``: the ``loss`` keys it cannot honour."""
+
+    implementation = "models.objectives:Objective"
+    deterministic = False
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        """Refuse, in one line, ``loss`` keys this objective cannot honour (called when a config is validated)."""
+        if loss.k > 1:
+            raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
+
+
+class ELBORules(ObjectiveRules):
+    implementation = "models.objectives:ELBO"
+
+
+class IWAERules(ObjectiveRules):
+    implementation = "models.objectives:IWAE"
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        if not REGULARISERS[loss.regulariser].plain_kl:
+            raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
+                            f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
+
+
+class AERules(ObjectiveRules):
+    implementation = "models.objectives:AE"
+    deterministic = True
+
+    @classmethod
+    def check(cls, loss: LossConfig) -> None:
+        super().check(loss)
+        if not REGULARISERS[loss.regulariser].deterministic_ok:
+            ok = ", ".join(k for k, r in REGULARISERS.items() if r.deterministic_ok)
+            raise UserError(f"loss.objective=ae has no posterior variance and no KL, which loss.regulariser="
+                            f"{loss.regulariser} needs: use one of {ok}, or loss.objective=elbo")
+        if loss.beta != 1.0 or loss.kl_warmup_steps:
+            raise UserError("loss.beta and loss.kl_warmup_steps weigh the KL, which loss.objective=ae does not have: "
+                            "drop them")
+
+
+OBJECTIVES: dict[str, type[ObjectiveRules]] = {
+    "elbo": ELBORules,
+    "iwae": IWAERules,
+    "ae": AERules,
+}
