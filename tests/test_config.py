@@ -273,7 +273,7 @@ def test_each_rules_class_loads_its_torch_class_which_subclasses_it():
 
 
 def test_the_rules_modules_import_no_torch():
-    """The config's rules across parts are read before torch loads."""
-    res = run_script(["-c", "import sys, models.objective_rules, models.prior_rules, models.regulariser_rules; "
-                            "print('torch' in sys.modules)"])
+    """The config's rules across parts and the data sets' counts are read before torch loads."""
+    res = run_script(["-c", "import sys, models.objective_rules, models.prior_rules, models.regulariser_rules, "
+                            "utils.data.registry; print('torch' in sys.modules)"])
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]

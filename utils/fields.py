@@ -4,7 +4,8 @@ Why here, on the ground floor: every layer owns its config section (``models/con
 ``utils/data/config.py``, ``utils/training/config.py``) and declares its fields with ``opt``;
 ``utils/config.py`` assembles the sections and supplies the registries whose keys are the
 choices of the fields that name a part. What a config names is known here before torch loads: a registry's
-names (``Registry``), a part's rules (``PartRules``), and the code a reference names (``resolve``).
+names (``Registry``), a part's rules (``PartRules``), and code to import when it is called (``resolve``,
+``Deferred``).
 """
 
 from __future__ import annotations
@@ -176,6 +177,21 @@ def resolve(reference: str) -> Any:
     points at code that needs torch without importing it."""
     module, _, name = reference.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+class Deferred:
+    """A call to a function named by reference (``resolve``), with arguments fixed now (as ``functools.partial``)
+    and the function's module imported at the first call: a registry entry's loader, kept in a module that
+    must import no torch."""
+
+    def __init__(self, reference: str, *args: Any):
+        self.reference, self.args = reference, args
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return resolve(self.reference)(*self.args, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Deferred({', '.join(map(repr, (self.reference, *self.args)))})"
 
 
 class PartRules:

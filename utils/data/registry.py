@@ -17,20 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from utils.data.counts import Counts, dsprites_counts, image_folder_counts, loaded_counts, torchvision_counts
-from utils.data.dsprites import load_dsprites
-from utils.data.hf import load_hf
-from utils.data.sources import celeba, idx_set, image_folder, torchvision_set
-from utils.data.splits import DecodedImages, ImageSplit
 from utils.errors import UserError
+from utils.fields import Deferred
 
 if TYPE_CHECKING:
     from utils.data.config import DataConfig
+    from utils.data.splits import ImageSplit
 
 
 @dataclass(frozen=True)
 class DataSet:
     """A registered data set: its channels and native size, and its loader (config, shape) -> (train, test,
-    source). ``any_channels``: converted to ``data.channels`` when set; ``fixed_size``: only its native size;
+    source), by reference (``Deferred``: the loaders' modules import torch, and a config names its set before
+    torch loads). ``any_channels``: converted to ``data.channels`` when set; ``fixed_size``: only its native size;
     ``has_factors``: its splits carry ground-truth generative factors (``ImageSplit.factors``: the
     disentanglement scores need them; known here before any data is read)."""
 
@@ -51,15 +50,20 @@ class DataSet:
 
 
 DATASETS: dict[str, DataSet] = {
-    "mnist": DataSet(1, 28, partial(idx_set, "MNIST"), counts=partial(torchvision_counts, "MNIST")),
-    "fashion_mnist": DataSet(1, 28, partial(idx_set, "FashionMNIST"),
+    "mnist": DataSet(1, 28, Deferred("utils.data.sources:idx_set", "MNIST"),
+                     counts=partial(torchvision_counts, "MNIST")),
+    "fashion_mnist": DataSet(1, 28, Deferred("utils.data.sources:idx_set", "FashionMNIST"),
                              counts=partial(torchvision_counts, "FashionMNIST")),
-    "cifar10": DataSet(3, 32, partial(torchvision_set, "CIFAR10"), counts=partial(torchvision_counts, "CIFAR10")),
-    "celeba": DataSet(3, 64, celeba),
-    "dsprites": DataSet(1, 64, load_dsprites, fixed_size=True, has_factors=True, counts=dsprites_counts),
+    "cifar10": DataSet(3, 32, Deferred("utils.data.sources:torchvision_set", "CIFAR10"),
+                       counts=partial(torchvision_counts, "CIFAR10")),
+    "celeba": DataSet(3, 64, Deferred("utils.data.sources:celeba")),
+    "dsprites": DataSet(1, 64, Deferred("utils.data.dsprites:load_dsprites"), fixed_size=True, has_factors=True,
+                        counts=dsprites_counts),
     # channels and size as configured
-    "image_folder": DataSet(3, 64, image_folder, any_channels=True, counts=image_folder_counts),
-    "hf": DataSet(3, 64, load_hf, any_channels=True),  # Hugging Face datasets; channels and size as configured
+    "image_folder": DataSet(3, 64, Deferred("utils.data.sources:image_folder"), any_channels=True,
+                            counts=image_folder_counts),
+    # Hugging Face datasets; channels and size as configured
+    "hf": DataSet(3, 64, Deferred("utils.data.hf:load_hf"), any_channels=True),
 }
 
 
@@ -81,6 +85,8 @@ def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
 
 def load_data(cfg: DataConfig, num_workers: int = 0) -> tuple[ImageSplit, ImageSplit, str]:
     """(train, test, one-line summary) for ``cfg.name``."""
+    from utils.data.splits import DecodedImages
+
     ds = DATASETS[cfg.name]
     train, test, source = ds.load(cfg, image_shape(cfg))
     if ds.has_factors != (test.factors is not None):
