@@ -14,14 +14,16 @@ directory once data and model have loaded, then trains.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# only what --help and the argument checks need: torch, accelerate and the toolkit load in main, once the
-# arguments are known good (a typo in a flag is answered at once)
+# only what --help and the argument checks need: the toolkit loads in main, once the arguments are known good (a
+# typo in a flag is answered at once), and torch and accelerate only to train (or to learn a bf16 run's device)
 from utils.errors import CliParser, UserError, guarded_main
 from utils.training.config import native_cpu_bf16, run_precision
 
@@ -94,15 +96,17 @@ def main(argv: list[str]) -> None:
         cfg = load_config(args.config, overrides)  # (a config error is said before accelerate loads)
         ckpt = None
         run_dir = Path(args.exp_dir) if args.exp_dir else default_run_dir(args.config)
-        state = process_state()
+        state = OneProcess() if args.dry_run and not launched() else process_state()
     # what parts derive from the data (an older run's 0s too), so that --dry-run shows it; counting may fill a
     # cache (a Hugging Face set), so one process per machine counts first, as loading does
     with state.local_main_process_first():
         complete_config(cfg)
-    run_precision(cfg.train.mixed_precision)  # accelerate's setting, checked as the config's is
+    precision = run_precision(cfg.train.mixed_precision)  # accelerate's setting, checked as the config's is
     if state.is_main_process:
-        for line in (run_warnings(cfg) + launch_warnings(state.num_processes)
-                     + precision_warnings(cfg.train.mixed_precision, state.device.type)):
+        warnings = run_warnings(cfg) + launch_warnings(state.num_processes)
+        if precision == "bf16":  # (only then is the device asked for, which a dry run learns from accelerate)
+            warnings += precision_warnings(precision, state.device.type)
+        for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         if state.is_main_process:
@@ -119,6 +123,33 @@ def process_state() -> PartialState:
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several, read from the environment as accelerate's
+    PartialState reads it (LOCAL_RANK set, or a world size above 1 from torchrun, MPI or ``accelerate launch``), or
+    a TPU could make it one (torch_xla installed)."""
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    world = next((int(os.environ[k]) for k in sizes if k in os.environ), 1)
+    return (int(os.environ.get("LOCAL_RANK", -1)) != -1 or world > 1
+            or importlib.util.find_spec("torch_xla") is not None)
+
+
+class OneProcess:
+    """A dry run's view of a process started alone (``launched()`` is false): the one process, and the main one,
+    as accelerate's PartialState would say, without importing accelerate or torch. Only a bf16 run asks for its
+    device, which accelerate then gives. (A launched dry run builds accelerate's state, whose barriers let one
+    process per machine count the data first.)"""
+
+    num_processes = 1
+    is_main_process = True
+
+    def local_main_process_first(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def device(self):  # torch.device
+        return process_state().device
 
 
 def start(args: argparse.Namespace, cfg: Config, run_dir: Path, ckpt: Path | None, state: PartialState,
