@@ -119,7 +119,8 @@ def save_feature_net(net: FeatureCNN, meta: dict, path: Path) -> str:
     state = net.state_dict()
     meta = dict(meta, identity=f"{meta['data_name']}-{meta['config']['kind']}@{weights_hash(state)[:12]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(state, path, {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+    # one metadata key: safetensors writes several in hash-map order, which differs from run to run
+    save_tensors(state, path, {"feature_network": json.dumps(meta, sort_keys=True)})
     return meta["identity"]
 
 
@@ -138,7 +139,8 @@ def load_feature_net(path: str | Path, expected_shape: tuple[int, int, int] | No
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
         state = load_file(str(path))
-        meta = json.loads(header["meta"]) if header.get("format") == FORMAT else None
+        meta = json.loads(header.get("feature_network", "{}"))
+        meta = meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
         cfg = meta["config"] if meta else None
         net = FeatureCNN(cfg["arch"], tuple(cfg["image_shape"]), cfg["width"], cfg["embed"], cfg["kind"],
                          cfg.get("classes", 0)) if cfg else None
