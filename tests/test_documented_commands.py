@@ -148,6 +148,9 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "python -m utils.inference.export runs/X hub/mnist-vae": (RUN, []),
     "python -m utils.inference.export runs/X hub/mnist-vae --push_to_hub you/mnist-vae":
         (NETWORK, "uploads to the Hugging Face Hub"),
+    "python -m utils.inference.features -c configs/mnist.yaml": (SHORT, ["--steps", "20"]),
+    "python -m utils.inference.features -c configs/celeba.yaml --data_root data/celeba-10k --steps 300 --seed 0 "
+    "--out FILE": (LONG, "minutes of SimCLR training on the CelebA faces"),
 }
 
 
@@ -252,10 +255,10 @@ def scripts() -> dict[str, Callable[[list[str]], None]]:
     import evaluate
     import sample
     import train_vae
-    from utils.inference import export
+    from utils.inference import export, features
 
     return {"train_vae.py": train_vae.main, "sample.py": sample.main, "evaluate.py": evaluate.main,
-            "-m utils.inference.export": export.main}
+            "-m utils.inference.export": export.main, "-m utils.inference.features": features.main}
 
 
 def run_command(command: str, appended: list[str], monkeypatch) -> Result:
@@ -316,6 +319,8 @@ CHECKS: dict[str, Callable[[Path], None]] = {
         lambda c: last_step(c / "runs/mnist-20261121-100000") == 8 or pytest.fail("not extended to step 8"),
     "python -m utils.inference.export runs/X hub/mnist-vae":
         lambda c: (c / "hub/mnist-vae/model.safetensors").is_file() or pytest.fail("nothing exported"),
+    "python -m utils.inference.features -c configs/mnist.yaml":
+        lambda c: (c / "features/mnist.safetensors").is_file() or pytest.fail("no features/mnist.safetensors"),
 }
 
 

@@ -15,6 +15,7 @@ from utils.data.splits import TensorImages
 from utils.errors import UserError, guarded_main
 from utils.evaluation import feature_training as ft
 from utils.evaluation import features
+from utils.inference import features as cli
 
 
 def mnist(real_data):
@@ -72,7 +73,7 @@ def test_mnist_classifier_learns_and_never_sees_the_held_out_split(real_data, tm
 
     monkeypatch.setattr(features, "train_feature_net", watched)
     out = tmp_path / "mnist.safetensors"
-    features.main(["-c", str(REPO / "configs/mnist.yaml"), "--data_root", str(real_data), "--steps", "80",
+    cli.main(["-c", str(REPO / "configs/mnist.yaml"), "--data_root", str(real_data), "--steps", "80",
                    "--out", str(out)])
     assert f"wrote {out} (mnist-classifier@" in capsys.readouterr().out
     net = features.load_feature_net(out, (1, 28, 28))
@@ -128,7 +129,7 @@ def test_simclr_on_celeba_faces_lowers_its_loss(real_data, tmp_path):
 
 def refusal(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
-        guarded_main(features.main, argv)
+        guarded_main(cli.main, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -8,20 +8,19 @@ net for images under 32 px, a small ResNet-class net from 32 px), a SimCLR encod
 fingerprint of the images it saw and an identity ``name@hash12`` (of the weights): numbers measured in two
 different feature spaces are not comparable, and the identity says which one a number belongs to.
 
-    python -m utils.evaluation.features -c configs/mnist.yaml [--data_root DIR] [--steps N] [--seed S] [--out FILE]
+Trained by ``python -m utils.inference.features -c CONFIG`` (the command reads a config, a layer above this one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from utils.errors import CliParser, UserError, guarded_main
+from utils.errors import UserError
 
 FORMAT = "vae-toolkit feature network 1"
 EMBED = 128
@@ -132,7 +131,7 @@ def load_feature_net(path: str | Path, expected_shape: tuple[int, int, int] | No
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
-    train = f"train one with python -m utils.evaluation.features -c CONFIG --out {path}"
+    train = f"train one with python -m utils.inference.features -c CONFIG --out {path}"
     if not path.is_file():
         raise UserError(f"no feature network at {path}: {train}")
     try:
@@ -159,7 +158,7 @@ def load_feature_net(path: str | Path, expected_shape: tuple[int, int, int] | No
         shape = "x".join(map(str, fnet.image_shape))
         raise UserError(f"the feature network {path} ({fnet.identity}) takes {shape} images, not "
                         f"{'x'.join(map(str, expected_shape))}: train one at this size with python -m "
-                        f"utils.evaluation.features -c CONFIG --out OTHER_FILE")
+                        f"utils.inference.features -c CONFIG --out OTHER_FILE")
     return fnet
 
 
@@ -184,37 +183,3 @@ def train_feature_net(train, data_name: str, steps: int | None, seed: int, log=p
     meta = {"format": FORMAT, "config": cfg, "data_name": data_name, "train_images": len(train),
             "data_fingerprint": digest, "fingerprint_covers": covers, "report": done.report}
     return done.net, meta
-
-
-def main(argv: list[str] | None = None) -> None:
-    from utils.config import load_config
-    from utils.data.registry import load_data
-    from utils.evaluation import feature_training as ft
-
-    p = CliParser(prog="utils.evaluation.features", description="Train the feature network of a data set "
-                  "(its training split only), the feature space of the sample-quality metrics.")
-    p.add_argument("-c", "--config", required=True, help="a run's config or any config naming the data set")
-    p.add_argument("--data_root", help="data.root (default: the config's)")
-    p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="where to write it (default features/<data set>.safetensors)")
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps {args.steps}: give a positive number of training steps")
-    cfg = load_config(args.config, [f"data.root={args.data_root}"] if args.data_root else [])
-    out = Path(args.out or Path("features") / f"{cfg.data.name}.safetensors")
-    train, test, summary = load_data(cfg.data)
-    print(summary)
-    start = time.perf_counter()
-    net, meta = train_feature_net(train, cfg.data.name, args.steps, args.seed)
-    seconds = time.perf_counter() - start
-    if meta["config"]["kind"] == "classifier" and ft.labelled(test):
-        meta["report"]["held_out_accuracy"] = ft.accuracy(net, test)  # read after training, for this report only
-    identity = save_feature_net(net, meta, out)
-    numbers = "  ".join(f"{k} {v:.4g}" for k, v in meta["report"].items())
-    print(f"trained in {seconds:.1f} s: {numbers}")
-    print(f"wrote {out} ({identity})")
-
-
-if __name__ == "__main__":
-    guarded_main(main)
