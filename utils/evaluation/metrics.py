@@ -148,6 +148,30 @@ def _fid(ev: Evaluation) -> None:
     ev.results["fid"] = {"fid": score, "n": n, "features": "inception-v3 pool3 (2048)", "sampler": o.sampler}
 
 
+def _quality(ev: Evaluation) -> None:
+    """Samples from --sampler against held-out images in the data set's own feature space (sample_quality.py)."""
+    from utils.evaluation.sample_quality import feature_net_for, sample_quality
+
+    o, vae = ev.options, ev.vae
+    net = feature_net_for(o.features, vae.config.data.name, tuple(ev.test.shape))
+    n = min(o.quality_samples, len(ev.test))
+    sampler = ev.sampler(o.sampler)
+    with ev.bar(n, f"sample quality ({o.sampler}, {net.identity})") as bar:
+        scores = sample_quality(vae, ev.test, net, n, o.batch_size, ev.accelerator.device, sampler.sample, o.seed,
+                                o.kid_subsets, o.kid_subset_size, bar)
+    ev.results["quality"] = {**scores, "sampler": o.sampler}
+
+
+def _quality_rows(results: dict) -> Rows:
+    q = results["quality"]
+    return [("sample quality", f"FD {q['fd']:.3f}, KID {1e3 * q['kid_mean']:.2f} ± {1e3 * q['kid_sd']:.2f} (x1e-3), "
+                               f"precision {q['precision']:.3f}, recall {q['recall']:.3f}, density "
+                               f"{q['density']:.3f}, coverage {q['coverage']:.3f}, two-sample accuracy "
+                               f"{q['c2st_accuracy']:.3f}"),
+            ("  in", f"{q['features']}'s features, {q['n_generated']} samples ({q['sampler']}) vs held-out images "
+                     f"(not comparable with Inception FID)")]
+
+
 def _samplers(ev: Evaluation) -> None:
     """Each usable sampler's two offline numbers (utils/evaluation/samplers.py), fitting what is not fitted yet."""
     from models.samplers import SAMPLERS
@@ -242,6 +266,19 @@ METRICS: dict[str, Metric] = {
                   reads=("sampler", "seed"), draws=lambda options, vae: [options.sampler],
                   rows=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples vs held-out images)")],
                   headline=lambda r: [("FID", f"{r['fid']['fid']:.2f} ({r['fid']['n']} samples)")]),
+    "quality": Metric("sample quality in the data set's own feature network (python -m utils.inference.features): "
+                      "Fréchet distance, KID, precision, recall, density, coverage and a classifier two-sample "
+                      "test of --quality_samples samples from --sampler against held-out images", _quality,
+                      flags=(Option("features", None, "quality: the feature network (default "
+                                                      "features/<data set>.safetensors)", type=str, recorded=False),
+                             Option("quality_samples", 10_000, "quality: samples and held-out images compared", min=1),
+                             Option("kid_subsets", 100, "quality: KID's random subsets", min=1),
+                             Option("kid_subset_size", 1000, "quality: images in each KID subset", min=2)),
+                      reads=("sampler", "seed"), draws=lambda options, vae: [options.sampler], main_only=True,
+                      rows=_quality_rows,
+                      headline=lambda r: [(f"sample quality ({r['quality']['features']})",
+                                           f"FD {r['quality']['fd']:.3f}, precision {r['quality']['precision']:.3f}, "
+                                           f"recall {r['quality']['recall']:.3f}")]),
     "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "
                        "(nats per code)", _samplers, rows=_sampler_rows, main_only=True,

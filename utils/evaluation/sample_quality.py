@@ -1,0 +1,63 @@
+"""Sample quality in a feature space the toolkit trains itself: a model's samples against held-out images.
+
+The feature network (utils/evaluation/features.py, trained by ``python -m utils.inference.features``) saw only
+the training split; the scores (utils/evaluation/quality.py: Fréchet distance, KID, precision, recall, density,
+coverage, a classifier two-sample test) compare the features of the first n held-out images with those of n
+decoded samples. Every number is named by the network's identity: numbers of two networks do not compare, and
+none of them compares with a paper's Inception FID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from models.vae import VAE
+from utils.data.splits import ImageSplit
+from utils.errors import UserError
+from utils.evaluation.features import load_feature_net
+from utils.evaluation.quality import quality_scores
+
+FEATURES = Path("features")  # where python -m utils.inference.features writes by default
+
+
+def default_features(data_name: str) -> Path:
+    return FEATURES / f"{data_name}.safetensors"
+
+
+def feature_net_for(path: str | Path | None, data_name: str, shape: tuple[int, int, int]):
+    """The feature network for a model of ``data_name`` images of ``shape``; a one-line refusal when there is none,
+    or it is another data set's (its space says nothing of these images)."""
+    path = Path(path) if path else default_features(data_name)
+    net = load_feature_net(path, shape)
+    if net.data_name != data_name:
+        raise UserError(f"{path} is the feature network of {net.data_name} ({net.identity}), and this model is of "
+                        f"{data_name}: train one for {data_name} with python -m utils.inference.features -c CONFIG "
+                        f"and pass it with --features FILE")
+    return net
+
+
+@torch.no_grad()
+def sample_quality(vae: VAE, test: ImageSplit, net, n: int, batch_size: int, device: torch.device | str,
+                   draw: Callable[[int, torch.Generator], torch.Tensor], seed: int = 0, kid_subsets: int = 100,
+                   kid_subset_size: int = 1000, progress=None) -> dict:
+    """The scores of n samples (codes from ``draw``, decoded to the decoder's means) against the first n held-out
+    images; a conditional model decodes each sample with the class of the held-out image it stands beside."""
+    n = min(n, len(test))
+    if kid_subset_size > n:
+        raise UserError(f"--kid_subset_size {kid_subset_size} is more than the {n} images compared: lower it to "
+                        f"at most {n}, or raise --quality_samples (held-out images: {len(test)})")
+    g = torch.Generator().manual_seed(seed)
+    real, generated = [], []
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n), device=device)
+        real.append(net.embed(test.batch(idx).clamp(0, 1)))
+        z = draw(len(idx), g).to(device)
+        generated.append(net.embed(vae.decode(z, test.labels_at(idx)).float().clamp(0, 1)))
+        if progress is not None:
+            progress.update(len(idx))
+    scores = quality_scores(torch.cat(real), torch.cat(generated), seed=seed, kid_subsets=kid_subsets,
+                            kid_subset_size=kid_subset_size)
+    return {**scores, "features": net.identity}
