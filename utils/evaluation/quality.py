@@ -65,10 +65,16 @@ def frechet_distance(real, generated) -> float:
     return float(value)
 
 
+def cubic(k: torch.Tensor) -> torch.Tensor:
+    """``k ** 3`` in place by two products: a float64 ``pow`` takes twice as long as the matrix product itself."""
+    square = k * k
+    return square.mul_(k)
+
+
 def poly_mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Unbiased MMD^2 of two equal-size sets with the cubic kernel ``(x.y / d + 1)^3`` (Bińkowski et al. 2018)."""
     m, d = x.shape
-    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    k_xx, k_yy, k_xy = (cubic(torch.addmm(x.new_ones(()), a, b.T, alpha=1 / d)) for a, b in ((x, x), (y, y), (x, y)))
     within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return within - 2 * k_xy.sum() / m**2
 
