@@ -131,6 +131,23 @@ def test_bad_input_is_refused_in_one_line(real, generated, words):
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("options, words", [
+    ({"kid_subsets": 0}, "set it to 1 or more"),
+    ({"nearest_k": 0}, "set it to 1 or more"),
+    ({"nearest_k": 5}, "lower nearest_k"),
+])
+def test_bad_options_are_refused_in_one_line(options, words):
+    points = np.random.default_rng(0).normal(size=(5, 3))
+    with pytest.raises(UserError) as error:
+        quality_scores(points, points + 1, seed=0, **{"kid_subset_size": 5, **options})
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_c2st_trains_on_both_classes_even_for_two_points_each():
+    accuracy, held_out = c2st(np.array([[0.0], [1.0]]), np.array([[10.0], [11.0]]), seed=0)
+    assert (accuracy, held_out) == (1.0, 2)
+
+
 def test_a_shifting_mean_raises_fd_and_kid_and_lowers_precision_and_density():
     real = gaussian(1000, 8, 18)  # one generated sample, translated along every axis by t: FD -> 8 t^2
     steps = [quality_scores(real, gaussian(1000, 8, 19, shift=t), seed=0, kid_subsets=20, kid_subset_size=500)

@@ -82,6 +82,8 @@ def poly_mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def kid(real, generated, *, seed: int, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
     """KID as (mean, sd) of the unbiased MMD^2 over ``subsets`` seeded draws of ``subset_size`` from each set."""
     r, g = checked_pair(real, generated)
+    if subsets < 1:
+        raise UserError(f"kid_subsets is {subsets}: set it to 1 or more (100 is usual)")
     if subset_size < 2 or subset_size > min(len(r), len(g)):
         raise UserError(f"kid_subset_size {subset_size} does not fit {len(r)} real and {len(g)} generated points: "
                         f"set kid_subset_size between 2 and {min(len(r), len(g))}")
@@ -93,6 +95,8 @@ def kid(real, generated, *, seed: int, subsets: int = 100, subset_size: int = 10
 
 def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
+    if k < 1:
+        raise UserError(f"nearest_k is {k}: set it to 1 or more (3 is the published choice)")
     if k >= len(x):
         raise UserError(f"nearest_k {k} needs more than {k} points in each set, got {len(x)}: lower nearest_k")
     return torch.cat([torch.cdist(x[i:i + ROWS], x).topk(k + 1, dim=1, largest=False).values[:, k]
@@ -125,8 +129,8 @@ def prdc(real, generated, *, nearest_k: int = 3) -> dict[str, float]:
 def c2st(real, generated, *, seed: int) -> tuple[float, int]:
     """Held-out accuracy of a classifier telling real from generated, and the number of held-out points.
 
-    The larger set is subsampled to the smaller (seeded) so that 0.5 is chance; a seeded half trains a logistic
-    regression on features standardized with the training half's statistics, the other half scores it. A
+    The larger set is subsampled to the smaller (seeded) so that 0.5 is chance; a seeded half of each class
+    trains a logistic regression on features standardized with the training half's statistics, the rest scores it. A
     linear classifier is convex (no initialisation to seed), fast at 10,000 x 512, and in a feature space
     trained to separate images a linear read-out is what the features are for.
     """
@@ -138,8 +142,9 @@ def c2st(real, generated, *, seed: int) -> tuple[float, int]:
     n = min(len(r), len(g))
     x = np.concatenate([r.numpy()[rng.permutation(len(r))[:n]], g.numpy()[rng.permutation(len(g))[:n]]])
     y = np.concatenate([np.ones(n), np.zeros(n)])
-    order = rng.permutation(2 * n)
-    train, test = order[:n], order[n:]
+    halves = [rng.permutation(n) + offset for offset in (0, n)]  # both classes in both halves, however small n is
+    train = np.concatenate([h[:n // 2] for h in halves])
+    test = np.concatenate([h[n // 2:] for h in halves])
     scaler = StandardScaler().fit(x[train])
     clf = LogisticRegression(max_iter=1000).fit(scaler.transform(x[train]), y[train])
     return float(clf.score(scaler.transform(x[test]), y[test])), len(test)
