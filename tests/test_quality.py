@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -141,6 +142,19 @@ def test_bad_options_are_refused_in_one_line(options, words):
     with pytest.raises(UserError) as error:
         quality_scores(points, points + 1, seed=0, **{"kid_subset_size": 5, **options})
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_c2st_sees_a_wrong_spread_as_well_as_the_best_possible_classifier():
+    # N(0, I) against N(0, s^2 I) in d dimensions: the Bayes classifier thresholds |x|^2 where the densities meet,
+    # |x|^2 = t = 2 d s^2 log s / (s^2 - 1), and is right with probability (P(chi2_d < t) + P(chi2_d > t / s^2)) / 2
+    from scipy.stats import chi2
+
+    d, s = 8, 1.5
+    t = 2 * d * s**2 * math.log(s) / (s**2 - 1)
+    bayes = (chi2.cdf(t, d) + chi2.sf(t / s**2, d)) / 2
+    assert 0.7 < bayes < 0.8
+    accuracy, _ = c2st(gaussian(3000, d, 22), gaussian(3000, d, 23, scale=s), seed=0)
+    assert bayes - 0.03 < accuracy < bayes + 0.03  # sd of the accuracy on 3000 held-out points: 0.008
 
 
 def test_c2st_trains_on_both_classes_even_for_two_points_each():

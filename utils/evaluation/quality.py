@@ -13,7 +13,7 @@ Every score compares two sets of feature vectors, real ``(N, d)`` and generated 
   with k-nearest-neighbour balls; the definitions of the authors' ``prdc`` package, computed here in row
   chunks so that 10,000 x 10,000 points need neither three full distance matrices nor minutes.
 - A classifier two-sample test (Lopez-Paz & Oquab 2017): held-out accuracy of a logistic regression on
-  standardized features telling real from generated (0.5 = indistinguishable).
+  standardized features and their squares telling real from generated (0.5 = indistinguishable).
 """
 
 from __future__ import annotations
@@ -130,9 +130,12 @@ def c2st(real, generated, *, seed: int) -> tuple[float, int]:
     """Held-out accuracy of a classifier telling real from generated, and the number of held-out points.
 
     The larger set is subsampled to the smaller (seeded) so that 0.5 is chance; a seeded half of each class
-    trains a logistic regression on features standardized with the training half's statistics, the rest scores it. A
-    linear classifier is convex (no initialisation to seed), fast at 10,000 x 512, and in a feature space
-    trained to separate images a linear read-out is what the features are for.
+    trains a logistic regression on the features and their squares, standardized with the training half's
+    statistics, and the rest scores it. The squares make it a quadratic (diagonal-Gaussian) discriminant: a
+    linear one cannot see a set that is too spread out or too narrow at the right mean (10,000 vs 10,000 points
+    of N(0, I) and N(0, 1.21 I) in d = 512: 0.50 linear, 0.91 with squares), the typical failing of blurry
+    samples. It stays convex (nothing to initialise) and takes about a second at that size, where a small
+    scikit-learn MLP took 16 s and scored 0.52.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -143,6 +146,7 @@ def c2st(real, generated, *, seed: int) -> tuple[float, int]:
     x = np.concatenate([r.numpy()[rng.permutation(len(r))[:n]], g.numpy()[rng.permutation(len(g))[:n]]])
     y = np.concatenate([np.ones(n), np.zeros(n)])
     halves = [rng.permutation(n) + offset for offset in (0, n)]  # both classes in both halves, however small n is
+    x = np.concatenate([x, x * x], axis=1)
     train = np.concatenate([h[:n // 2] for h in halves])
     test = np.concatenate([h[n // 2:] for h in halves])
     scaler = StandardScaler().fit(x[train])
