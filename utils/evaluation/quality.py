@@ -62,7 +62,7 @@ def frechet_distance(real, generated) -> float:
     middle = root @ s_g @ root
     eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0)
     value = (mu_r - mu_g).square().sum() + s_r.trace() + s_g.trace() - 2 * eig.sqrt().sum()
-    return float(value)
+    return max(float(value), 0.0)  # a distance: identical sets give a round-off -1e-14, not a score below zero
 
 
 def cubic(k: torch.Tensor) -> torch.Tensor:
