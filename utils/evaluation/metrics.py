@@ -164,7 +164,7 @@ def _quality(ev: Evaluation) -> None:
 
 def _quality_rows(results: dict) -> Rows:
     q = results["quality"]
-    return [("sample quality", f"FD {q['fd']:.3f}, KID {1e3 * q['kid_mean']:.2f} ± {1e3 * q['kid_sd']:.2f} (x1e-3), "
+    return [("sample quality", f"FD {q['fd']:.4g}, KID {q['kid_mean']:.4g} ± {q['kid_sd']:.2g}, "
                                f"precision {q['precision']:.3f}, recall {q['recall']:.3f}, density "
                                f"{q['density']:.3f}, coverage {q['coverage']:.3f}, two-sample accuracy "
                                f"{q['c2st_accuracy']:.3f}"),
@@ -277,7 +277,7 @@ METRICS: dict[str, Metric] = {
                       reads=("sampler", "seed"), draws=lambda options, vae: [options.sampler], main_only=True,
                       rows=_quality_rows,
                       headline=lambda r: [(f"sample quality ({r['quality']['features']})",
-                                           f"FD {r['quality']['fd']:.3f}, precision {r['quality']['precision']:.3f}, "
+                                           f"FD {r['quality']['fd']:.4g}, precision {r['quality']['precision']:.3f}, "
                                            f"recall {r['quality']['recall']:.3f}")]),
     "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "

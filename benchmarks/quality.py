@@ -1,0 +1,83 @@
+"""Time of the sample-quality suite (``evaluate.py --metrics quality``): features of n real and n generated images,
+then each score, on this machine.
+
+    python benchmarks/quality.py -c configs/celeba.yaml --data_root ../shared/data/celeba-10k \
+        --features features/celeba.safetensors [--exp_dir RUN] [--n 10000] [--threads 1]
+
+Without ``--exp_dir`` the "generated" images are training images (the set the feature network saw, as many as
+there are, up to n), which costs what decoding would not: the table then times the features and the scores, the
+part a model does not change. With a run, its prior samples are decoded too. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--data_root")
+    p.add_argument("--features", required=True, help="the data set's feature network (utils.inference.features)")
+    p.add_argument("--exp_dir", help="a trained run: time its prior samples too")
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+
+    import torch
+
+    from utils.config import load_config
+    from utils.data.registry import load_data
+    from utils.evaluation import quality
+    from utils.evaluation.features import load_feature_net
+
+    torch.set_num_threads(a.threads)
+    cfg = load_config(a.config, [f"data.root={a.data_root}"] if a.data_root else [])
+    times: list[tuple[str, float]] = []
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append((name, time.perf_counter() - t0))
+        return out
+
+    train, test, _ = timed("read the data", lambda: load_data(cfg.data))
+    net = load_feature_net(a.features, tuple(train.shape))
+    n_real = min(a.n, len(test))
+    real_images = timed(f"decode {n_real} held-out images", lambda: test.batch(torch.arange(n_real)))
+    if a.exp_dir:
+        from utils.inference.loading import load_trained
+
+        _, vae, _, _ = load_trained(a.exp_dir, None, None, torch.device("cpu"), a.data_root)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            fake_images = timed(f"decode {a.n} prior samples", lambda: torch.cat(
+                [vae.decode(vae.prior.sample(min(500, a.n - i), g)).clamp(0, 1) for i in range(0, a.n, 500)]))
+    else:
+        n_fake = min(a.n, len(train))
+        fake_images = timed(f"decode {n_fake} training images", lambda: train.batch(torch.arange(n_fake)))
+    real = timed(f"features of {len(real_images)} real", lambda: net.embed(real_images))
+    fake = timed(f"features of {len(fake_images)} generated", lambda: net.embed(fake_images))
+    r, g = quality.checked_pair(real, fake)
+    fd = timed("Fréchet distance", lambda: quality.frechet_distance(r, g))
+    kid = timed("KID (100 subsets of 1000)", lambda: quality.kid(r, g, seed=0, subsets=100,
+                                                                 subset_size=min(1000, len(r), len(g))))
+    prdc = timed("precision, recall, density, coverage (k=3)", lambda: quality.prdc(r, g, nearest_k=3))
+    c2st = timed("two-sample test", lambda: quality.c2st(r, g, seed=0))
+    print(f"{cfg.data.name}, {'x'.join(map(str, train.shape))}, {net.identity}, {a.threads} thread(s)\n")
+    print("| step | seconds |\n| --- | --- |")
+    for name, s in times:
+        print(f"| {name} | {s:.1f} |")
+    print(f"| **all** | **{sum(s for _, s in times):.1f}** |")
+    print(f"\nFD {fd:.3f}, KID {kid[0]:.4g} ± {kid[1]:.2g}, {', '.join(f'{k} {v:.3f}' for k, v in prdc.items())}, "
+          f"two-sample accuracy {c2st[0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
