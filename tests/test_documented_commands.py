@@ -151,6 +151,8 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "python -m utils.inference.features -c configs/mnist.yaml": (SHORT, ["--steps", "20"]),
     "python -m utils.inference.features -c configs/celeba.yaml --data_root data/celeba-10k --steps 300 --seed 0 "
     "--out FILE": (LONG, "minutes of SimCLR training on the CelebA faces"),
+    "python evaluate.py --exp_dir runs/X --metrics quality --sampler gmm":
+        (LONG, "needs the data set's feature network (a minute to train; tests/test_sample_quality.py runs it)"),
 }
 
 
