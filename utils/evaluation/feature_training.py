@@ -125,47 +125,45 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = TEMPERATURE
     return F.cross_entropy(sim, target)
 
 
-def train_classifier(net: torch.nn.Module, split: ImageSplit, steps: int, batch_size: int, seed: int,
-                     lr: float = 1e-3, log=print) -> Trained:
-    """Cross-entropy on the training split's labels; ``net(x)`` returns (embedding, logits)."""
+def _train(net: torch.nn.Module, split: ImageSplit, steps: int, batch_size: int, seed: int, lr: float, log,
+           loss_of, name: str) -> list[float]:
+    """The loop both kinds share: Adam on ``loss_of(step indices)`` over the seeded data order; the losses."""
     order = BatchOrder(len(split), batch_size, seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     losses = []
     net.train()
     for step in range(steps):
-        idx = order.indices(step)
-        x, y = split.batch(idx), split.labels_at(idx)
-        loss = F.cross_entropy(net(x)[1], y)
+        loss = loss_of(order.indices(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0:
-            log(f"step {step + 1}/{steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            log(f"step {step + 1}/{steps}  {name} {sum(losses[-50:]) / len(losses[-50:]):.4f}")
     net.eval()
+    return losses
+
+
+def train_classifier(net: torch.nn.Module, split: ImageSplit, steps: int, batch_size: int, seed: int,
+                     lr: float = 1e-3, log=print) -> Trained:
+    """Cross-entropy on the training split's labels; ``net(x)`` returns (embedding, logits)."""
+    losses = _train(net, split, steps, batch_size, seed, lr, log,
+                    lambda idx: F.cross_entropy(net(split.batch(idx))[1], split.labels_at(idx)), "loss")
     return Trained(net, losses, {"final_loss": sum(losses[-50:]) / len(losses[-50:])})
 
 
 def train_simclr(net: torch.nn.Module, split: ImageSplit, steps: int, batch_size: int, seed: int,
                  lr: float = 1e-3, log=print) -> Trained:
     """SimCLR: two views of each image of a batch, NT-Xent on the projection head's output."""
-    order = BatchOrder(len(split), batch_size, seed)
     g = torch.Generator().manual_seed(seed * 7_919 + 1)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    losses = []
-    net.train()
-    for step in range(steps):
-        x = split.batch(order.indices(step))
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        x = split.batch(idx)
         _, p1 = net(augment(x, g))
         _, p2 = net(augment(x, g))
-        loss = nt_xent(p1, p2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % max(1, steps // 10) == 0:
-            log(f"step {step + 1}/{steps}  NT-Xent {sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    net.eval()
+        return nt_xent(p1, p2)
+
+    losses = _train(net, split, steps, batch_size, seed, lr, log, loss_of, "NT-Xent")
     report = {"final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "initial_loss": sum(losses[:10]) / len(losses[:10])}
     report.update(pair_agreement(net, split, seed))
