@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
     results: dict = {"run": str(run), "config": cfg.model.likelihood, "data": cfg.data.name, "metrics": metrics,
                      "weights": {"file": str(weights), "sha256": model_fingerprint(vae)}}
     k = args.k if any(METRICS[m].takes("k") for m in metrics) else 1  # the ELBO alone: one sample
-    ev = Evaluation(vae, test, accelerator, args, metrics, results, k)
+    ev = Evaluation(vae, test, accelerator, args, results, k)
     for name, metric in METRICS.items():  # in the registry's order, whatever the order asked
         if name in metrics and (accelerator.is_main_process or not metric.main_only):
             metric.compute(ev)

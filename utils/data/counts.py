@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from utils.data.idx import IDX_FILES, read_idx
+
 if TYPE_CHECKING:
     from utils.data.config import DataConfig
 
@@ -39,18 +41,12 @@ def torchvision_counts(cls_name: str, cfg: DataConfig) -> Counts:
     n, classes = TORCHVISION_COUNTS[cls_name]
     raw = Path(cfg.root) / cls_name / "raw"
     try:
-        train, test = (_idx_labels(raw / f"{part}-labels-idx1-ubyte") for part in ("train", "t10k"))
+        train, test = (read_idx(raw / labels) for _, labels in IDX_FILES)
+        if train is None or test is None or train.ndim != 1 or test.ndim != 1:
+            raise ValueError("not IDX label files")
+        return Counts(len(train), max(int(train.max()), int(test.max())) + 1)
     except (OSError, ValueError):  # absent (to download) or damaged: loading fetches or refuses it
         return Counts(n, classes)
-    return Counts(len(train), max(train + test, default=-1) + 1)
-
-
-def _idx_labels(path: Path) -> bytes:
-    """The labels of an IDX1 file (one unsigned byte each), checked against its header."""
-    data = path.read_bytes()
-    if len(data) < 8 or data[:4] != b"\0\0\x08\x01" or len(data) != 8 + int.from_bytes(data[4:8], "big"):
-        raise ValueError(f"{path} is not an IDX1 label file")
-    return data[8:]
 
 
 def dsprites_counts(cfg: DataConfig) -> Counts:

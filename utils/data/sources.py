@@ -4,7 +4,6 @@ folders. Each takes the ``data`` section and the images' shape and returns (trai
 from __future__ import annotations
 
 import errno
-import math
 import os
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.data.idx import IDX_FILES, damaged_idx_files, read_idx
 from utils.data.splits import IMAGE_EXTS, FileImages, ImageSplit, TensorImages, seeded_split
 from utils.errors import UserError
 
@@ -83,10 +83,6 @@ def torchvision_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int])
     return splits[0], splits[1], cfg.root
 
 
-IDX_FILES = (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # (images, labels) of the train and test splits
-             ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
-
-
 def idx_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int]) -> tuple[ImageSplit, ImageSplit, str]:
     """MNIST and Fashion-MNIST: the official IDX files read as torchvision's class reads them, when all four are
     in data.root/<set>/raw and whole, without importing torchvision (whose import, with the models and the
@@ -97,44 +93,12 @@ def idx_set(cls_name: str, cfg: DataConfig, shape: tuple[int, int, int]) -> tupl
         return torchvision_set(cls_name, cfg, shape)
     splits = []
     for images_file, labels_file in IDX_FILES:
-        images, labels = _read_idx(raw / images_file), _read_idx(raw / labels_file)
+        images, labels = read_idx(raw / images_file), read_idx(raw / labels_file)
         if images is None or labels is None or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             return torchvision_set(cls_name, cfg, shape)  # not the official layout: torchvision says so
         splits.append(TensorImages(_resize(torch.from_numpy(images).unsqueeze(1), shape[1]),
                                    torch.from_numpy(labels).long()))
     return splits[0], splits[1], cfg.root
-
-
-def _read_idx(path: Path) -> np.ndarray | None:
-    """An IDX file of unsigned bytes as an array of its declared dimensions (None: another element type)."""
-    data = bytearray(path.read_bytes())  # (writable: a tensor may share its memory)
-    if data[2] != 0x08:
-        return None
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def damaged_idx_files(folder: Path) -> tuple[Path, str] | None:
-    """(the first IDX file in ``folder`` whose size is not the one its header declares, why), or None. The IDX
-    header (MNIST, Fashion-MNIST) gives the element type and every dimension, so a truncated or padded file shows
-    in its size alone."""
-    if not folder.is_dir():
-        return None
-    for path in sorted(folder.glob("*-ubyte")):
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(4)
-            if len(head) < 4 or head[:2] != b"\0\0":
-                return path, "no IDX header"
-            ndim, width = head[3], {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(head[2], 0)
-            dims = f.read(4 * ndim)
-        if not width or len(dims) < 4 * ndim:
-            return path, "its header is cut short"
-        expected = 4 + 4 * ndim + width * math.prod(int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(ndim))
-        if size != expected:
-            return path, f"{size:,} bytes where its header declares {expected:,}"
-    return None
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -28,7 +28,6 @@ class Evaluation:
     test: ImageSplit
     accelerator: Accelerator
     options: Namespace  # evaluate.py's parsed options: k, n_test, batch_size, seed, fid_*, dis_*, sampler_options, ..
-    metrics: list[str]
     results: dict[str, Any]
     k: int = 1  # importance samples of the bounds' pass: --k when a metric asked for takes it (the NLL)
     _cache: dict[str, Any] = field(default_factory=dict)
