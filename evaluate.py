@@ -84,7 +84,8 @@ def main(argv: list[str]) -> None:
             raise UserError(f"unknown metric '{m}' in --metrics: choose from {','.join(METRICS)}")
         if METRICS[m].needs_posterior and vae.deterministic:
             raise UserError(f"{m} needs a posterior and a KL, and this model is a deterministic autoencoder "
-                            f"(loss.objective=ae): drop it from --metrics (recon, fid and samplers apply)")
+                            f"(loss.objective=ae): drop it from --metrics ("
+                            f"{', '.join(n for n, mm in METRICS.items() if not mm.needs_posterior)} apply)")
         if METRICS[m].needs_factors and not has_factors:
             having = ", ".join(name for name, ds in DATASETS.items() if ds.has_factors)
             raise UserError(f"{m} needs ground-truth factors, which only {having} has (this run is "

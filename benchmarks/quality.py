@@ -7,7 +7,8 @@ then each score, on this machine.
 Without ``--exp_dir`` the "generated" images are the last n training images: the scores are then the floor
 (real held-out images against real training images: what a perfect model would score) and the table times
 the features and the scores, the part a model does not change; with a run, its prior samples are decoded and
-scored instead. ``--real train`` takes the real set from the first n training images, for a timing where the
+scored instead. ``--out FILE`` writes the scores as evaluate.py does (``utils.inference.compare`` reads it).
+``--real train`` takes the real set from the first n training images, for a timing where the
 held-out split is small (CelebA's 500 faces here; the two sets then share images). Prints a markdown table.
 """
 
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--real", choices=("test", "train"), default="test", help="the split of the real images")
+    p.add_argument("--out", help="also write the scores as an eval.json's quality entry (for utils.inference.compare)")
     a = p.parse_args()
 
     import torch
@@ -82,6 +84,12 @@ def main() -> None:
     print(f"| **all** | **{sum(s for _, s in times):.1f}** |")
     print(f"\nFD {fd:.3f}, KID {kid[0]:.4g} ± {kid[1]:.2g}, {', '.join(f'{k} {v:.3f}' for k, v in prdc.items())}, "
           f"two-sample accuracy {c2st[0]:.3f}")
+    if a.out:
+        import json
+
+        scores = quality.quality_scores(real, fake, seed=0, kid_subsets=100, kid_subset_size=min(1000, len(r), len(g)))
+        what = "prior samples" if a.exp_dir else "training images (the floor)"
+        Path(a.out).write_text(json.dumps({"quality": {**scores, "features": net.identity, "sampler": what}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,8 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "--out FILE": (LONG, "minutes of SimCLR training on the CelebA faces"),
     "python evaluate.py --exp_dir runs/X --metrics quality --sampler gmm":
         (LONG, "needs the data set's feature network (a minute to train; tests/test_sample_quality.py runs it)"),
+    "python -m utils.inference.compare runs/a runs/b runs/c/eval.json":
+        (LONG, "needs three runs evaluated with --metrics quality (tests/test_compare.py runs it on made entries)"),
 }
 
 

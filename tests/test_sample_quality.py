@@ -115,3 +115,29 @@ def test_bad_input_is_one_line_and_writes_nothing(run, mnist_features, real_data
     assert not out.exists()
     with pytest.raises(Exception, match="takes 1x28x28 images"):
         feature_net_for(mnist_features, "mnist", (1, 32, 32))  # a model of resized images: another network
+
+
+def test_reconstruction_quality_scores_the_decoded_posterior_means(run, mnist_features, real_data):
+    """recon_quality equals the scores of decode(E[z|x]) of the first n held-out images computed by hand, and a
+    trained VAE's reconstructions sit nearer the held-out images than its prior samples do."""
+    from utils.inference.loading import load_trained
+
+    res = cli(evaluate.main, ["--exp_dir", str(run), *QUICK, "--metrics", "quality,recon_quality",
+                              "--features", str(mnist_features)])
+    assert res.returncode == 0, res.stderr
+    assert "300 reconstructions vs held-out images" in res.stdout
+    results = json.loads((run / "eval.json").read_text())
+    rq, q = results["recon_quality"], results["quality"]
+    _, vae, _, _ = load_trained(str(run), None, None, torch.device("cpu"), str(real_data))
+    test = load_data(DataConfig(name="mnist", root=str(real_data), download=False))[1]
+    net = load_feature_net(mnist_features)
+    x = test.batch(torch.arange(300))
+    with torch.no_grad():
+        by_hand = quality_scores(net.embed(x), net.embed(vae.decode(vae.encode(x)[0]).clamp(0, 1)), seed=0,
+                                 kid_subsets=10, kid_subset_size=100)
+    for key, value in by_hand.items():
+        assert rq[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert rq["features"] == net.identity
+    assert rq["fd"] < q["fd"] and rq["coverage"] > q["coverage"]
+    assert results["computed_with"]["recon_quality"] == {"quality_samples": 300, "kid_subsets": 10,
+                                                         "kid_subset_size": 100, "seed": 0}

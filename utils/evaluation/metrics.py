@@ -150,26 +150,41 @@ def _fid(ev: Evaluation) -> None:
 
 def _quality(ev: Evaluation) -> None:
     """Samples from --sampler against held-out images in the data set's own feature space (sample_quality.py)."""
+    from utils.evaluation.sample_quality import sampled
+
+    sampler = ev.sampler(ev.options.sampler)
+    ev.results["quality"] = {**_scored(ev, sampled(ev.vae, sampler.sample), f"{ev.options.sampler} samples"),
+                             "sampler": ev.options.sampler}
+
+
+def _recon_quality(ev: Evaluation) -> None:
+    """Reconstructions of held-out images against those images, in the same feature space (rFID's set-up)."""
+    from utils.evaluation.sample_quality import reconstructed
+
+    ev.results["recon_quality"] = _scored(ev, reconstructed(ev.vae), "reconstructions")
+
+
+def _scored(ev: Evaluation, generate: Any, what: str) -> dict:
+    """The quality scores of ``what`` the generator makes, in the features of the run's data set's network."""
     from utils.evaluation.sample_quality import feature_net_for, sample_quality
 
-    o, vae = ev.options, ev.vae
-    net = feature_net_for(o.features, vae.config.data.name, tuple(ev.test.shape))
+    o = ev.options
+    net = feature_net_for(o.features, ev.vae.config.data.name, tuple(ev.test.shape))
     n = min(o.quality_samples, len(ev.test))
-    sampler = ev.sampler(o.sampler)
-    with ev.bar(n, f"sample quality ({o.sampler}, {net.identity})") as bar:
-        scores = sample_quality(vae, ev.test, net, n, o.batch_size, ev.accelerator.device, sampler.sample, o.seed,
-                                o.kid_subsets, o.kid_subset_size, bar)
-    ev.results["quality"] = {**scores, "sampler": o.sampler}
+    with ev.bar(n, f"quality of {what} in {net.identity}") as bar:
+        return sample_quality(ev.test, net, n, o.batch_size, ev.accelerator.device, generate, o.seed,
+                              o.kid_subsets, o.kid_subset_size, bar)
 
 
-def _quality_rows(results: dict) -> Rows:
-    q = results["quality"]
-    return [("sample quality", f"FD {q['fd']:.4g}, KID {q['kid_mean']:.4g} ± {q['kid_sd']:.2g}, "
-                               f"precision {q['precision']:.3f}, recall {q['recall']:.3f}, density "
-                               f"{q['density']:.3f}, coverage {q['coverage']:.3f}, two-sample accuracy "
-                               f"{q['c2st_accuracy']:.3f}"),
-            ("  in", f"{q['features']}'s features, {q['n_generated']} samples ({q['sampler']}) vs held-out images "
-                     f"(not comparable with Inception FID)")]
+def _quality_rows(results: dict, key: str = "quality") -> Rows:
+    q = results[key]
+    what = f"{q['n_generated']} samples ({q['sampler']})" if key == "quality" else \
+        f"{q['n_generated']} reconstructions"
+    return [("sample quality" if key == "quality" else "reconstruction quality",
+             f"FD {q['fd']:.4g}, KID {q['kid_mean']:.4g} ± {q['kid_sd']:.2g}, precision {q['precision']:.3f}, "
+             f"recall {q['recall']:.3f}, density {q['density']:.3f}, coverage {q['coverage']:.3f}, two-sample "
+             f"accuracy {q['c2st_accuracy']:.3f}"),
+            ("  in", f"{q['features']}'s features, {what} vs held-out images (not comparable with Inception FID)")]
 
 
 def _samplers(ev: Evaluation) -> None:
@@ -269,16 +284,23 @@ METRICS: dict[str, Metric] = {
     "quality": Metric("sample quality in the data set's own feature network (python -m utils.inference.features): "
                       "Fréchet distance, KID, precision, recall, density, coverage and a classifier two-sample "
                       "test of --quality_samples samples from --sampler against held-out images", _quality,
-                      flags=(Option("features", None, "quality: the feature network (default "
+                      flags=(Option("features", None, "quality, recon_quality: the feature network (default "
                                                       "features/<data set>.safetensors)", type=str, recorded=False),
-                             Option("quality_samples", 10_000, "quality: samples and held-out images compared", min=1),
-                             Option("kid_subsets", 100, "quality: KID's random subsets", min=1),
-                             Option("kid_subset_size", 1000, "quality: images in each KID subset", min=2)),
+                             Option("quality_samples", 10_000, "quality, recon_quality: images compared", min=1),
+                             Option("kid_subsets", 100, "quality, recon_quality: KID's random subsets", min=1),
+                             Option("kid_subset_size", 1000, "quality, recon_quality: images in each KID subset",
+                                    min=2)),
                       reads=("sampler", "seed"), draws=lambda options, vae: [options.sampler], main_only=True,
                       rows=_quality_rows,
                       headline=lambda r: [(f"sample quality ({r['quality']['features']})",
                                            f"FD {r['quality']['fd']:.4g}, precision {r['quality']['precision']:.3f}, "
                                            f"recall {r['quality']['recall']:.3f}")]),
+    "recon_quality": Metric("the scores of quality for the reconstructions of --quality_samples held-out images "
+                            "against those images (rFID's set-up), in the same feature network", _recon_quality,
+                            reads=("features", "quality_samples", "kid_subsets", "kid_subset_size", "seed"),
+                            main_only=True, rows=lambda r: _quality_rows(r, "recon_quality"),
+                            headline=lambda r: [(f"reconstruction quality ({r['recon_quality']['features']})",
+                                                 f"FD {r['recon_quality']['fd']:.4g}")]),
     "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "
                        "(nats per code)", _samplers, rows=_sampler_rows, main_only=True,
@@ -332,7 +354,9 @@ def table(results: dict) -> str:
 def computed_with(results: dict, options: argparse.Namespace) -> dict[str, dict]:
     """For each metric entry in ``results``, the options its numbers were computed with (eval.json keeps them
     beside the numbers: entries of several calls can differ)."""
-    return {name: {o: getattr(options, o) for o in m.options} for name, m in METRICS.items() if name in results}
+    unrecorded = {o.name for m in METRICS.values() for o in m.flags if not o.recorded}
+    return {name: {o: getattr(options, o) for o in m.options if o not in unrecorded}
+            for name, m in METRICS.items() if name in results}
 
 
 def merge_results(earlier: dict, now: dict) -> tuple[dict, list[str]]:

@@ -3,8 +3,9 @@
 The feature network (utils/evaluation/features.py, trained by ``python -m utils.inference.features``) saw only
 the training split; the scores (utils/evaluation/quality.py: Fréchet distance, KID, precision, recall, density,
 coverage, a classifier two-sample test) compare the features of the first n held-out images with those of n
-decoded samples. Every number is named by the network's identity: numbers of two networks do not compare, and
-none of them compares with a paper's Inception FID.
+decoded samples, or of those images' reconstructions (the set-up of latent-diffusion autoencoders' rFID). Every
+number is named by the network's identity: numbers of two networks do not compare, and none of them compares with
+a paper's Inception FID.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from utils.errors import UserError
 from utils.evaluation.features import load_feature_net
 from utils.evaluation.quality import quality_scores
 
+Generate = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]  # (images, labels, g)
 FEATURES = Path("features")  # where python -m utils.inference.features writes by default
 
 
@@ -39,12 +41,21 @@ def feature_net_for(path: str | Path | None, data_name: str, shape: tuple[int, i
     return net
 
 
+def sampled(vae: VAE, draw: Callable[[int, torch.Generator], torch.Tensor]) -> Generate:
+    """Samples: codes from ``draw`` decoded to the decoder's means; a conditional model decodes each sample with the
+    class of the held-out image it stands beside."""
+    return lambda images, labels, g: vae.decode(draw(len(images), g).to(images.device), labels)
+
+
+def reconstructed(vae: VAE) -> Generate:
+    """Reconstructions: each held-out image's posterior mean decoded to the decoder's mean (what rFID scores)."""
+    return lambda images, labels, g: vae.decode(vae.encode(images, labels)[0], labels)
+
+
 @torch.no_grad()
-def sample_quality(vae: VAE, test: ImageSplit, net, n: int, batch_size: int, device: torch.device | str,
-                   draw: Callable[[int, torch.Generator], torch.Tensor], seed: int = 0, kid_subsets: int = 100,
-                   kid_subset_size: int = 1000, progress=None) -> dict:
-    """The scores of n samples (codes from ``draw``, decoded to the decoder's means) against the first n held-out
-    images; a conditional model decodes each sample with the class of the held-out image it stands beside."""
+def sample_quality(test: ImageSplit, net, n: int, batch_size: int, device: torch.device | str, generate: Generate,
+                   seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000, progress=None) -> dict:
+    """The scores of n generated images (``sampled`` or ``reconstructed``) against the first n held-out images."""
     n = min(n, len(test))
     if kid_subset_size > n:
         raise UserError(f"--kid_subset_size {kid_subset_size} is more than the {n} images compared: lower it to "
@@ -53,9 +64,9 @@ def sample_quality(vae: VAE, test: ImageSplit, net, n: int, batch_size: int, dev
     real, generated = [], []
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n), device=device)
-        real.append(net.embed(test.batch(idx).clamp(0, 1)))
-        z = draw(len(idx), g).to(device)
-        generated.append(net.embed(vae.decode(z, test.labels_at(idx)).float().clamp(0, 1)))
+        images = test.batch(idx)
+        real.append(net.embed(images.clamp(0, 1)))
+        generated.append(net.embed(generate(images, test.labels_at(idx), g).float().clamp(0, 1)))
         if progress is not None:
             progress.update(len(idx))
     scores = quality_scores(torch.cat(real), torch.cat(generated), seed=seed, kid_subsets=kid_subsets,
