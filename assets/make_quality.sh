@@ -5,12 +5,12 @@
 # CPU is enough (about 2 hours on 2 cores). DATA_ROOT: the folder holding MNIST/raw, FashionMNIST/raw and
 # celeba-10k/ (default data). It overwrites assets/results/quality-*.json;
 # the docs show its commands without --out: pasted, they write into the run's own eval.json.
-# SECTIONS picks what to redo (default "features train eval"); DATASETS which data sets (default all three);
+# SECTIONS picks what to redo (default "features train eval grids"); DATASETS which data sets (default all three);
 # JOBS how many trainings or evaluations run side by side (default 2, each on one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"
-sections="${SECTIONS:-features train eval}"
+sections="${SECTIONS:-features train eval grids}"
 datasets="${DATASETS:-mnist fashion_mnist celeba}"
 jobs="${JOBS:-2}"
 log="runs/quality-logs"
@@ -70,18 +70,51 @@ if [[ " $sections " == *" train "* ]]; then
   wait
 fi
 
+# CelebA's held-out split has 500 faces: its scores compare 500 against 500, KID in subsets of 250
+kid() { [[ $1 == celeba ]] && echo "--kid_subset_size 250" || echo "--kid_subset_size 1000"; }
 if [[ " $sections " == *" eval "* ]]; then
   for data in $datasets; do
+    # the floor: as many real training images as there are held-out ones, scored as a model's samples are
+    n=$([[ $data == celeba ]] && echo 500 || echo 10000)
+    throttle
+    # shellcheck disable=SC2046
+    timed "floor-$data" python benchmarks/quality.py -c "configs/$data.yaml" \
+      --data_root "$root$([[ $data == celeba ]] && echo /celeba-10k)" --features "$(features "$data")" \
+      --n "$n" $(kid "$data") --out "assets/results/quality-$data-floor.json" &
     for fam in $families; do
       run="runs/quality-$data-$fam"
       samplers="prior gmm two_stage"
       [[ $fam == ae ]] && samplers="gmm two_stage"  # a plain autoencoder has no prior to draw from
+      throttle
+      # shellcheck disable=SC2046
+      timed "eval-$data-$fam-recon" python evaluate.py --exp_dir "$run" --metrics recon_quality $(kid "$data") \
+        --features "$(features "$data")" --threads 1 --out "assets/results/quality-$data-$fam-recon.json" &
       for sampler in $samplers; do
         throttle
+        # shellcheck disable=SC2046
         timed "eval-$data-$fam-$sampler" python evaluate.py --exp_dir "$run" --metrics quality --sampler "$sampler" \
-          --features "$(features "$data")" --threads 1 --out "assets/results/quality-$data-$fam-$sampler.json" &
+          $(kid "$data") --features "$(features "$data")" --threads 1 \
+          --out "assets/results/quality-$data-$fam-$sampler.json" &
       done
     done
   done
   wait
+fi
+
+# one row of 8 images per family and sampler, and 8 reconstructions, for the faces; and the samplers' older
+# offline numbers (held-out codes' log-density, the KDE of draws) on the sigma-VAE, to set beside the new ranking
+if [[ " $sections " == *" grids "* && " $datasets " == *" celeba "* ]]; then
+  for fam in $families; do
+    run="runs/quality-celeba-$fam"
+    samplers="prior gmm two_stage"
+    [[ $fam == ae ]] && samplers="gmm two_stage"
+    for sampler in $samplers; do
+      python sample.py --exp_dir "$run" --mode sample --n_samples 8 --sampler "$sampler" --seed 0 \
+        --save_dir "assets/results/quality-celeba-$fam" > /dev/null
+    done
+    python sample.py --exp_dir "$run" --mode reconstruct --n_samples 8 --save_dir "assets/results/quality-celeba-$fam" \
+      > /dev/null
+  done
+  timed samplers-celeba python evaluate.py --exp_dir runs/quality-celeba-sigma_vae --metrics samplers --threads 2 \
+    --out assets/results/quality-celeba-samplers.json
 fi

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.inference import compare  # noqa: E402  (the repository's root is put on the path first)
 
 HERE = Path(__file__).parent / "results"
 LIKELIHOODS = ["mse", "gaussian", "sigma", "optimal_sigma", "per_pixel_sigma"]
@@ -101,7 +105,32 @@ def study_trajectory() -> str:
     return "\n".join(rows)
 
 
+# the families of assets/make_quality.sh: what each changes in the data set's base (Bernoulli decoder)
+FAMILIES = {"vae": "VAE", "beta_vae": "β-VAE (β = 4)", "mmd_vae": "MMD-VAE", "sigma_vae": "σ-VAE (optimal σ)",
+            "ae": "AE", "aae": "AAE"}
+SAMPLERS = ("prior", "gmm", "two_stage", "flow", "flow_matching")
+
+
+def quality_table(data: str) -> str:
+    """Each family's samples from each sampler, beside the floor, in the data set's feature network."""
+    entries = [("real training images (the floor)", load(f"quality-{data}-floor")["quality"])]
+    entries += [(f"{name}, `{s}`", load(f"quality-{data}-{fam}-{s}")["quality"]) for fam, name in FAMILIES.items()
+                for s in SAMPLERS if (HERE / f"quality-{data}-{fam}-{s}.json").is_file()]
+    return compare.quality_table(entries, "against the held-out images")
+
+
+def recon_quality_table(data: str) -> str:
+    """Each family's reconstructions of the held-out images, beside the floor."""
+    entries = [("real training images (the floor)", load(f"quality-{data}-floor")["quality"])]
+    entries += [(f"{name}, reconstructions", load(f"quality-{data}-{fam}-recon")["recon_quality"])
+                for fam, name in FAMILIES.items() if (HERE / f"quality-{data}-{fam}-recon.json").is_file()]
+    return compare.quality_table(entries, "against the held-out images")
+
+
 if __name__ == "__main__":
+    for data in ("mnist", "fashion_mnist", "celeba"):
+        if (HERE / f"quality-{data}-floor.json").is_file():
+            print(f"\n{data}\n\n{quality_table(data)}\n\n{recon_quality_table(data)}")
     for data in ("mnist", "fashion_mnist"):
         print(f"\n{data}\n\n{sigma_table(data)}")
     print(f"\n{beta_table()}\n\n{binarized()}\n\n{study_table()}\n\n{study_trajectory()}")

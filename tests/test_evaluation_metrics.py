@@ -209,6 +209,27 @@ def test_fid_with_a_custom_feature_extractor(mnist_test):
     assert fid(x[:300], torch.rand_like(x[300:])) > 5 * digits  # digits vs noise: much further apart
 
 
+def test_fid_score_feeds_samples_and_held_out_images_across_processes(mnist_run, mnist_test):
+    """fid_score's batches (two processes' shares added into one metric, as DDP's sync would) give the FID of the
+    decoded prior draws against the first n held-out images computed by hand with the same generators."""
+    from utils.evaluation.fid import fid_score
+
+    _, vae, _, _ = load_trained(str(mnist_run), None, None)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    metric = build_fid(features=net)
+    for rank in (0, 1):
+        fid_score(vae, mnist_test, metric, 250, 50, "cpu", rank=rank, world=2, seed=3)
+    by_hand = build_fid(features=net)
+    real = mnist_test.batch(torch.arange(250)).expand(-1, 3, -1, -1)
+    generators = [torch.Generator().manual_seed(3 + rank) for rank in (0, 1)]
+    with torch.no_grad():
+        fake = torch.cat([vae.decode(vae.prior.sample(50, generators[b % 2])) for b in range(5)])
+    by_hand.update(real, real=True)
+    by_hand.update(fake.expand(-1, 3, -1, -1).clamp(0, 1), real=False)
+    assert float(metric.compute()) == pytest.approx(float(by_hand.compute()), rel=1e-5)
+
+
 def row(table: str, label: str) -> str:
     """The value printed beside ``label`` in evaluate.py's table."""
     (line,) = [ln for ln in table.splitlines() if ln.startswith(label + "  ")]

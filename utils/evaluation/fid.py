@@ -22,6 +22,7 @@ import torch
 from models.vae import VAE
 from utils.data.splits import ImageSplit
 from utils.errors import UserError
+from utils.evaluation.sample_quality import image_pairs, sampled
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -69,19 +70,12 @@ def fid_score(vae: VAE, data: ImageSplit, metric, n: int, batch_size: int, devic
               rank: int = 0, world: int = 1, seed: int = 0, progress=None, draw=None) -> float:
     """FID between n samples and the first n held-out images (each process takes every world-th batch); codes
     from ``draw(n, generator)`` (an ex-post sampler's), else from the prior."""
-    n = min(n, len(data))
-    g = torch.Generator().manual_seed(seed + rank)
-
     def three(x: torch.Tensor) -> torch.Tensor:
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
-    for b, start in enumerate(range(0, n, batch_size)):
-        if b % world != rank:
-            continue
-        idx = torch.arange(start, min(start + batch_size, n), device=device)
-        metric.update(three(data.batch(idx).to(device)).clamp(0, 1), real=True)
-        z = (draw or vae.prior.sample)(len(idx), g).to(device)  # a conditional model: the held-out images' classes
-        metric.update(three(vae.decode(z, data.labels_at(idx))).clamp(0, 1), real=False)
-        if progress is not None:
-            progress.update(len(idx) * world)
+    generate = sampled(vae, draw or vae.prior.sample)  # a conditional model: the held-out images' classes
+    g = torch.Generator().manual_seed(seed + rank)
+    for real, fake in image_pairs(data, min(n, len(data)), batch_size, device, generate, g, rank, world, progress):
+        metric.update(three(real), real=True)
+        metric.update(three(fake), real=False)
     return float(metric.compute())

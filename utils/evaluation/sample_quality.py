@@ -10,7 +10,7 @@ a paper's Inception FID.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +52,20 @@ def reconstructed(vae: VAE) -> Generate:
     return lambda images, labels, g: vae.decode(vae.encode(images, labels)[0], labels)
 
 
+def image_pairs(test: ImageSplit, n: int, batch_size: int, device: torch.device | str, generate: Generate,
+                g: torch.Generator, rank: int = 0, world: int = 1, progress=None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of (held-out images, generated images) in [0, 1] over the first n held-out images; with several
+    processes each takes every world-th batch. What FID and the quality scores each feed their features."""
+    for b, start in enumerate(range(0, n, batch_size)):
+        if b % world != rank:
+            continue
+        idx = torch.arange(start, min(start + batch_size, n), device=device)
+        images = test.batch(idx).to(device)
+        yield images.clamp(0, 1), generate(images, test.labels_at(idx), g).float().clamp(0, 1)
+        if progress is not None:
+            progress.update(len(idx) * world)
+
+
 @torch.no_grad()
 def sample_quality(test: ImageSplit, net, n: int, batch_size: int, device: torch.device | str, generate: Generate,
                    seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000, progress=None) -> dict:
@@ -60,15 +74,11 @@ def sample_quality(test: ImageSplit, net, n: int, batch_size: int, device: torch
     if kid_subset_size > n:
         raise UserError(f"--kid_subset_size {kid_subset_size} is more than the {n} images compared: lower it to "
                         f"at most {n}, or raise --quality_samples (held-out images: {len(test)})")
-    g = torch.Generator().manual_seed(seed)
     real, generated = [], []
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n), device=device)
-        images = test.batch(idx)
-        real.append(net.embed(images.clamp(0, 1)))
-        generated.append(net.embed(generate(images, test.labels_at(idx), g).float().clamp(0, 1)))
-        if progress is not None:
-            progress.update(len(idx))
+    for images, made in image_pairs(test, n, batch_size, device, generate, torch.Generator().manual_seed(seed),
+                                    progress=progress):
+        real.append(net.embed(images))
+        generated.append(net.embed(made))
     scores = quality_scores(torch.cat(real), torch.cat(generated), seed=seed, kid_subsets=kid_subsets,
                             kid_subset_size=kid_subset_size)
     return {**scores, "features": net.identity}
