@@ -70,30 +70,26 @@ if [[ " $sections " == *" train "* ]]; then
   wait
 fi
 
-# CelebA's held-out split has 500 faces: its scores compare 500 against 500, KID in subsets of 250
-kid() { [[ $1 == celeba ]] && echo "--kid_subset_size 250" || echo "--kid_subset_size 1000"; }
+# CelebA's held-out split has 500 faces: its scores compare 500 against 500 (KID in subsets of 250, the default)
 if [[ " $sections " == *" eval "* ]]; then
   for data in $datasets; do
     # the floor: as many real training images as there are held-out ones, scored as a model's samples are
     n=$([[ $data == celeba ]] && echo 500 || echo 10000)
     throttle
-    # shellcheck disable=SC2046
     timed "floor-$data" python benchmarks/quality.py -c "configs/$data.yaml" \
       --data_root "$root$([[ $data == celeba ]] && echo /celeba-10k)" --features "$(features "$data")" \
-      --n "$n" $(kid "$data") --out "assets/results/quality-$data-floor.json" &
+      --n "$n" --out "assets/results/quality-$data-floor.json" &
     for fam in $families; do
       run="runs/quality-$data-$fam"
       samplers="prior gmm two_stage"
       [[ $fam == ae ]] && samplers="gmm two_stage"  # a plain autoencoder has no prior to draw from
       throttle
-      # shellcheck disable=SC2046
-      timed "eval-$data-$fam-recon" python evaluate.py --exp_dir "$run" --metrics recon_quality $(kid "$data") \
+      timed "eval-$data-$fam-recon" python evaluate.py --exp_dir "$run" --metrics recon_quality \
         --features "$(features "$data")" --threads 1 --out "assets/results/quality-$data-$fam-recon.json" &
       for sampler in $samplers; do
         throttle
-        # shellcheck disable=SC2046
         timed "eval-$data-$fam-$sampler" python evaluate.py --exp_dir "$run" --metrics quality --sampler "$sampler" \
-          $(kid "$data") --features "$(features "$data")" --threads 1 \
+          --features "$(features "$data")" --threads 1 \
           --out "assets/results/quality-$data-$fam-$sampler.json" &
       done
     done

@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--exp_dir", help="a trained run: time its prior samples too")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kid_subset_size", type=int, help="images in each of KID's 100 subsets (default as evaluate.py)")
     p.add_argument("--real", choices=("test", "train"), default="test", help="the split of the real images")
     p.add_argument("--out", help="also write the scores as an eval.json's quality entry (for utils.inference.compare)")
     a = p.parse_args()
@@ -73,8 +74,8 @@ def main() -> None:
     fake = timed(f"features of {len(fake_images)} generated", lambda: net.embed(fake_images))
     r, g = quality.checked_pair(real, fake)
     fd = timed("Fréchet distance", lambda: quality.frechet_distance(r, g))
-    kid = timed("KID (100 subsets of 1000)", lambda: quality.kid(r, g, seed=0, subsets=100,
-                                                                 subset_size=min(1000, len(r), len(g))))
+    size = min(quality.kid_subset_size(min(len(r), len(g)), a.kid_subset_size), len(r), len(g))
+    kid = timed(f"KID (100 subsets of {size})", lambda: quality.kid(r, g, seed=0, subsets=100, subset_size=size))
     prdc = timed("precision, recall, density, coverage (k=3)", lambda: quality.prdc(r, g, nearest_k=3))
     c2st = timed("two-sample test", lambda: quality.c2st(r, g, seed=0))
     print(f"{cfg.data.name}, {'x'.join(map(str, train.shape))}, {net.identity}, {a.threads} thread(s)\n")
@@ -87,7 +88,7 @@ def main() -> None:
     if a.out:
         import json
 
-        scores = quality.quality_scores(real, fake, seed=0, kid_subsets=100, kid_subset_size=min(1000, len(r), len(g)))
+        scores = quality.quality_scores(real, fake, seed=0, kid_subsets=100, kid_subset_size=size)
         what = "prior samples" if a.exp_dir else "training images (the floor)"
         Path(a.out).write_text(json.dumps({"quality": {**scores, "features": net.identity, "sampler": what}}, indent=1))
 

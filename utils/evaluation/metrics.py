@@ -49,7 +49,7 @@ class Option:
             p.add_argument(f"--{self.name}", type=self.type, default=self.default, help=self.help)
 
     def check(self, value: Any) -> None:
-        if self.min is not None and value < self.min:
+        if self.min is not None and value is not None and value < self.min:
             raise UserError(f"--{self.name} must be at least {self.min}, got {value}")
 
 
@@ -288,8 +288,8 @@ METRICS: dict[str, Metric] = {
                                                       "features/<data set>.safetensors)", type=str, recorded=False),
                              Option("quality_samples", 10_000, "quality, recon_quality: images compared", min=1),
                              Option("kid_subsets", 100, "quality, recon_quality: KID's random subsets", min=1),
-                             Option("kid_subset_size", 1000, "quality, recon_quality: images in each KID subset",
-                                    min=2)),
+                             Option("kid_subset_size", None, "quality, recon_quality: images in each KID subset "
+                                    "(default 1000, or half the images compared when fewer than 2,000)", min=2)),
                       reads=("sampler", "seed"), draws=lambda options, vae: [options.sampler], main_only=True,
                       rows=_quality_rows,
                       headline=lambda r: [(f"sample quality ({r['quality']['features']})",

@@ -156,6 +156,12 @@ def c2st(real, generated, *, seed: int) -> tuple[float, int]:
     return float(clf.score(scaler.transform(x[test]), y[test])), len(test)
 
 
+def kid_subset_size(n: int, asked: int | None = None) -> int:
+    """KID's subset size for n images a side: as asked, else 1000 (Bińkowski et al.'s and torchmetrics' default) or
+    half the images when fewer than 2,000 are compared, so that the subsets differ and their sd means something."""
+    return asked if asked is not None else min(1000, max(2, n // 2))
+
+
 def quality_scores(real, generated, *, seed: int, kid_subsets: int = 100, kid_subset_size: int = 1000,
                    nearest_k: int = 3) -> dict[str, float | int]:
     """Every score between the two sets, as plain JSON-ready numbers."""
@@ -164,4 +170,4 @@ def quality_scores(real, generated, *, seed: int, kid_subsets: int = 100, kid_su
     accuracy, held_out = c2st(r, g, seed=seed)
     return {"fd": frechet_distance(r, g), "kid_mean": kid_mean, "kid_sd": kid_sd,
             **prdc(r, g, nearest_k=nearest_k), "c2st_accuracy": accuracy, "c2st_held_out": held_out,
-            "n_real": len(r), "n_generated": len(g)}
+            "n_real": len(r), "n_generated": len(g), "kid_subset_size": kid_subset_size}

@@ -18,8 +18,8 @@ import torch
 from models.vae import VAE
 from utils.data.splits import ImageSplit
 from utils.errors import UserError
+from utils.evaluation import quality
 from utils.evaluation.features import load_feature_net
-from utils.evaluation.quality import quality_scores
 
 Generate = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]  # (images, labels, g)
 FEATURES = Path("features")  # where python -m utils.inference.features writes by default
@@ -68,9 +68,10 @@ def image_pairs(test: ImageSplit, n: int, batch_size: int, device: torch.device 
 
 @torch.no_grad()
 def sample_quality(test: ImageSplit, net, n: int, batch_size: int, device: torch.device | str, generate: Generate,
-                   seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000, progress=None) -> dict:
+                   seed: int = 0, kid_subsets: int = 100, kid_subset_size: int | None = None, progress=None) -> dict:
     """The scores of n generated images (``sampled`` or ``reconstructed``) against the first n held-out images."""
     n = min(n, len(test))
+    kid_subset_size = quality.kid_subset_size(n, kid_subset_size)
     if kid_subset_size > n:
         raise UserError(f"--kid_subset_size {kid_subset_size} is more than the {n} images compared: lower it to "
                         f"at most {n}, or raise --quality_samples (held-out images: {len(test)})")
@@ -79,6 +80,6 @@ def sample_quality(test: ImageSplit, net, n: int, batch_size: int, device: torch
                                     progress=progress):
         real.append(net.embed(images))
         generated.append(net.embed(made))
-    scores = quality_scores(torch.cat(real), torch.cat(generated), seed=seed, kid_subsets=kid_subsets,
+    scores = quality.quality_scores(torch.cat(real), torch.cat(generated), seed=seed, kid_subsets=kid_subsets,
                             kid_subset_size=kid_subset_size)
     return {**scores, "features": net.identity}
