@@ -13,7 +13,7 @@ import torch
 from scipy.linalg import sqrtm
 
 from utils.errors import UserError
-from utils.evaluation.quality import c2st, frechet_distance, kid, poly_mmd2, prdc, quality_scores
+from utils.evaluation.quality import c2st, frechet_distance, kid, kid_subset_size, poly_mmd2, prdc, quality_scores
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
@@ -114,7 +114,8 @@ def test_quality_scores_are_json_ready_and_seeded():
     real, generated = gaussian(300, 6, 16), gaussian(200, 6, 17, shift=0.2)
     scores = quality_scores(real.numpy(), generated, seed=3, kid_subsets=10, kid_subset_size=100)
     assert set(scores) == {"fd", "kid_mean", "kid_sd", "precision", "recall", "density", "coverage",
-                           "c2st_accuracy", "c2st_held_out", "n_real", "n_generated"}
+                           "c2st_accuracy", "c2st_held_out", "n_real", "n_generated", "kid_subset_size"}
+    assert scores["kid_subset_size"] == 100
     assert all(type(v) in (float, int) for v in scores.values())
     assert json.loads(json.dumps(scores)) == scores
     assert (scores["n_real"], scores["n_generated"]) == (300, 200)
@@ -192,3 +193,9 @@ def test_dropping_clusters_keeps_precision_while_recall_and_coverage_fall():
         assert scores["recall"] <= kept / 5 and scores["coverage"] <= kept / 5
     for before, after in zip(steps, steps[1:]):
         assert after["recall"] < before["recall"] and after["coverage"] < before["coverage"]
+
+
+def test_kid_subsets_default_to_1000_or_half_the_images():
+    """Subsets of every image would all be one set (sd 0): fewer than 2,000 images get subsets of half of them."""
+    assert [kid_subset_size(n) for n in (10_000, 2000, 1999, 500, 3)] == [1000, 1000, 999, 250, 2]
+    assert kid_subset_size(500, 100) == 100
