@@ -49,10 +49,34 @@ class TwoStageRules(SamplerRules):
                SEED)
 
 
+class FlowRules(SamplerRules):
+    implementation = "models.flows:FlowSampler"
+    options = (Option("flow_layers", 8, "flow: coupling layers (default 8)", min=1),
+               Option("flow_hidden", 128, "flow: hidden width of each coupling's network (default 128)", min=1),
+               Option("flow_steps", 2000, "flow: training steps (default 2000)", min=1),
+               Option("flow_lr", 1e-3, "flow: Adam's learning rate (default 0.001)", type=float, min=0,
+                      min_exclusive=True),
+               SEED)
+
+
+class FlowMatchingRules(SamplerRules):
+    implementation = "models.flows:FlowMatchingSampler"
+    options = (Option("flow_matching_hidden", 256, "flow_matching: hidden width of the velocity network (default "
+                                                   "256)", min=1),
+               Option("flow_matching_steps", 3000, "flow_matching: training steps (default 3000)", min=1),
+               Option("flow_matching_lr", 1e-3, "flow_matching: Adam's learning rate (default 0.001)", type=float,
+                      min=0, min_exclusive=True),
+               Option("flow_matching_ode_steps", 32, "flow_matching: midpoint steps of the ODE solver (default 32)",
+                      min=1),
+               SEED)
+
+
 SAMPLERS: dict[str, type[SamplerRules]] = {
     "prior": PriorSamplerRules,
     "gmm": GaussianMixtureRules,
     "two_stage": TwoStageRules,
+    "flow": FlowRules,
+    "flow_matching": FlowMatchingRules,
 }
 
 

@@ -1,6 +1,7 @@
 """evaluate.py and sample.py answer --help and a bad option before the heavy libraries load: the metric and
 sampler registries and their option declarations import none of them, and the scripts import what computes only
-after their arguments are checked. Each case runs in a fresh interpreter, where sys.modules says what a command loaded."""
+after their arguments are checked. Each case runs in a fresh interpreter, where sys.modules says what a command
+loaded."""
 
 from __future__ import annotations
 
