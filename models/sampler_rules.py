@@ -27,6 +27,11 @@ class SamplerRules(PartRules):
     implementation = "models.samplers:Sampler"
     fitted = True  # fitted to codes (False: the model's prior, nothing to fit or keep)
     options: tuple[Option, ...] = ()  # what its fit depends on: a kept fit is reused only while they are the same
+    draw_options: tuple[Option, ...] = ()  # how it draws from a fit: a kept fit is reused whatever they are
+
+    @classmethod
+    def every_option(cls) -> tuple[Option, ...]:
+        return cls.options + cls.draw_options
 
 
 class PriorSamplerRules(SamplerRules):
@@ -66,9 +71,9 @@ class FlowMatchingRules(SamplerRules):
                Option("flow_matching_steps", 3000, "flow_matching: training steps (default 3000)", min=1),
                Option("flow_matching_lr", 1e-3, "flow_matching: Adam's learning rate (default 0.001)", type=float,
                       min=0, min_exclusive=True),
-               Option("flow_matching_ode_steps", 32, "flow_matching: midpoint steps of the ODE solver (default 32)",
-                      min=1),
                SEED)
+    draw_options = (Option("flow_matching_ode_steps", 32, "flow_matching: midpoint steps of the ODE solver (default "
+                                                          "32)", min=1),)
 
 
 SAMPLERS: dict[str, type[SamplerRules]] = {
@@ -82,7 +87,7 @@ SAMPLERS: dict[str, type[SamplerRules]] = {
 
 def declared_options() -> dict[str, Option]:
     """Every option the samplers declare, each once, in the registry's order."""
-    return {o.name: o for rules in SAMPLERS.values() for o in rules.options}
+    return {o.name: o for rules in SAMPLERS.values() for o in rules.every_option()}
 
 
 def fitted_names() -> list[str]:
@@ -108,7 +113,7 @@ class SamplerOptions:
             setattr(self, name, o.coerced(value))
 
     def of(self, name: str) -> dict[str, str]:
-        """The options the sampler ``name`` depends on, as the text kept in its file's metadata."""
+        """The options the sampler ``name``'s fit depends on, as the text kept in its file's metadata."""
         return {o.name: str(getattr(self, o.name)) for o in SAMPLERS[name].options}
 
     def __repr__(self) -> str:

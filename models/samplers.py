@@ -72,6 +72,10 @@ class Sampler(SamplerRules):
     def load_state(self, state: dict[str, torch.Tensor]) -> Sampler:
         return self
 
+    def drawing(self, options: SamplerOptions) -> Sampler:
+        """Set how it draws from its fit (its rules' ``draw_options``), fitted now or kept."""
+        return self
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 

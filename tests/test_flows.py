@@ -94,9 +94,8 @@ def test_fits_are_seeded_and_bit_reproducible():
 def test_flow_matching_recovers_a_known_mixture():
     """Trained on 4,000 draws of a 3-component 2-D mixture: its draws have the mixture's moments, and an MMD
     two-sample test against fresh mixture draws passes, where the same test rejects N(0, I)."""
-    fm = FlowMatchingSampler().fit(mixture(4000, torch.Generator().manual_seed(0)),
-                                   SamplerOptions(flow_matching_steps=2000, flow_matching_hidden=64,
-                                                  flow_matching_ode_steps=16))
+    opts = SamplerOptions(flow_matching_steps=2000, flow_matching_hidden=64, flow_matching_ode_steps=16)
+    fm = FlowMatchingSampler().fit(mixture(4000, torch.Generator().manual_seed(0)), opts).drawing(opts)
     drawn = fm.sample(1000, torch.Generator().manual_seed(1))
     mean, cov = mixture_moments()
     assert torch.allclose(drawn.mean(0), mean, atol=0.1)
@@ -146,8 +145,8 @@ def test_each_checks_a_kept_state():
 
 
 QUICK = {"flow": ["--flow_layers", "2", "--flow_hidden", "16", "--flow_steps", "30"],
-         "flow_matching": ["--flow_matching_hidden", "16", "--flow_matching_steps", "30",
-                           "--flow_matching_ode_steps", "4"]}
+         "flow_matching": ["--flow_matching_ode_steps", "4", "--flow_matching_hidden", "16",
+                           "--flow_matching_steps", "30"]}
 
 
 @pytest.fixture
@@ -161,7 +160,7 @@ def run(mnist_300, tmp_path):
 def test_sample_draws_the_same_bytes_and_reuses_the_kept_fit(run, tmp_path, name, monkeypatch):
     """sample.py fits once, keeps the file with its options, and on a second call reuses it (the fit is not
     called, the file keeps its bytes) and writes the same image bytes; slerp interpolates between its codes; other
-    options are refused until --refit."""
+    options of the fit are refused until --refit, while the ODE's steps, a setting of drawing, reuse the fit."""
     argv = ["--exp_dir", str(run), "--sampler", name, *QUICK[name], "--n_samples", "9", "--seed", "3"]
     first = cli(sample.main, [*argv, "--save_dir", str(tmp_path / "a")])
     assert first.returncode == 0, first.stderr
@@ -174,6 +173,12 @@ def test_sample_draws_the_same_bytes_and_reuses_the_kept_fit(run, tmp_path, name
     png = f"samples_{name}.png"
     assert (tmp_path / "a" / png).read_bytes() == (tmp_path / "b" / png).read_bytes()
     assert kept.read_bytes() == before
+    if name == "flow_matching":
+        fewer = cli(sample.main, [*argv[:-2], "--flow_matching_ode_steps", "2", "--seed", "3", "--save_dir",
+                                  str(tmp_path / "d")])
+        assert fewer.returncode == 0, fewer.stderr
+        assert (tmp_path / "d" / png).read_bytes() != (tmp_path / "a" / png).read_bytes()
+        assert kept.read_bytes() == before
     slerp = cli(sample.main, ["--exp_dir", str(run), "--sampler", name, *QUICK[name], "--mode", "interpolate",
                               "--interp", "slerp", "--save_dir", str(tmp_path / "c")])
     assert slerp.returncode == 0 and f"interpolate_{name}_slerp.png" in slerp.stdout, slerp.stderr + slerp.stdout

@@ -142,10 +142,10 @@ def fitted_sampler(vae: VAE, folder: Path, name: str, train: Callable[[], ImageS
             problem = SAMPLERS[name].load().problems(state, vae.z_dim, options)
             if problem:
                 raise UserError(f"{path} cannot be used ({problem}): {fix} to fit it again")
-            return SAMPLERS[name].load()().load_state(state)
+            return SAMPLERS[name].load()().load_state(state).drawing(options)
         print(f"warning: {path} was fitted to {elsewhere}: fitting it again to this model's codes", file=sys.stderr)
     means, stds = training_codes(vae, train(), device)
-    sampler = SAMPLERS[name].load()().fit(means, options, stds)
+    sampler = SAMPLERS[name].load()().fit(means, options, stds).drawing(options)
     keep(sampler, path, {**want, Z_KEY: str(vae.z_dim), WEIGHTS_KEY: fingerprint})
     return sampler
 

@@ -128,7 +128,7 @@ def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> Sam
     flags = [o.name for o in declared_options().values() if o.flag]
     given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     for k in given:
-        owners = [n for n in SAMPLERS if any(o.name == k for o in SAMPLERS[n].options)]
+        owners = [n for n in SAMPLERS if any(o.name == k for o in SAMPLERS[n].every_option())]
         if not set(owners) & set(uses):
             raise UserError(f"--{k} is an option of --sampler {' and '.join(owners)}, and {does}: drop it")
     if args.refit and not any(SAMPLERS[n].fitted for n in uses):
