@@ -19,6 +19,8 @@ from models.flows import FlowMatchingSampler, FlowSampler, Standardise
 from models.sampler_rules import SamplerOptions
 from utils.errors import UserError
 from utils.inference import TrainedVAE
+from utils.inference import export as exporter
+from utils.inference import trained as trained_module
 
 CENTRES = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
 SPREAD = 0.4
@@ -190,13 +192,20 @@ def test_sample_draws_the_same_bytes_and_reuses_the_kept_fit(run, tmp_path, name
     assert kept.read_bytes() != before
 
 
-def test_the_api_draws_from_both_and_refuses_a_truncated_file(run):
+def test_the_api_draws_from_both_the_exporter_copies_them_and_a_truncated_file_is_refused(run, tmp_path,
+                                                                                           monkeypatch):
     vae = TrainedVAE.load(run)
     opts = SamplerOptions(flow_layers=2, flow_hidden=8, flow_steps=5, flow_matching_hidden=8,
                           flow_matching_steps=5, flow_matching_ode_steps=2)
-    for name in ("flow", "flow_matching"):
-        x = vae.sample(2, sampler=name, options=opts, generator=torch.Generator().manual_seed(0))
+    drawn = {name: vae.sample(2, sampler=name, options=opts, generator=torch.Generator().manual_seed(0))
+             for name in ("flow", "flow_matching")}
+    assert cli(exporter.main, [str(run), str(tmp_path / "hub")]).returncode == 0
+    monkeypatch.setattr(trained_module, "load_data", lambda *a, **k: pytest.fail("a refit read the data"))
+    hub = TrainedVAE.load(tmp_path / "hub")
+    for name, x in drawn.items():
         assert x.shape == (2, 1, 28, 28)
+        assert torch.equal(hub.sample(2, sampler=name, options=opts, generator=torch.Generator().manual_seed(0)), x)
+    for name in drawn:
         path = run / "samplers" / f"{name}.safetensors"
         path.write_bytes(path.read_bytes()[:200])
         with pytest.raises(UserError, match="refit=True") as e:

@@ -10,7 +10,8 @@ whose contents do not fit the model (each sampler's ``problems``) is refused in 
 
 Which sampler fits the codes better is measured offline, in nats per code (higher is better), both ways:
 ``held_out``, the mean log-density the sampler gives the held-out set's codes (for two_stage, its
-importance-weighted lower bound, k = 100), and ``reverse``, the mean log-density of the sampler's draws
+importance-weighted lower bound, k = 100; for flow_matching, its ODE's density by the change of variables, the
+costliest: models/flows.py), and ``reverse``, the mean log-density of the sampler's draws
 under the aggregate of the training codes, a Gaussian kernel density estimate with Scott's rule
 (``kde_log_density``, as scipy's ``gaussian_kde``).
 """
