@@ -125,6 +125,7 @@ def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> Sam
     for name in uses:
         if name not in SAMPLERS:
             raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    check_sampler_values(args)
     flags = [o.name for o in declared_options().values() if o.flag]
     given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     for k in given:
