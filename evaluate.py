@@ -31,7 +31,7 @@ from utils.evaluation.metrics import (
     merge_results,
     table,
 )
-from utils.inference.loading import add_sampler_arguments, speaks_cli_terms
+from utils.inference.loading import add_sampler_arguments, check_sampler_values, speaks_cli_terms
 from utils.threads import add_threads_argument, set_threads
 from utils.training.config import fp32_only
 
@@ -54,6 +54,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if rest:
         raise UserError(f"unknown argument {rest[0]}: see python evaluate.py --help")
     check_metric_options(args)
+    check_sampler_values(args)
     return args
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> None:
     from accelerate import Accelerator
     from accelerate.utils import parse_flag_from_env
 
-    from models.samplers import SAMPLERS
+    from models.sampler_rules import SAMPLERS
     from utils.data.registry import DATASETS, load_data
     from utils.evaluation.context import Evaluation
     from utils.evaluation.samplers import check_usable, model_fingerprint

@@ -33,7 +33,7 @@ from utils.threads import add_threads_argument, set_threads
 from utils.training.config import fp32_only
 
 if TYPE_CHECKING:
-    from models.samplers import SamplerOptions
+    from models.sampler_rules import SamplerOptions
     from utils.inference.trained import TrainedVAE
 
 
@@ -103,7 +103,7 @@ def run_mode(args: argparse.Namespace, flags: list[Flag], options: SamplerOption
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from models.samplers import SAMPLERS
+    from models.sampler_rules import SAMPLERS
     from utils.data.registry import load_data
     from utils.evaluation.samplers import fitted_sampler
     from utils.files import cannot_write, disk_advice, is_disk_error, write_failure
@@ -146,7 +146,7 @@ def sampler_home(kept_in: Path, out: Path, name: str, refit: bool) -> Path:
     """Where a fitted sampler is looked for and kept: the model's samplers folder ``kept_in``, unless it cannot be
     written and has no kept fit to reuse (a read-only run); then ``out/samplers``, where the next call with the
     same --save_dir finds the fit."""
-    from models.samplers import SAMPLERS
+    from models.sampler_rules import SAMPLERS
     from utils.evaluation.samplers import FOLDER
     from utils.files import cannot_write
 

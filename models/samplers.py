@@ -1,6 +1,7 @@
 """Ex-post samplers: a density fitted to a trained model's codes after training, to draw codes that decode to
 images even where the aggregate posterior does not fill the prior (or, for an autoencoder, where there is no
-prior at all). Chosen by name (``sample.py --sampler``), each one class and one ``SAMPLERS`` entry:
+prior at all). Chosen by name (``sample.py --sampler``), each one class here, its rules class (what it states
+without torch: its options) and one ``SAMPLERS`` entry in sampler_rules.py:
 
     prior      the model's own p(z), nothing fitted
     gmm        a Gaussian mixture fitted to the training set's posterior means (Ghosh et al. 2020), by
@@ -18,7 +19,6 @@ and gives a log-density of codes (``log_prob``, nats per code) for the offline c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,42 +26,15 @@ from torch import nn
 
 from models.gaussian import HALF_LOG_2PI, gaussian_nll, log_normal
 from models.priors import Prior, StandardNormal
+from models.sampler_rules import (  # noqa: F401  (SAMPLERS and SamplerOptions: the Python API's names, as before)
+    SAMPLERS,
+    GaussianMixtureRules,
+    PriorSamplerRules,
+    SamplerOptions,
+    SamplerRules,
+    TwoStageRules,
+)
 from utils.errors import UserError
-from utils.fields import is_whole
-
-COVARIANCES = ("full", "tied", "diag", "spherical")  # scikit-learn's GaussianMixture covariance types
-
-
-@dataclass
-class SamplerOptions:
-    """What a fit depends on; a fitted sampler is reused only while these are the same. Checked when made, so
-    that neither the command line nor the API can fit (and keep, over a good one) a sampler from bad options."""
-
-    gmm_components: int = 10
-    gmm_covariance: str = "full"
-    two_stage_steps: int = 3000
-    two_stage_hidden: list[int] = field(default_factory=lambda: [512, 512])
-    seed: int = 0  # the fit's (not a drawing's: --seed chooses the draws from a fitted sampler)
-
-    def __post_init__(self) -> None:
-        for name in ("gmm_components", "two_stage_steps"):
-            value = getattr(self, name)
-            if not is_whole(value) or value < 1:
-                raise UserError(f"sampler option {name} must be a whole number of at least 1, got {value!r}")
-        if self.gmm_covariance not in COVARIANCES:
-            raise UserError(f"sampler option gmm_covariance {self.gmm_covariance!r} is not one of "
-                            f"{', '.join(COVARIANCES)}: choose one of them")
-        hidden = self.two_stage_hidden
-        if not isinstance(hidden, (list, tuple)) or not hidden or not all(is_whole(h) and h >= 1 for h in hidden):
-            raise UserError(f"sampler option two_stage_hidden must be a non-empty list of layer widths of at least "
-                            f"1, got {hidden!r}")
-        self.two_stage_hidden = list(hidden)
-        if not is_whole(self.seed):
-            raise UserError(f"sampler option seed must be a whole number, got {self.seed!r}")
-
-    def of(self, name: str) -> dict[str, str]:
-        """The options the sampler ``name`` depends on, as the text kept in its file's metadata."""
-        return {k: str(getattr(self, k)) for k in SAMPLERS[name].options}
 
 
 def _tensor_problems(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], made_for: str) -> str | None:
@@ -78,11 +51,9 @@ def _tensor_problems(state: dict[str, torch.Tensor], want: dict[str, tuple[int, 
     return None
 
 
-class Sampler:
-    """Codes z (n, d) for a model whose codes it was fitted to."""
-
-    fitted = True  # fitted to codes (False: the model's prior, nothing to fit or keep)
-    options: tuple[str, ...] = ()  # the SamplerOptions fields its fit depends on
+class Sampler(SamplerRules):
+    """Codes z (n, d) for a model whose codes it was fitted to; whether it is fitted and the options its fit
+    depends on are its rules class's (sampler_rules.py)."""
 
     def fit(self, means: torch.Tensor, options: SamplerOptions, stds: torch.Tensor | None = None) -> Sampler:
         """Fit to the training set's posterior means (N, d) and, where the sampler uses them, standard
@@ -101,6 +72,10 @@ class Sampler:
     def load_state(self, state: dict[str, torch.Tensor]) -> Sampler:
         return self
 
+    def drawing(self, options: SamplerOptions) -> Sampler:
+        """Set how it draws from its fit (its rules' ``draw_options``), fitted now or kept."""
+        return self
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -109,10 +84,8 @@ class Sampler:
         raise NotImplementedError
 
 
-class PriorSampler(Sampler):
+class PriorSampler(PriorSamplerRules, Sampler):
     """The model's own prior."""
-
-    fitted = False
 
     def __init__(self, prior: Prior):
         self.prior = prior
@@ -124,12 +97,10 @@ class PriorSampler(Sampler):
         return self.prior.log_prob(z)
 
 
-class GaussianMixtureSampler(Sampler):
+class GaussianMixtureSampler(GaussianMixtureRules, Sampler):
     """K Gaussians fitted by EM (scikit-learn's GaussianMixture, k-means initialisation, ``seed``); each covariance
     kept as its Cholesky factor L (Σ = L Lᵀ), whatever scikit-learn's covariance type. Fitted to the posterior
     means alone, as Ghosh et al. fit their (deterministic) codes."""
-
-    options = ("gmm_components", "gmm_covariance", "seed")
 
     def __init__(self):
         self.weights = self.means = self.cholesky = torch.empty(0)
@@ -213,13 +184,11 @@ class CodeVAE(nn.Module):
         return (nll + StandardNormal(z.shape[1]).kl_per_dim(mu, logvar).sum(1)).mean()
 
 
-class TwoStageSampler(Sampler):
+class TwoStageSampler(TwoStageRules, Sampler):
     """Draws as Dai & Wipf 2019 do (their ``generate()``): u ~ N(0, I), then z ~ N(f(u), γ²I) = f(u) + γε, with
     f the second stage's decoder and γ its learned standard deviation; ``log_prob`` bounds the density of that
     same distribution. The second stage is trained, as theirs, on fresh draws z = μ + σε from the training
     images' posteriors each step (an autoencoder's codes have σ = 0: its codes themselves)."""
-
-    options = ("two_stage_steps", "two_stage_hidden", "seed")
 
     def __init__(self):
         self.net: CodeVAE | None = None
@@ -280,10 +249,3 @@ class TwoStageSampler(Sampler):
         log_pz_u = log_normal(z.float(), mean, 2 * self.net.log_gamma).sum(-1)
         log_w = log_pz_u + StandardNormal(z.shape[1]).log_prob(u) - log_normal(u, mu, logvar).sum(-1)
         return torch.logsumexp(log_w, 0) - math.log(k)
-
-
-SAMPLERS: dict[str, type[Sampler]] = {
-    "prior": PriorSampler,
-    "gmm": GaussianMixtureSampler,
-    "two_stage": TwoStageSampler,
-}

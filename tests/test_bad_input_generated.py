@@ -23,7 +23,7 @@ import evaluate
 import sample
 import train_vae
 from conftest import REPO, cli
-from models.samplers import SamplerOptions
+from models.sampler_rules import SamplerOptions, fitted_names
 from utils.config import all_keys
 from utils.errors import UserError
 from utils.evaluation.samplers import kept_sampler_files
@@ -172,7 +172,12 @@ def test_the_exporter(sandbox, run, out, push):
 
 # Kept samplers, damaged or foreign, at each entry point that reads them: a run with both samplers fitted (small
 # options, so that a refit is quick), a copy per case, one file damaged by a named kind or by bytes overwritten.
-QUICK = ["--gmm_components", "2", "--two_stage_steps", "5"]
+QUICK = {"gmm": ["--gmm_components", "2"], "two_stage": ["--two_stage_steps", "5"],
+         "flow": ["--flow_layers", "2", "--flow_hidden", "8", "--flow_steps", "5"],
+         "flow_matching": ["--flow_matching_hidden", "8", "--flow_matching_steps", "5",
+                           "--flow_matching_ode_steps", "2"]}
+QUICK_OPTIONS = SamplerOptions(gmm_components=2, two_stage_steps=5, flow_layers=2, flow_hidden=8, flow_steps=5,
+                               flow_matching_hidden=8, flow_matching_steps=5, flow_matching_ode_steps=2)
 DAMAGES = ["truncated", "empty", "garbage", "missing", "extra", "nan", "inf", "other z", "integers", "no fingerprint",
            "other fingerprint", "other z_dim", "options changed", "a folder", "a leftover"]
 
@@ -182,8 +187,8 @@ def fitted_run(mnist_300, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("fitted") / "run"
     shutil.copytree(mnist_300, run)
     vae = TrainedVAE.load(run)
-    for name in ("gmm", "two_stage"):
-        vae.ex_post_sampler(name, options=SamplerOptions(gmm_components=2, two_stage_steps=5))
+    for name in fitted_names():
+        vae.ex_post_sampler(name, options=QUICK_OPTIONS)
     return run
 
 
@@ -227,7 +232,7 @@ kept_damage = st.one_of(st.sampled_from(DAMAGES), st.tuples(st.integers(0, 10**6
 
 
 @fast(40)
-@given(st.sampled_from(["gmm", "two_stage"]), kept_damage, st.sampled_from(["sample", "evaluate", "api", "export"]))
+@given(st.sampled_from(fitted_names()), kept_damage, st.sampled_from(["sample", "evaluate", "api", "export"]))
 def test_kept_samplers_damaged_or_foreign(fitted_run, sandbox, name, how, where):
     """Each case ends in success (a refit, with a warning, where the file was fitted to other weights) or in one
     line naming the fix; the exporter always succeeds and copies only files that fit the model."""
@@ -237,7 +242,7 @@ def test_kept_samplers_damaged_or_foreign(fitted_run, sandbox, name, how, where)
     before = listing(sandbox)
     if where == "api":
         try:
-            TrainedVAE.load(run).sample(2, sampler=name, options=SamplerOptions(gmm_components=2, two_stage_steps=5))
+            TrainedVAE.load(run).sample(2, sampler=name, options=QUICK_OPTIONS)
         except UserError as e:
             assert "\n" not in str(e) and "--" not in str(e), str(e)
         return
@@ -249,10 +254,11 @@ def test_kept_samplers_damaged_or_foreign(fitted_run, sandbox, name, how, where)
         assert not left_out and not list(hub.rglob("*.tmp"))
         return
     if where == "sample":
-        res = cli(sample.main, ["--exp_dir", str(run), "--sampler", name, *(QUICK[:2] if name == "gmm" else QUICK[2:]),
+        res = cli(sample.main, ["--exp_dir", str(run), "--sampler", name, *QUICK[name],
                                 "--n_samples", "4", "--save_dir", str(sandbox / "out")])
     else:
-        res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "samplers", *QUICK, "--n_test", "50",
+        res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "samplers", *sum(QUICK.values(), []),
+                                  "--n_test", "50",
                                   "--out", str(sandbox / "eval.json")])
     check(res, sandbox, before)
     if res.returncode == 2:

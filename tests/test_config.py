@@ -227,10 +227,10 @@ def test_the_names_read_before_a_registry_loads_are_its_keys(tmp_path, monkeypat
     """Each registry's names as a config checks them before torch loads (read from the literal in its module's
     source) are the loaded registry's keys, in order; once loaded, the live registry's names count (an entry a
     test or a user adds); a registry that is no literal of names is said, not guessed."""
-    from models.samplers import COVARIANCES, SAMPLERS
+    from models.sampler_rules import COVARIANCES, SAMPLERS
     from utils.fields import Registry
 
-    views = [*REGISTRIES.values(), Registry("models.samplers", "SAMPLERS"), Registry("models.samplers", "COVARIANCES")]
+    views = [*REGISTRIES.values(), *(Registry("models.sampler_rules", v) for v in ("SAMPLERS", "COVARIANCES"))]
     for view in views:
         assert view._read_names() == list(view.load()), view
     assert list(views[-2]) == list(SAMPLERS) and tuple(views[-1]) == COVARIANCES

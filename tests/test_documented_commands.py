@@ -144,7 +144,11 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "python sample.py --exp_dir runs/X --sampler two_stage --mode interpolate --interp slerp":
         (SHORT, ["--two_stage_steps", "50"]),
     "python sample.py --exp_dir runs/X --sampler gmm --gmm_covariance diag --refit": (RUN, []),
-    "python evaluate.py --exp_dir runs/X --metrics samplers": (SHORT, ["--two_stage_steps", "50", *FEW]),
+    "python evaluate.py --exp_dir runs/X --metrics samplers":
+        (SHORT, ["--two_stage_steps", "50", "--flow_steps", "50", "--flow_matching_steps", "50", *FEW]),
+    "python sample.py --exp_dir runs/X --mode sample --sampler flow": (SHORT, ["--flow_steps", "50"]),
+    "python sample.py --exp_dir runs/X --mode sample --sampler flow_matching --flow_matching_ode_steps 16":
+        (SHORT, ["--flow_matching_steps", "50"]),
     "python -m utils.inference.export runs/X hub/mnist-vae": (RUN, []),
     "python -m utils.inference.export runs/X hub/mnist-vae --push_to_hub you/mnist-vae":
         (NETWORK, "uploads to the Hugging Face Hub"),

@@ -16,6 +16,7 @@ import evaluate
 import sample
 from conftest import REPO, cli, train, train_cli
 from models.regularisers import PosteriorSample, discriminator_losses
+from models.sampler_rules import fitted_names
 from models.samplers import GaussianMixtureSampler, SamplerOptions, TwoStageSampler
 from models.vae import VAE
 from utils.config import load_config
@@ -174,16 +175,17 @@ def test_samplers_are_reproducible_kept_and_refused_in_one_line(ae_run, tmp_path
         fitted_sampler(cvae, tmp_path, "gmm", lambda: pytest.fail("no data is read"), SamplerOptions())
 
 
-@pytest.mark.slow  # trains the second stage
-def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
+@pytest.mark.slow  # trains the second stage, the flow and the velocity field
+def test_every_fitted_sampler_fits_the_codes_better_than_the_prior(ae_run):
     """On a trained autoencoder's codes, by both offline numbers: N(0, I) does not know where its codes are."""
     res = cli(evaluate.main, ["--exp_dir", str(ae_run), "--metrics", "recon,samplers", "--two_stage_steps", "600",
-                              "--n_test", "2000", "--out", str(ae_run.parent / "eval.json")])
+                              "--flow_steps", "300", "--flow_matching_steps", "600", "--n_test", "2000",
+                              "--out", str(ae_run.parent / "eval.json")])
     assert res.returncode == 0, res.stderr
     import json
 
     s = json.loads((ae_run.parent / "eval.json").read_text())["samplers"]
-    assert set(s) == {"gmm", "two_stage"}  # an AE has no prior
+    assert list(s) == fitted_names()  # an AE has no prior
     vae = TrainedVAE.load(ae_run)
     from utils.data.registry import load_data
     from utils.evaluation.latents import posterior_stats
@@ -192,7 +194,7 @@ def test_two_stage_fits_the_codes_better_than_the_prior(ae_run):
     train_set, test_set, _ = load_data(vae.config.data)
     prior = sampler_scores(PriorSampler(vae.prior), posterior_stats(vae, train_set)[0],
                            posterior_stats(vae, test_set, limit=2000)[0])
-    for name in ("gmm", "two_stage"):
+    for name in fitted_names():
         assert s[name]["held_out"] > prior["held_out"] and s[name]["reverse"] > prior["reverse"], (name, s, prior)
 
 

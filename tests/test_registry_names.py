@@ -57,7 +57,7 @@ Scope = tuple[str, str]  # (module, qualified name of a class or function; "" fo
 
 def registries() -> dict[str, Collection]:
     """Every registry of parts, by the config key or command-line flag that chooses from it."""
-    from models.samplers import SAMPLERS
+    from models.sampler_rules import SAMPLERS
     from utils.config import REGISTRIES
     from utils.evaluation.metrics import METRICS
     from utils.inference.modes import MODES

@@ -99,6 +99,20 @@ def test_evaluate_reports_sample_quality_named_by_its_feature_network(run, mnist
                         "seed": 0}
 
 
+@pytest.mark.parametrize("sampler, small", [("flow", ["--flow_layers", "2", "--flow_steps", "30"]),
+                                            ("flow_matching", ["--flow_matching_steps", "30",
+                                                               "--flow_matching_ode_steps", "4"])])
+def test_quality_scores_the_samples_of_a_fitted_sampler(run, mnist_features, sampler, small, tmp_path):
+    """--sampler chooses where the codes come from: the sampler is fitted, kept, and named in the entry."""
+    out = tmp_path / "eval.json"
+    res = cli(evaluate.main, ["--exp_dir", str(run), *QUICK, "--features", str(mnist_features), "--sampler", sampler,
+                              *small, "--out", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert f"300 samples ({sampler})" in res.stdout and (run / "samplers" / f"{sampler}.safetensors").is_file()
+    results = json.loads(out.read_text())
+    assert results["quality"]["sampler"] == results["computed_with"]["quality"]["sampler"] == sampler
+
+
 def test_bad_input_is_one_line_and_writes_nothing(run, mnist_features, real_data, tmp_path):
     out = tmp_path / "eval.json"
     missing = cli(evaluate.main, ["--exp_dir", str(run), *QUICK, "--features", str(tmp_path / "no.safetensors"),

@@ -24,7 +24,10 @@ from utils.inference import TrainedVAE
 from utils.inference import export as exporter
 from utils.inference import trained as trained_module
 
-SMALL = {"gmm": ["--gmm_components", "2"], "two_stage": ["--two_stage_steps", "5"]}
+SMALL = {"gmm": ["--gmm_components", "2"], "two_stage": ["--two_stage_steps", "5"],
+         "flow": ["--flow_layers", "2", "--flow_hidden", "8", "--flow_steps", "5"],
+         "flow_matching": ["--flow_matching_hidden", "8", "--flow_matching_steps", "5",
+                           "--flow_matching_ode_steps", "2"]}
 
 
 def test_two_stage_draws_its_decoders_mean_plus_gamma_noise():
@@ -191,7 +194,7 @@ def test_a_damaged_kept_file_is_refused_in_one_line_everywhere(run, tmp_path):
         res = cli(exporter.main, [str(run), str(hub)])
         assert res.returncode == 0 and res.stderr.count("warning: ") == 3, res.stderr  # two files, a temporary
         assert not (hub / "samplers").exists()
-    res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "samplers", *SMALL["gmm"], *SMALL["two_stage"],
+    res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "samplers", *sum(SMALL.values(), []),
                               "--n_test", "50", "--out", str(tmp_path / "eval.json")])
     assert res.returncode == 2 and "--refit" in res.stderr and not (tmp_path / "eval.json").exists()
     assert fit_cli(run, "gmm", "--refit").returncode == 0  # the fix the line gives

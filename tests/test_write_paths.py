@@ -25,7 +25,7 @@ import evaluate
 import sample
 import utils.files
 from conftest import CPU, FAST, REPO, THREADS, cli, train_cli
-from models.samplers import SAMPLERS, SamplerOptions
+from models.sampler_rules import SAMPLERS, SamplerOptions
 from utils.errors import UserError
 from utils.evaluation.metrics import merge_results
 from utils.evaluation.samplers import keep
@@ -204,7 +204,7 @@ def test_a_full_disk_is_told_apart_from_a_file_size_limit(run, monkeypatch):
 def test_a_fit_that_cannot_be_kept_is_used_and_said(tmp_path, capsys):
     folder = tmp_path / "samplers"
     folder.mkdir()
-    sampler = SAMPLERS["gmm"]().fit(torch.randn(200, 2), SamplerOptions(gmm_components=2))
+    sampler = SAMPLERS["gmm"].load()().fit(torch.randn(200, 2), SamplerOptions(gmm_components=2))
     with read_only(folder):
         keep(sampler, folder / "gmm.safetensors", {"gmm_components": "2"})
     assert "the fitted sampler is used but not kept" in capsys.readouterr().err

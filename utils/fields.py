@@ -17,8 +17,8 @@ import importlib.util
 import math
 import sys
 import typing
-from collections.abc import Collection, Iterator
-from dataclasses import field
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,67 @@ def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | Non
     if m["max"] is not None and value > m["max"]:
         raise bad
     return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option declared once, beside the part whose numbers depend on it (a metric's, an ex-post
+    sampler's): ``--name`` with its default, help line and check. ``type`` is int, float, str, bool (a switch) or
+    list (of whole numbers of at least 1); ``min`` the least value accepted (``min_exclusive``: not even it);
+    ``choices`` the values accepted. ``recorded``: kept beside the numbers it changes (eval.json's
+    ``computed_with``); ``flag``: False for a setting of the Python API alone, with no flag."""
+
+    name: str
+    default: Any
+    help: str | None = None
+    type: Callable[[str], Any] = int
+    min: float | None = None
+    min_exclusive: bool = False
+    choices: tuple | None = None
+    recorded: bool = True
+    flag: bool = True
+
+    def add_to(self, p: Any, default: Any = dataclasses.MISSING) -> None:
+        """Add ``--name`` to the argparse parser ``p``, with ``default`` in place of the declared one when given
+        (None: a flag whose absence is told apart from its default)."""
+        default = self.default if default is dataclasses.MISSING else default
+        if self.type is bool:
+            p.add_argument(f"--{self.name}", action="store_true", help=self.help)
+        else:
+            p.add_argument(f"--{self.name}", type=self.type, default=default, choices=self.choices, help=self.help)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``must be at least 1, got 0``), or None when it is accepted."""
+        if value is None and self.default is None:
+            return None  # unset, where unset is allowed (a path given only when wanted)
+        t, low = self.type, self.min
+        if t is list:
+            if not isinstance(value, (list, tuple)) or not value or not all(is_whole(v) and v >= 1 for v in value):
+                return f"must be a non-empty list of whole numbers of at least 1, got {value!r}"
+            return None
+        if t is bool:
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        if t is int and not is_whole(value):
+            return f"must be a whole number, got {value!r}"
+        if t is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return f"must be a finite number, got {value!r}"
+        if t is str and not isinstance(value, str):
+            return f"must be a string, got {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        if low is not None and (value < low or (self.min_exclusive and value == low)):
+            return f"must be {'more than' if self.min_exclusive else 'at least'} {low:g}, got {value!r}"
+        return None
+
+    def check(self, value: Any) -> None:
+        """Refuse a bad value of the flag in one line."""
+        problem = self.problem(value)
+        if problem:
+            raise UserError(f"--{self.name} {problem}")
+
+    def coerced(self, value: Any) -> Any:
+        """An accepted value in the option's own type (an int for a float option, a tuple for a list one)."""
+        return float(value) if self.type is float else list(value) if self.type is list else value
 
 
 class Registry(Collection):

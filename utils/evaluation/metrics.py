@@ -20,37 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from utils.errors import UserError
+from models.sampler_rules import SAMPLERS, declared_options
+from utils.fields import Option
 
 if TYPE_CHECKING:
     from utils.evaluation.context import Evaluation
 
 Rows = list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class Option:
-    """An ``evaluate.py`` option, declared once: ``--name`` with its default, help line and check (``min``: the
-    least value accepted). ``type=bool`` is a switch. ``recorded``: kept in eval.json's ``computed_with`` beside
-    the numbers of each metric that declares it; False where the metric's entry records the value itself
-    (disentanglement's ``sizes``) or it names a file on this machine rather than a setting (--fid_weights)."""
-
-    name: str
-    default: Any
-    help: str | None = None
-    type: Callable[[str], Any] = int
-    min: int | None = None
-    recorded: bool = True
-
-    def add_to(self, p: argparse.ArgumentParser) -> None:
-        if self.type is bool:
-            p.add_argument(f"--{self.name}", action="store_true", help=self.help)
-        else:
-            p.add_argument(f"--{self.name}", type=self.type, default=self.default, help=self.help)
-
-    def check(self, value: Any) -> None:
-        if self.min is not None and value is not None and value < self.min:
-            raise UserError(f"--{self.name} must be at least {self.min}, got {value}")
 
 
 # the options several metrics read, declared once here; a metric's own options are declared in its entry
@@ -189,7 +165,6 @@ def _quality_rows(results: dict, key: str = "quality") -> Rows:
 
 def _samplers(ev: Evaluation) -> None:
     """Each usable sampler's two offline numbers (utils/evaluation/samplers.py), fitting what is not fitted yet."""
-    from models.samplers import SAMPLERS
     from utils.evaluation.latents import posterior_stats
     from utils.evaluation.samplers import sampler_scores
 
@@ -203,8 +178,6 @@ def _samplers(ev: Evaluation) -> None:
 def _every_fitted_sampler(options: argparse.Namespace, vae: Any) -> list[str]:
     """The samplers the comparison fits (each one fitted to codes; a conditional model's codes are not one
     density, and no fitted sampler takes it)."""
-    from models.samplers import SAMPLERS
-
     return [] if vae.n_classes else [n for n, s in SAMPLERS.items() if s.fitted]
 
 
@@ -301,10 +274,10 @@ METRICS: dict[str, Metric] = {
                             main_only=True, rows=lambda r: _quality_rows(r, "recon_quality"),
                             headline=lambda r: [(f"reconstruction quality ({r['recon_quality']['features']})",
                                                  f"FD {r['recon_quality']['fd']:.4g}")]),
-    "samplers": Metric("how well each ex-post sampler (prior, gmm, two_stage) fits the codes: the mean "
+    "samplers": Metric(f"how well each ex-post sampler ({', '.join(SAMPLERS)}) fits the codes: the mean "
                        "log-density of held-out codes under it, and of its draws under the training codes' KDE "
                        "(nats per code)", _samplers, rows=_sampler_rows, main_only=True,
-                       reads=("n_test", "seed", "gmm_components", "gmm_covariance", "two_stage_steps"),
+                       reads=("n_test", "seed", *(o.name for o in declared_options().values() if o.flag)),
                        draws=_every_fitted_sampler),
     "disentanglement": Metric("beta-VAE and FactorVAE metrics, MIG, DCI and SAP on ground-truth factors",
                               _disentanglement, rows=_disentanglement_rows, needs_factors=True, main_only=True,

@@ -10,7 +10,8 @@ whose contents do not fit the model (each sampler's ``problems``) is refused in 
 
 Which sampler fits the codes better is measured offline, in nats per code (higher is better), both ways:
 ``held_out``, the mean log-density the sampler gives the held-out set's codes (for two_stage, its
-importance-weighted lower bound, k = 100), and ``reverse``, the mean log-density of the sampler's draws
+importance-weighted lower bound, k = 100; for flow_matching, its ODE's density by the change of variables, the
+costliest: models/flows.py), and ``reverse``, the mean log-density of the sampler's draws
 under the aggregate of the training codes, a Gaussian kernel density estimate with Scott's rule
 (``kde_log_density``, as scipy's ``gaussian_kde``).
 """
@@ -29,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from models.samplers import SAMPLERS, PriorSampler, Sampler, SamplerOptions
+from models.sampler_rules import SAMPLERS, SamplerOptions, fitted_names
+from models.samplers import PriorSampler, Sampler
 from models.vae import VAE
 from utils.data.splits import ImageSplit
 from utils.errors import UserError
@@ -68,9 +70,9 @@ def check_usable(vae: VAE, name: str, api: bool = False) -> None:
         what = "sampler" if api else "--sampler"
         raise UserError(f"unknown {what} {name!r}: choose one of {', '.join(SAMPLERS)}")
     if not SAMPLERS[name].fitted and not vae.has_prior:
+        fitted = [_flag("sampler", n, api) for n in fitted_names()]
         raise UserError(f"this autoencoder has no prior to draw from (its codes are not pulled to one): use "
-                        f"{_flag('sampler', 'gmm', api)} or {_flag('sampler', 'two_stage', api)}, fitted to its "
-                        f"codes")
+                        f"{', '.join(fitted[:-1])} or {fitted[-1]}, fitted to its codes")
     if SAMPLERS[name].fitted and vae.n_classes:
         raise UserError(f"{_flag('sampler', name, api)} fits one density to every class's codes, and this model is "
                         f"conditional: use {_flag('sampler', 'prior', api)}, which draws for the class asked")
@@ -105,9 +107,8 @@ def _bound_elsewhere(had: dict[str, str], vae: VAE, fingerprint: str) -> str | N
 def _options_of(had: dict[str, str], name: str) -> SamplerOptions:
     """The options a kept file records."""
     try:
-        kinds = {f: type(v) for f, v in vars(SamplerOptions()).items()}
-        return SamplerOptions(**{k: json.loads(had[k]) if kinds[k] is list else kinds[k](had[k])
-                                 for k in SAMPLERS[name].options})
+        return SamplerOptions(**{o.name: json.loads(had[o.name]) if o.type is list else o.type(had[o.name])
+                                 for o in SAMPLERS[name].options})
     except (KeyError, ValueError, TypeError, UserError) as e:
         raise Unusable(f"its options are not readable ({e.__class__.__name__})") from None
 
@@ -139,13 +140,13 @@ def fitted_sampler(vae: VAE, folder: Path, name: str, train: Callable[[], ImageS
                                     if had.get(k) != v)
                 raise UserError(f"{path} was fitted with {changed}: {fix} to fit it again, or ask for the options "
                                 f"it was fitted with")
-            problem = SAMPLERS[name].problems(state, vae.z_dim, options)
+            problem = SAMPLERS[name].load().problems(state, vae.z_dim, options)
             if problem:
                 raise UserError(f"{path} cannot be used ({problem}): {fix} to fit it again")
-            return SAMPLERS[name]().load_state(state)
+            return SAMPLERS[name].load()().load_state(state).drawing(options)
         print(f"warning: {path} was fitted to {elsewhere}: fitting it again to this model's codes", file=sys.stderr)
     means, stds = training_codes(vae, train(), device)
-    sampler = SAMPLERS[name]().fit(means, options, stds)
+    sampler = SAMPLERS[name].load()().fit(means, options, stds).drawing(options)
     keep(sampler, path, {**want, Z_KEY: str(vae.z_dim), WEIGHTS_KEY: fingerprint})
     return sampler
 
@@ -181,7 +182,7 @@ def kept_sampler_files(run: Path, vae: VAE) -> tuple[dict[str, tuple[Path, Sampl
             if elsewhere:
                 raise Unusable(f"fitted to {elsewhere}")
             options = _options_of(had, name)
-            problem = SAMPLERS[name].problems(state, vae.z_dim, options)
+            problem = SAMPLERS[name].load().problems(state, vae.z_dim, options)
             if problem:
                 raise Unusable(problem)
         except Unusable as e:

@@ -17,13 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.sampler_rules import SAMPLERS, SamplerOptions, declared_options, fitted_names
 from utils.errors import UserError
-from utils.fields import Registry
 
 if TYPE_CHECKING:
     import torch
 
-    from models.samplers import SamplerOptions
     from utils.config import Config
     from utils.inference.trained import TrainedVAE
 
@@ -104,39 +103,42 @@ def output_folder(model_folder: Path, name: str) -> Path:
     return model_folder.parent / f"{model_folder.name}-{name}"
 
 
-# the samplers' names and the GMM's covariance types, read before models/samplers.py (and torch) loads
-SAMPLER_NAMES, COVARIANCE_NAMES = Registry("models.samplers", "SAMPLERS"), Registry("models.samplers", "COVARIANCES")
-
-
-FIT_FLAGS = ("gmm_components", "gmm_covariance", "two_stage_steps")  # SamplerOptions fields with a flag
-
-
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """sample.py's and evaluate.py's choice of ex-post sampler and its fit options (None when not given, so that
-    a flag the command would ignore can be refused: ``sampler_options``)."""
-    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(SAMPLER_NAMES)} (default prior; gmm and "
-                                     "two_stage are fitted to the training codes once, and kept in the model's folder)")
+    """sample.py's and evaluate.py's choice of ex-post sampler and the flags of its fit options, as each sampler
+    declares them (models/sampler_rules.py); None when not given, so that a flag the command would ignore can be
+    refused: ``sampler_options``."""
+    fitted = fitted_names()
+    p.add_argument("--sampler", help=f"where codes are drawn from: {', '.join(SAMPLERS)} (default prior; "
+                                     f"{', '.join(fitted[:-1])} and {fitted[-1]} are fitted to the training codes "
+                                     f"once, and kept in the model's folder)")
     p.add_argument("--refit", action="store_true", help="fit the sampler again, replacing the kept one")
-    p.add_argument("--gmm_components", type=int, help="gmm: mixture components (default 10)")
-    p.add_argument("--gmm_covariance", choices=tuple(COVARIANCE_NAMES), help="gmm: covariance type (default full)")
-    p.add_argument("--two_stage_steps", type=int, help="two_stage: training steps of the second VAE (default 3000)")
+    for o in declared_options().values():
+        if o.flag:
+            o.add_to(p, default=None)
 
 
 def sampler_options(args: argparse.Namespace, uses: list[str], does: str) -> SamplerOptions:
     """The fit options of sample.py's and evaluate.py's arguments, checked by ``SamplerOptions`` itself (one home
     for the rules), after refusing each sampler flag that would have no effect: ``uses`` are the samplers the
-    command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line. An unknown name
-    is refused before torch loads."""
+    command draws from or fits (empty: none), ``does`` says what it does, for the refusal's line. Torch is not
+    loaded: every refusal here is said at once."""
     for name in uses:
-        if name not in SAMPLER_NAMES:
-            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLER_NAMES)}")
-    from models.samplers import SAMPLERS, SamplerOptions
-
-    given = {k: getattr(args, k) for k in FIT_FLAGS if getattr(args, k) is not None}
+        if name not in SAMPLERS:
+            raise UserError(f"unknown --sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    check_sampler_values(args)
+    flags = [o.name for o in declared_options().values() if o.flag]
+    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     for k in given:
-        owners = [n for n in SAMPLERS if k in SAMPLERS[n].options]
+        owners = [n for n in SAMPLERS if any(o.name == k for o in SAMPLERS[n].every_option())]
         if not set(owners) & set(uses):
             raise UserError(f"--{k} is an option of --sampler {' and '.join(owners)}, and {does}: drop it")
     if args.refit and not any(SAMPLERS[n].fitted for n in uses):
-        raise UserError(f"--refit fits a sampler again (gmm or two_stage), and {does}: drop it")
+        raise UserError(f"--refit fits a sampler again ({' or '.join(fitted_names())}), and {does}: drop it")
     return SamplerOptions(**given)
+
+
+def check_sampler_values(args: argparse.Namespace) -> None:
+    """Refuse a bad value of a sampler flag (``--gmm_components 0``) in one line, before the model loads."""
+    for o in declared_options().values():
+        if o.flag and getattr(args, o.name) is not None:
+            o.check(getattr(args, o.name))

@@ -33,7 +33,8 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.samplers import SAMPLERS, Sampler, SamplerOptions
+from models.sampler_rules import SAMPLERS, SamplerOptions
+from models.samplers import Sampler
 from models.vae import VAE
 from utils.config import Config, build_config, config_to_dict, load_config
 from utils.data.registry import image_shape, load_data
@@ -124,7 +125,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
                batch_size: int = 256, sampler: str = "prior", options: SamplerOptions | None = None,
                refit: bool = False) -> torch.Tensor:
         """n images (n, C, H, W) in [0, 1], the decoder's means at codes drawn from ``sampler`` (the prior, or
-        ``gmm`` / ``two_stage`` fitted to the training codes with ``options``, see ``ex_post_sampler``; with a CPU
+        a sampler of ``SAMPLERS`` fitted to the training codes with ``options``, see ``ex_post_sampler``; with a CPU
         ``generator``, the same codes on any device); a conditional model decodes ``labels`` (n,)."""
         if not is_whole(n) or n < 1:
             raise UserError(f"sample(n): n is the number of images, a whole number of at least 1, got {n!r}")
