@@ -6,6 +6,7 @@
 # celeba-10k/ (default data). It overwrites assets/results/quality-*.json;
 # the docs show its commands without --out: pasted, they write into the run's own eval.json.
 # SECTIONS picks what to redo (default "features train eval grids"); DATASETS which data sets (default all three);
+# FAMILIES and SAMPLERS which rows (default all six families; prior, gmm and two_stage);
 # JOBS how many trainings or evaluations run side by side (default 2, each on one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,9 @@ timed() { local t0=$SECONDS name=$1; shift; "$@" > "$log/$name.log" 2>&1 || { ec
           echo "$((SECONDS - t0)) s: $*"; }
 throttle() { while (( $(jobs -rp | wc -l) >= jobs )); do wait -n; done; }
 
-families="vae beta_vae mmd_vae sigma_vae ae aae"
+families="${FAMILIES:-vae beta_vae mmd_vae sigma_vae ae aae}"
+samplers_asked="${SAMPLERS:-prior gmm two_stage}"  # also flow, flow_matching
+base_rows=$([[ " $samplers_asked " == *" prior "* ]] && echo 1 || true)  # the floor and reconstructions with prior
 # what each family changes in the data set's base config (below); the others keep the Bernoulli decoder
 family() {  # $1 family, $2 the regulariser weight of mmd and aae, $3 the KL warm-up of beta-VAE
   case $1 in
@@ -32,13 +35,13 @@ family() {  # $1 family, $2 the regulariser weight of mmd and aae, $3 the KL war
   esac
 }
 # the base of each data set: MNIST's MLP 784-400-16 for the digits (10,000 steps at batch 128); celeba.yaml's conv
-# net (z = 128) with a Bernoulli decoder for the faces, 1,500 steps at batch 64 (about 10 epochs of 9,500 faces).
+# net (z = 128) with a Bernoulli decoder for the faces, 1,000 steps at batch 64 (about 7 epochs of 9,500 faces).
 # The regulariser weights of mmd and aae are the shipped MNIST configs' 100, scaled by the pixel count for faces.
 base() {
   case $1 in
     mnist | fashion_mnist) echo "-c configs/mnist.yaml data.name=$1 data.root=$root|100|2000" ;;
     celeba) echo "-c configs/celeba.yaml data.root=$root/celeba-10k data.cache=true model.likelihood=bernoulli \
-train.batch_size=64 train.steps=1500|1500|300" ;;
+train.batch_size=64 train.steps=1000|1500|200" ;;
   esac
 }
 features() { echo "features/$1.safetensors"; }
@@ -75,17 +78,21 @@ if [[ " $sections " == *" eval "* ]]; then
   for data in $datasets; do
     # the floor: as many real training images as there are held-out ones, scored as a model's samples are
     n=$([[ $data == celeba ]] && echo 500 || echo 10000)
-    throttle
-    timed "floor-$data" python benchmarks/quality.py -c "configs/$data.yaml" \
-      --data_root "$root$([[ $data == celeba ]] && echo /celeba-10k)" --features "$(features "$data")" \
-      --n "$n" --out "assets/results/quality-$data-floor.json" &
+    if [[ $base_rows ]]; then
+      throttle
+      timed "floor-$data" python benchmarks/quality.py -c "configs/$data.yaml" \
+        --data_root "$root$([[ $data == celeba ]] && echo /celeba-10k)" --features "$(features "$data")" \
+        --n "$n" --out "assets/results/quality-$data-floor.json" &
+    fi
     for fam in $families; do
       run="runs/quality-$data-$fam"
-      samplers="prior gmm two_stage"
-      [[ $fam == ae ]] && samplers="gmm two_stage"  # a plain autoencoder has no prior to draw from
-      throttle
-      timed "eval-$data-$fam-recon" python evaluate.py --exp_dir "$run" --metrics recon_quality \
-        --features "$(features "$data")" --threads 1 --out "assets/results/quality-$data-$fam-recon.json" &
+      samplers="$samplers_asked"
+      [[ $fam == ae ]] && samplers="${samplers/prior/}"  # a plain autoencoder has no prior to draw from
+      if [[ $base_rows ]]; then
+        throttle
+        timed "eval-$data-$fam-recon" python evaluate.py --exp_dir "$run" --metrics recon_quality \
+          --features "$(features "$data")" --threads 1 --out "assets/results/quality-$data-$fam-recon.json" &
+      fi
       for sampler in $samplers; do
         throttle
         timed "eval-$data-$fam-$sampler" python evaluate.py --exp_dir "$run" --metrics quality --sampler "$sampler" \
