@@ -139,6 +139,16 @@ class VAE(nn.Module):
         """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean."""
         return self.likelihood.mean(self.decoder_out(z, y).float())
 
+    def reconstruction(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1] decoded from their posterior means, (B, C, H, W): a ladder's through every layer, each
+        at its posterior mean given the layer above (decoding the top code alone would take the lower layers
+        from the prior)."""
+        mu, _, below = self.encode_layers(x, y)
+        if below is None:
+            return self.decode(mu, y)
+        out, _ = self.decode_layers(mu.unsqueeze(0), y, below, draw=False)
+        return self.likelihood.mean(out.float())
+
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the VAE's optimizer trains: everything but a regulariser's own network (FactorVAE's critic)."""
         aux = {id(p) for p in self.regulariser.auxiliary_parameters()}

@@ -15,12 +15,16 @@ from torch import nn
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import evaluate
+import sample
 from conftest import REPO, cli, train, train_cli
 from models.objectives import trained_kl
+from models.samplers import SamplerOptions
 from models.vae import VAE
 from utils.config import load_config
 from utils.errors import UserError
 from utils.evaluation.bounds import image_bounds
+from utils.inference import TrainedVAE
+from utils.inference import export as exporter
 from utils.training.optim import StepGuard
 from utils.training.run_folder import read_metrics
 
@@ -167,11 +171,19 @@ def test_ladder_resumes_bit_for_bit_with_its_training_aids(tmp_path, real_data):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory, real_data):
+    """200 steps of a small two-layer ladder on binarised MNIST; the result of ``train`` beside the run."""
+    run = tmp_path_factory.mktemp("ladder") / "run"
+    res = train(run, HVAE, [*SMALL, "train.steps=200", "train.log_every=50", "train.batch_size=64",
+                            "loss.kl_warmup_steps=50"])
+    return run, res
+
+
 @pytest.mark.slow  # trains end to end
-def test_a_short_ladder_run_learns_and_evaluates_per_layer(tmp_path, real_data):
-    run = tmp_path / "run"
-    train(run, HVAE, [*SMALL, "train.steps=200", "train.log_every=50", "train.batch_size=64",
-                      "loss.kl_warmup_steps=50"])
+def test_a_short_ladder_run_learns_and_evaluates_per_layer(ladder_run):
+    run, res = ladder_run
+    assert "kl_1=" in res.stderr and "kl_2=" in res.stderr and "kl_weight=" not in res.stderr  # the bar
     rows = read_metrics(run, "train")
     assert rows[-1]["loss"] < rows[0]["loss"] - 50 and rows[-1]["kl_2"] > 0 and rows[-1]["kl_1"] > 0
     res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "elbo,nll,au", "--k", "20", "--n_test", "200",
@@ -183,6 +195,32 @@ def test_a_short_ladder_run_learns_and_evaluates_per_layer(tmp_path, real_data):
     assert [layer["z_dim"] for layer in au["layers"]] == [12, 6] and au["layers"][-1]["active_units"] == \
         au["active_units"]
     assert "per layer" in res.stdout
+
+
+@pytest.mark.slow  # samples, fits a sampler and exports a trained run
+def test_the_tools_work_on_a_ladder(ladder_run, tmp_path):
+    run, _ = ladder_run
+    for mode in ("sample", "interpolate", "traverse", "reconstruct", "visualize_latent"):
+        res = cli(sample.main, ["--exp_dir", str(run), "--mode", mode, "--save_dir", str(tmp_path / mode),
+                                "--n_samples", "8", "--n_pairs", "2", "--n_interpolate", "4", "--n_traverse", "3",
+                                "--kl_samples", "200"])
+        assert res.returncode == 0 and any((tmp_path / mode).iterdir()), (mode, res.stderr[-2000:])
+    vae = TrainedVAE.load(run)
+    x = _images(4)
+    assert vae.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
+    assert vae.sample(3, sampler="gmm", options=SamplerOptions(gmm_components=2)).shape == (3, 1, 28, 28)
+    # reconstructions go through every layer at its posterior mean, not the top code alone
+    mu, _, below = vae.encode_layers(x)
+    top_alone = vae.decode(mu)
+    assert not torch.allclose(vae.reconstruct(x), top_alone)
+    torch.manual_seed(0)
+    api = vae.log_likelihood(x, k=10)
+    torch.manual_seed(0)
+    assert torch.equal(api, image_bounds(vae, x, 10, chunk=100)[0])
+    res = cli(exporter.main, [str(run), str(tmp_path / "hub")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = TrainedVAE.load(tmp_path / "hub")
+    assert again.hierarchical and torch.equal(again.reconstruct(x), vae.reconstruct(x))
 
 
 @pytest.mark.parametrize("overrides, says", [

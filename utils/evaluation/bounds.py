@@ -128,7 +128,7 @@ def fix_optimal_sigma(vae: VAE, data: ImageSplit, batch_size: int, accelerator: 
     sse, count = torch.zeros((), device=accelerator.device), 0
     for idx, x in _held_out(data, n, batch_size, accelerator):
         y = data.labels_at(idx)
-        sse += (vae.decode(vae.encode(x, y)[0], y) - x).pow(2).sum()
+        sse += (vae.reconstruction(x, y) - x).pow(2).sum()
         count += x.numel()
     total = accelerator.reduce(torch.stack([sse, torch.tensor(float(count), device=accelerator.device)]))
     log_sigma = 0.5 * torch.log(total[0] / total[1])
@@ -226,7 +226,7 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
         means.append(mu)
         kls.append(kl)
         recon = vae.decode(mu, y)
-        if vae.hierarchical:
+        if vae.hierarchical:  # (the same pass as vae.reconstruction, whose layers' means count too)
             out, lower = vae.decode_layers(mu.unsqueeze(0), y, vae.encode_layers(x, y)[2], draw=False)
             recon = vae.likelihood.mean(out.float())
             lower_means.append(lower.means)

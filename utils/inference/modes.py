@@ -239,12 +239,16 @@ def mode_traverse(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: t
 def mode_reconstruct(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
                      out: Path) -> list[Path]:
     """Test images above their posterior-mean reconstructions."""
+    import torch
+
     from utils.grids import save_pairs
 
     test = test_set(cfg)
     idx = pick(args.n_samples, len(test), g)
     x, y = test.batch(idx).to(args.device), labels_for(model, args, len(idx), g, test.labels_at(idx))
-    recon = decode(model, model.encode(x, y)[0], args.batch_size, y)
+    ys = [None] * len(x) if y is None else y.split(args.batch_size)
+    with torch.no_grad():  # (a ladder's through every layer)
+        recon = torch.cat([model.reconstruction(a, b) for a, b in zip(x.split(args.batch_size), ys)]).float().cpu()
     path = out / "reconstructions.png"
     save_pairs(x.cpu(), recon, path, per_row=min(8, len(x)))
     return [path]

@@ -167,9 +167,9 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Images decoded from their posterior means."""
+        """Images decoded from their posterior means (a ladder's: through every layer)."""
         x, labels = self._to(x), self._to(labels)
-        return self.decode(self.encode(x, labels)[0], labels)
+        return self.reconstruction(x, labels)
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int = 1000, labels: torch.Tensor | None = None,

@@ -280,7 +280,8 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
     memory = peak_memory_mb(s.accelerator.device)
     if memory is not None:
         stats["peak_mem_mb"] = memory
-    layers = sorted(k for k in stats if k.startswith("kl_"))  # a ladder's per-layer KL, kl_1 (bottom) ... kl_L
+    # a ladder's KL per layer, kl_1 (bottom) ... kl_L, beside the total
+    layers = sorted((k for k in stats if k[:3] == "kl_" and k[3:].isdigit()), key=lambda k: int(k[3:]))
     shown = ("loss", "rec", "kl", *layers, "mmd", "tc", "sigma")
     bar.set_postfix({k: f"{stats[k]:.4g}" for k in shown if k in stats})
     s.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)
@@ -320,7 +321,7 @@ def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, test_y: torch.Tensor |
         save_grid(vae.decode(z, y), paths["samples"], per_row=8)
     else:
         del paths["samples"]
-    save_pairs(test_x, vae.decode(vae.encode(test_x, test_y)[0], test_y), paths["reconstructions"])
+    save_pairs(test_x, vae.reconstruction(test_x, test_y), paths["reconstructions"])
     vae.train(was_training)
     return paths
 
