@@ -224,15 +224,16 @@ def test_the_tools_work_on_a_ladder(ladder_run, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["model.latent_dims=[]"], "needs model.latent_dims"),
+    (["model.latent_dims=[]", "loss.kl_balance=false"], "needs model.latent_dims"),
     (["model.hidden=[64]"], "layers do not chain"),
     (["model.z_dim=16"], "layers do not chain"),
     (["loss.free_bits=-1"], "loss.free_bits: got -1"),
-    (["loss.objective=ae", "loss.regulariser=none", "loss.kl_warmup_steps=0"],
+    (["loss.objective=ae", "loss.regulariser=none", "loss.kl_warmup_steps=0", "loss.kl_balance=false"],
      "loss.objective=ae cannot take a ladder"),
     (["loss.regulariser=mmd", "loss.mmd_weight=10"], "loss.regulariser=mmd cannot take a ladder"),
     (["model.net=mlp"], "which model.net=mlp does not have"),
     (["loss.kl_balance=true", "loss.kl_warmup_steps=0"], "acts during the KL warm-up"),
+    (["model.latent_dims=[50]", "model.hidden=[200]"], "this model has one"),
     (["loss.objective=iwae", "loss.k=5", "loss.free_bits=1"], "reshape the ELBO's KL term"),
     (["model.conditional=true"], "no conditional form"),
 ])
