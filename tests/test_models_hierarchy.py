@@ -186,6 +186,8 @@ def test_a_short_ladder_run_learns_and_evaluates_per_layer(ladder_run):
     assert "kl_1=" in res.stderr and "kl_2=" in res.stderr and "kl_weight=" not in res.stderr  # the bar
     rows = read_metrics(run, "train")
     assert rows[-1]["loss"] < rows[0]["loss"] - 50 and rows[-1]["kl_2"] > 0 and rows[-1]["kl_1"] > 0
+    events = b"".join(p.read_bytes() for p in (run / "tb").rglob("events*"))  # TensorBoard, the default tracker
+    assert b"train/kl_1" in events and b"train/kl_2" in events
     res = cli(evaluate.main, ["--exp_dir", str(run), "--metrics", "elbo,nll,au", "--k", "20", "--n_test", "200",
                               "--binarize"])
     assert res.returncode == 0, res.stderr[-2000:]
