@@ -86,16 +86,16 @@ def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Ten
 
 def layer_kls(vae: Model, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor,
               lower: Lower | None) -> list[torch.Tensor]:
-    """Each stochastic layer's KL per image (B,), bottom first, the top one's last: a ladder's lower layers'
-    KL(q(z_l | z_l+1, x) || p(z_l | z_l+1)) at the first drawn code of each image, then the top's (one entry for
-    a one-layer model). Their sum is the KL of the ELBO."""
-    top = kl_divergence(vae, mu, logvar, z)
-    return [] if lower is None else [kl.view(-1, len(z))[0] for kl in lower.kl] + [top]
+    """Each stochastic layer's KL per image (B,), bottom first, the top one's (at codes z (B, z)) last: a ladder's
+    lower layers' KL(q(z_l | z_l+1, x) || p(z_l | z_l+1)) at the first drawn code of each image (one entry for a
+    one-layer model). Their sum is the KL of the ELBO."""
+    below = [] if lower is None else [kl.view(-1, len(z))[0] for kl in lower.kl]
+    return [*below, kl_divergence(vae, mu, logvar, z)]
 
 
-def kl_terms(kls: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ladder's per-layer KL terms to log, kl_1 (bottom) ... kl_L (top), batch means."""
-    return {f"kl_{i + 1}": kl.mean() for i, kl in enumerate(kls)}
+def kl_terms(kls: list[torch.Tensor], lower: Lower | None) -> dict[str, torch.Tensor]:
+    """A ladder's per-layer KL terms to log, kl_1 (bottom) ... kl_L (top), batch means (none for one layer)."""
+    return {} if lower is None else {f"kl_{i + 1}": kl.mean() for i, kl in enumerate(kls)}
 
 
 def trained_kl(kls: list[torch.Tensor], loss: LossConfig, warming: bool, sizes: list[int]) -> torch.Tensor:
@@ -145,12 +145,12 @@ class ELBO(ELBORules, Objective):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             lik = vae.likelihood(x, out)                             # (B,) terms
             kls = layer_kls(vae, mu, logvar, z, lower)               # (B,) per layer, bottom first
-            kl = sum(kls) if kls else kl_divergence(vae, mu, logvar, z)  # (B,)
-            trained = trained_kl(kls or [kl], self.cfg, vae.kl_weight(step) < self.cfg.beta,
-                                 [t.shape[1] for t in lower.means] + [z.shape[1]] if lower else [z.shape[1]])
+            kl = sum(kls)                                            # (B,)
+            sizes = [m.shape[1] for m in (lower.means if lower else [])] + [z.shape[1]]
+            trained = trained_kl(kls, self.cfg, vae.kl_weight(step) < self.cfg.beta, sizes)
             penalty, extra = vae.regulariser(trained, PosteriorSample(z, mu, logvar), vae.prior, step)
             terms = {"rec": lik.rec.mean(), "kl": kl.mean(), "nll": lik.nll.mean(),
-                     "elbo": -(lik.nll + kl).mean(), **kl_terms(kls), **extra}
+                     "elbo": -(lik.nll + kl).mean(), **kl_terms(kls, lower), **extra}
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
             terms["loss"] = lik.rec.mean() + penalty
@@ -179,10 +179,10 @@ class IWAE(IWAERules, Objective):
             log_w = log_px_z + vae.kl_weight(step) * log_ratio
             bound = torch.logsumexp(log_w, 0) - math.log(k)                     # (B,)
             kls = layer_kls(vae, mu, logvar, z[0], lower)
-            kl = sum(kls) if kls else kl_divergence(vae, mu, logvar, z[0])
+            kl = sum(kls)
             nll = -log_px_z.mean(0)
             terms = {"rec": nll.mean(), "kl": kl.mean(), "nll": nll.mean(), "elbo": -(nll + kl).mean(),
-                     **kl_terms(kls), "iwae": bound.mean(), "loss": -bound.mean()}
+                     **kl_terms(kls, lower), "iwae": bound.mean(), "loss": -bound.mean()}
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
         return terms

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from models.likelihoods import softclip_log_sigma
-from models.objectives import importance_parts, kl_divergence, layer_kls
+from models.objectives import importance_parts, layer_kls
 from models.vae import VAE
 from utils.data.batching import shard
 from utils.data.splits import ImageSplit
@@ -161,8 +161,7 @@ def image_bounds(vae: VAE, x: torch.Tensor, k: int, y: torch.Tensor | None = Non
         rec -= log_px_z.sum(0) / k
         part = torch.logsumexp(log_px_z + log_ratio, 0)
         lse = part if lse is None else torch.logaddexp(lse, part)
-    kl = sum(layer_kls(vae, mu, logvar, z[0], lower)) if lower else kl_divergence(vae, mu, logvar, z[0])
-    return lse - math.log(k), rec, kl
+    return lse - math.log(k), rec, sum(layer_kls(vae, mu, logvar, z[0], lower))
 
 
 @torch.no_grad()
