@@ -16,7 +16,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import evaluate
 import sample
-from conftest import REPO, cli, train, train_cli
+from conftest import CPU, FAST, REPO, accel_2, cli, run_script, train, train_cli
 from models.objectives import trained_kl
 from models.samplers import SamplerOptions
 from models.vae import VAE
@@ -225,6 +225,22 @@ def test_the_tools_work_on_a_ladder(ladder_run, tmp_path):
     assert again.hierarchical and torch.equal(again.reconstruct(x), vae.reconstruct(x))
 
 
+@pytest.mark.slow  # two processes
+def test_a_ladder_trains_and_evaluates_under_ddp(tmp_path, real_data):
+    run = tmp_path / "ddp"
+    proc = run_script([str(REPO / "train_vae.py"), "-c", str(REPO / HVAE), "-e", str(run), *FAST, *SMALL,
+                       "train.steps=6", "train.eval_every=6", "loss.kl_warmup_steps=3"], launcher=accel_2(), env=CPU)
+    assert proc.returncode == 0 and "processes=2" in proc.stdout, proc.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]
+    assert all(math.isfinite(r["kl_1"]) and math.isfinite(r["kl_2"]) for r in rows)
+    proc = run_script([str(REPO / "evaluate.py"), "--exp_dir", str(run), "--metrics", "elbo,au", "--n_test", "100",
+                       "--binarize"], launcher=accel_2(), env=CPU)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    au = json.loads((run / "eval.json").read_text())["au"]
+    assert [layer["z_dim"] for layer in au["layers"]] == [12, 6]
+
+
 @pytest.mark.parametrize("overrides, says", [
     (["model.latent_dims=[]", "loss.kl_balance=false"], "needs model.latent_dims"),
     (["model.hidden=[64]"], "layers do not chain"),
@@ -240,8 +256,6 @@ def test_the_tools_work_on_a_ladder(ladder_run, tmp_path):
     (["model.conditional=true"], "no conditional form"),
 ])
 def test_bad_ladder_configs_are_refused_in_one_line_with_nothing_written(overrides, says, tmp_path, real_data):
-    from conftest import FAST
-
     res = train_cli(["-c", str(REPO / HVAE), "-e", str(tmp_path / "r"), *FAST, *overrides])
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
     assert not (tmp_path / "r").exists()
