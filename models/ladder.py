@@ -18,7 +18,8 @@ z_L (``LadderDecoder.posterior``) draws z_L−1 ... z_1 in turn and returns, bes
 lower layer's KL(q(z_l | z_l+1, x) || p(z_l | z_l+1)) in closed form at the drawn z_l+1 (the per-layer KL the
 trainer logs) and Σ_l log p(z_l | z_l+1) − log q(z_l | z_l+1, x) at the drawn codes (what the importance
 weights of the IWAE bound add for the lower layers). Decoding a top code alone (``forward``: sample grids,
-traversals, ex-post samplers) takes each lower layer at its conditional prior mean, so a code decodes to one image.
+traversals, ex-post samplers) takes each lower layer at its conditional prior mean, so a code decodes to one image;
+with a temperature T > 0 (``sample.py --temperature``) the lower layers are drawn with their std scaled by T.
 """
 
 from __future__ import annotations
@@ -148,10 +149,18 @@ class LadderDecoder(nn.Module):
         lower.log_ratio = log_ratio
         return self.out(z), lower
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode top codes (N, z_L), each lower layer at its conditional prior mean."""
+    def forward(self, z: torch.Tensor, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decode top codes (N, z_L), each lower layer at its conditional prior mean, or with ``temperature`` T > 0
+        drawn from p(z_l | z_l+1) with its standard deviation times T (from ``generator``: the same draws on any
+        device for a CPU one), as hierarchical VAEs are sampled at reduced temperature (Vahdat & Kautz 2020)."""
         for layer in reversed(range(len(self.top_down))):
-            z = self.prior_params(layer, z)[0].to(z.dtype)
+            mu, logvar = self.prior_params(layer, z)
+            if temperature:
+                where = generator.device if generator is not None else mu.device
+                eps = torch.randn(mu.shape, generator=generator, device=where).to(mu.device)
+                mu = mu + temperature * eps * torch.exp(0.5 * logvar)
+            z = mu.to(z.dtype)
         return self.out(z)
 
 

@@ -135,9 +135,16 @@ class VAE(nn.Module):
         k = len(z)
         return self.decoder.posterior(z.flatten(0, 1), [(m.repeat(k, 1), v.repeat(k, 1)) for m, v in below], draw)
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean."""
-        return self.likelihood.mean(self.decoder_out(z, y).float())
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, temperature: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean. A ladder's lower layers are taken at their
+        conditional prior means, or with ``temperature`` T > 0 drawn with their std × T from ``generator``."""
+        if not temperature:
+            return self.likelihood.mean(self.decoder_out(z, y).float())
+        if not self.hierarchical:
+            raise UserError(f"a temperature ({temperature:g}) scales the draws of a Ladder VAE's lower layers, and "
+                            f"this model has one stochastic layer: drop it")
+        return self.likelihood.mean(self.decoder(z, temperature, generator).float())
 
     def reconstruction(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [0, 1] decoded from their posterior means, (B, C, H, W): a ladder's through every layer, each

@@ -207,8 +207,16 @@ def test_the_tools_work_on_a_ladder(ladder_run, tmp_path):
                                 "--n_samples", "8", "--n_pairs", "2", "--n_interpolate", "4", "--n_traverse", "3",
                                 "--kl_samples", "200"])
         assert res.returncode == 0 and any((tmp_path / mode).iterdir()), (mode, res.stderr[-2000:])
+    res = cli(sample.main, ["--exp_dir", str(run), "--mode", "sample", "--n_samples", "4", "--temperature", "0.7",
+                            "--save_dir", str(tmp_path / "warm")])
+    assert res.returncode == 0 and (tmp_path / "warm" / "samples.png").is_file(), res.stderr[-2000:]
     vae = TrainedVAE.load(run)
     x = _images(4)
+    # the lower layers: at their means, or drawn at a temperature from the generator (the same seed, the same images)
+    cold = vae.sample(3, generator=torch.Generator().manual_seed(1))
+    warm = [vae.sample(3, generator=torch.Generator().manual_seed(1), temperature=0.7) for _ in range(2)]
+    assert torch.equal(warm[0], warm[1]) and not torch.allclose(warm[0], cold)
+    assert torch.equal(vae.sample(3, generator=torch.Generator().manual_seed(1), temperature=0.0), cold)
     assert vae.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
     assert vae.sample(3, sampler="gmm", options=SamplerOptions(gmm_components=2)).shape == (3, 1, 28, 28)
     # reconstructions go through every layer at its posterior mean, not the top code alone
@@ -259,6 +267,14 @@ def test_bad_ladder_configs_are_refused_in_one_line_with_nothing_written(overrid
     res = train_cli(["-c", str(REPO / HVAE), "-e", str(tmp_path / "r"), *FAST, *overrides])
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # trains a plain VAE
+def test_a_temperature_is_refused_for_a_one_layer_model(tiny_run):
+    res = cli(sample.main, ["--exp_dir", str(tiny_run), "--mode", "sample", "--temperature", "0.5"])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "has one stochastic layer" in res.stderr
+    with pytest.raises(UserError, match="has one stochastic layer"):
+        TrainedVAE.load(tiny_run).sample(2, temperature=0.5)
 
 
 def test_other_list_keys_stay_non_empty():
