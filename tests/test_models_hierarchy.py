@@ -127,6 +127,17 @@ def test_iwae_bound_goes_through_every_layer():
     assert (bound > -rec - kl - 1e-3).all()  # k = 9 samples bound log p(x) no worse than the ELBO, on average
 
 
+def test_the_vamp_prior_sits_on_the_top_layer():
+    """Tomczak & Welling's HVAE + VampPrior: p(z_L) = (1/K) Σ_k q(z_L | u_k), the top posterior at pseudo-inputs."""
+    vae, x = _vae([*LADDER, "model.prior=vamp", "model.vamp_components=5"]), _images(3)
+    z = torch.randn(4, 6)
+    mu, logvar = vae.encoder.layers(torch.nn.functional.hardtanh(vae.prior.pseudo, 0.0, 1.0))[-1]
+    mixture = torch.logsumexp(Normal(mu, (0.5 * logvar).exp()).log_prob(z[:, None]).sum(2), 1) - math.log(5)
+    assert torch.allclose(vae.prior.log_prob(z), mixture, atol=1e-4)
+    terms = vae(x)
+    assert torch.isfinite(terms["loss"]) and terms["kl_2"] != 0 and torch.isfinite(image_bounds(vae, x, 4)[0]).all()
+
+
 def test_free_bits_and_kl_balancing_by_hand():
     cfg = load_config(None, [*LADDER, "loss.free_bits=0.5", "loss.kl_balance=true", "loss.kl_warmup_steps=10"])
     low = torch.tensor([0.1, 0.3], requires_grad=True)   # mean 0.2 < 0.5: held at 0.5 each, no gradient
