@@ -270,7 +270,7 @@ def test_a_ladder_trains_and_evaluates_under_ddp(tmp_path, real_data):
     (["loss.regulariser=mmd", "loss.mmd_weight=10"], "loss.regulariser=mmd cannot take a ladder"),
     (["model.net=mlp"], "which model.net=mlp does not have"),
     (["loss.kl_balance=true", "loss.kl_warmup_steps=0"], "acts during the KL warm-up"),
-    (["model.latent_dims=[50]", "model.hidden=[200]"], "this model has one"),
+    (["model.latent_dims=[50]", "model.hidden=[200]", "loss.kl_balance=true"], "this model has one"),
     (["loss.objective=iwae", "loss.k=5", "loss.free_bits=1"], "reshape the ELBO's KL term"),
     (["model.conditional=true"], "no conditional form"),
 ])
