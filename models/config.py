@@ -21,7 +21,11 @@ class ModelConfig:
     prior: str = opt("normal", "prior p(z): normal is N(0, I), vamp the VampPrior (Tomczak & Welling 2018)")
     vamp_components: int = opt(500, "prior=vamp: pseudo-inputs K (the paper's 500 for MNIST)", min=1)
     hidden: list[int] = opt([400], "mlp: units of each hidden layer, encoder order (the classic 784-400-z); "
-                                   "the decoder mirrors them")
+                                   "the decoder mirrors them. ladder, ladder_conv: the width of each stochastic "
+                                   "layer's two dense layers, bottom first, one per entry of latent_dims")
+    latent_dims: list[int] = opt([], "ladder, ladder_conv: sizes of the L stochastic layers, bottom first (Sønderby "
+                                     "et al. 2016: [64, 32, 16, 8, 4]); the last is the prior's z, model.z_dim "
+                                     "([]: one layer, z_dim)")
     activation: str = opt("relu", "mlp, resconv: activation between layers")
     base_width: int = opt(32, "conv, resconv: channels of the first conv layer", min=1)
     channel_mults: list[int] = opt([1, 2, 4], "conv, resconv: width multipliers, one per 4x4 stride-2 layer")
@@ -45,6 +49,12 @@ class LossConfig:
                                  "objective=ae the plain AE)")
     beta: float = opt(1.0, "weight of KL(q(z|x) || p(z)); beta != 1 is a beta-VAE", min=0.0)
     kl_warmup_steps: int = opt(0, "linear KL warm-up from 0 to beta over this many steps (0: off)", min=0)
+    free_bits: float = opt(0.0, "objective=elbo: free bits (Kingma et al. 2016), nats each stochastic layer keeps "
+                                "without penalty: a layer's batch-mean KL below it is not pushed down (0: off)",
+                           min=0.0)
+    kl_balance: bool = opt(False, "objective=elbo, two or more stochastic layers: KL balancing (Vahdat & Kautz "
+                                  "2020): during the KL warm-up each layer's KL is weighted by its share of the "
+                                  "KL per latent unit, so no layer collapses early; needs kl_warmup_steps")
     mmd_weight: float = opt(0.0, "regulariser=mmd: weight of MMD(q(z) || p(z)), > 0", min=0.0)
     mmd_kernel: str = opt("imq", "regulariser=mmd: inverse multiquadric or RBF kernel")
     tc_estimator: str = opt("mss", "regulariser=tcvae: minibatch-stratified or minibatch-weighted sampling "

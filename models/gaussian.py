@@ -1,5 +1,6 @@
 """The diagonal Gaussian's log-density, the one formula behind the posterior q(z|x), the standard-normal
-prior, the Gaussian decoders and the total-correlation estimators.
+prior, the Gaussian decoders, the total-correlation estimators and the KL between two diagonal Gaussians
+(the ladder's layers, models/ladder.py).
 
     log N(z; μ, σ²) = −½ [(z − μ)² / σ² + log σ² + log 2π]      per dimension
 """
@@ -29,3 +30,10 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -
     −log N(x; x̂, σ²) = ½((x − x̂)/σ)² + log σ + ½ log 2π per pixel."""
     nll = 0.5 * (x - mean).pow(2) * torch.exp(-2 * log_sigma) + log_sigma + HALF_LOG_2PI
     return nll.flatten(1).sum(1)
+
+
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor,
+                logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) per element, in closed form:
+    ½ [log σ_p² − log σ_q² + (σ_q² + (μ_q − μ_p)²) / σ_p² − 1]."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1.0)

@@ -11,7 +11,9 @@ adding one is that pair plus one ``NETWORKS`` entry. An encoder whose class sets
 run on channels-last images (``train.channels_last``). A conditional VAE gives the
 encoder a one-hot label c (B, n_cond) beside the image (``forward(x, c)``): an MLP
 reads it with the flattened pixels, a convolutional encoder as n_cond constant
-input channels. Its decoder is built for z_dim + n_cond inputs and reads [z, c].
+input channels. Its decoder is built for z_dim + n_cond inputs and reads [z, c]. An encoder whose class sets
+``hierarchical = True`` is a ladder of stochastic layers (models/ladder.py) whose ``forward`` gives the top layer's
+posterior.
 """
 
 from __future__ import annotations
@@ -23,19 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.ladder import LadderConvDecoder, LadderConvEncoder, LadderDecoder, LadderEncoder
+from models.layers import ACTIVATIONS, conv_geometry
 from utils.errors import UserError
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
-
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,       # Burda et al. 2016's VAE and IWAE
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "softplus": nn.Softplus,
-}
 
 
 def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
@@ -92,16 +87,6 @@ def _up(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
 
 
-def _conv_geometry(img_size: int, n_layers: int) -> tuple[int, int]:
-    """(padding to add, bottom feature-map size): 28 px is padded to 32 so every layer halves exactly."""
-    if 2**n_layers > img_size:
-        raise UserError(f"model.channel_mults has {n_layers} stride-2 layers, too many for {img_size} px images: "
-                        f"use at most {int(math.log2(img_size))}")
-    pad = (-img_size) % (2**n_layers)
-    bottom = (img_size + pad) // 2**n_layers
-    return pad, bottom
-
-
 class ConvEncoder(nn.Module):
     """4x4 stride-2 convolutions + batch norm + LeakyReLU, halving the image at each layer."""
 
@@ -111,7 +96,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         c, size, _ = img_shape
         widths = [m.base_width * k for k in m.channel_mults]
-        self.pad, bottom = _conv_geometry(size, len(widths))
+        self.pad, bottom = conv_geometry(size, len(widths))
         self.convs = nn.Sequential(*[_down(a, b) for a, b in zip([c + n_cond] + widths[:-1], widths)])
         self.fc = nn.Linear(widths[-1] * bottom * bottom, 2 * z_dim)
 
@@ -132,7 +117,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         c, size, _ = img_shape
         widths = [m.base_width * k for k in m.channel_mults]
-        self.pad, self.bottom = _conv_geometry(size, len(widths))
+        self.pad, self.bottom = conv_geometry(size, len(widths))
         self.size = size
         self.fc = nn.Linear(z_dim, widths[-1] * self.bottom * self.bottom)
         rev = widths[::-1]
@@ -165,7 +150,7 @@ class ResBlock(nn.Module):
 
 def _res_widths(m: ModelConfig, size: int) -> tuple[list[int], int, int]:
     widths = [m.base_width * k for k in m.channel_mults]
-    return widths, *_conv_geometry(size, len(widths))
+    return widths, *conv_geometry(size, len(widths))
 
 
 class ResConvEncoder(nn.Module):
@@ -261,6 +246,8 @@ NETWORKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "conv": (ConvEncoder, ConvDecoder),
     "resconv": (ResConvEncoder, ResConvDecoder),
     "dislib": (DislibEncoder, DislibDecoder),
+    "ladder": (LadderEncoder, LadderDecoder),              # L stochastic layers: models/ladder.py
+    "ladder_conv": (LadderConvEncoder, LadderConvDecoder),
 }
 
 
@@ -268,4 +255,8 @@ def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: in
                    n_cond: int = 0) -> tuple[nn.Module, nn.Module]:
     """(encoder, decoder) for ``model.net``; with ``n_cond`` > 0 both also read a one-hot label of that size."""
     encoder, decoder = NETWORKS[m.net]
+    if m.latent_dims and not getattr(encoder, "hierarchical", False):
+        ladders = ", ".join(k for k, (e, _) in NETWORKS.items() if getattr(e, "hierarchical", False))
+        raise UserError(f"model.latent_dims={m.latent_dims} asks for stochastic layers, which model.net={m.net} "
+                        f"does not have: use model.net={ladders.replace(', ', ' or ')}, or drop latent_dims")
     return encoder(img_shape, m.z_dim, m, n_cond), decoder(img_shape, m.z_dim + n_cond, n_params, m)

@@ -16,10 +16,12 @@ if TYPE_CHECKING:
 
 class ObjectiveRules(PartRules):
     """``deterministic``: no posterior sampling and no KL (an autoencoder), so no bound on log p(x) either;
-    ``check``: the ``loss`` keys it cannot honour."""
+    ``layers_ok``: it draws through every stochastic layer of a ladder (models/ladder.py); ``check``: the
+    ``loss`` keys it cannot honour."""
 
     implementation = "models.objectives:Objective"
     deterministic = False
+    layers_ok = True
 
     @classmethod
     def check(cls, loss: LossConfig) -> None:
@@ -32,11 +34,19 @@ class ELBORules(ObjectiveRules):
     implementation = "models.objectives:ELBO"
 
 
+def _no_kl_aids(loss: LossConfig) -> None:
+    """free bits and KL balancing reshape the ELBO's KL term, which the other objectives do not have."""
+    if loss.free_bits > 0 or loss.kl_balance:
+        raise UserError(f"loss.free_bits and loss.kl_balance reshape the ELBO's KL term, which loss.objective="
+                        f"{loss.objective} does not have: use loss.objective=elbo, or drop them")
+
+
 class IWAERules(ObjectiveRules):
     implementation = "models.objectives:IWAE"
 
     @classmethod
     def check(cls, loss: LossConfig) -> None:
+        _no_kl_aids(loss)
         if not REGULARISERS[loss.regulariser].plain_kl:
             raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
                             f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
@@ -45,10 +55,12 @@ class IWAERules(ObjectiveRules):
 class AERules(ObjectiveRules):
     implementation = "models.objectives:AE"
     deterministic = True
+    layers_ok = False
 
     @classmethod
     def check(cls, loss: LossConfig) -> None:
         super().check(loss)
+        _no_kl_aids(loss)
         if not REGULARISERS[loss.regulariser].deterministic_ok:
             ok = ", ".join(k for k, r in REGULARISERS.items() if r.deterministic_ok)
             raise UserError(f"loss.objective=ae has no posterior variance and no KL, which loss.regulariser="

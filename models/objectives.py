@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from models.gaussian import gaussian_log_density
+from models.ladder import Lower, Params
 from models.likelihoods import Likelihood, LikelihoodTerms
 from models.objective_rules import OBJECTIVES, AERules, ELBORules, IWAERules, ObjectiveRules
 from models.priors import Prior
@@ -47,6 +48,12 @@ class Model(Protocol):
 
     def decoder_out_k(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
 
+    def encode_layers(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[Params] | None]: ...
+
+    def decode_layers(self, z: torch.Tensor, y: torch.Tensor | None, below: list[Params] | None,
+                      draw: bool = True) -> tuple[torch.Tensor, Lower | None]: ...
+
     def kl_weight(self, step: int | None) -> float: ...
 
 
@@ -61,16 +68,53 @@ def kl_divergence(vae: Model, mu: torch.Tensor, logvar: torch.Tensor, z: torch.T
 
 def importance_parts(vae: Model, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                      out: torch.Tensor, log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, LikelihoodTerms]:
+                     lower: Lower | None = None) -> tuple[torch.Tensor, torch.Tensor, LikelihoodTerms]:
     """The parts of the importance weights w_j = p(x|z_j) p(z_j) / q(z_j|x) of k codes per image, in fp32:
     (log p(x|z_j) (k, B), log p(z_j) − log q(z_j|x) (k, B), the likelihood's terms), from images x (B, ...),
     codes z (k, B, z), the posterior's (mu, logvar) and the decoder's output for the codes (k·B, ...).
-    ``log_prior``: ``vae.prior.about(mu)``, made once by a caller that draws an image's codes in chunks. The
+    ``log_prior``: ``vae.prior.about(mu)``, made once by a caller that draws an image's codes in chunks. A
+    ladder's ``lower`` layers (``decode_layers``) add Σ_l log p(z_l | z_l+1) − log q(z_l | z_l+1, x) to the
+    ratio, so w = p(x|z_1) Π_l p(z_l | z_l+1) p(z_L) / Π_l q(z_l | ...): the bound through every layer. The
     one computation behind the IWAE objective and the bounds evaluate.py reports."""
     k = z.shape[0]
     lik = vae.likelihood.terms_k(x, out)
     log_ratio = (log_prior or vae.prior.about(mu))(z) - gaussian_log_density(z, mu, logvar)
+    if lower is not None:
+        log_ratio = log_ratio + lower.log_ratio.view(k, -1)
     return -lik.nll.view(k, -1), log_ratio, lik
+
+
+def layer_kls(vae: Model, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor,
+              lower: Lower | None) -> list[torch.Tensor]:
+    """Each stochastic layer's KL per image (B,), bottom first, the top one's (at codes z (B, z)) last: a ladder's
+    lower layers' KL(q(z_l | z_l+1, x) || p(z_l | z_l+1)) at the first drawn code of each image (one entry for a
+    one-layer model). Their sum is the KL of the ELBO."""
+    below = [] if lower is None else [kl.view(-1, len(z))[0] for kl in lower.kl]
+    return [*below, kl_divergence(vae, mu, logvar, z)]
+
+
+def kl_terms(kls: list[torch.Tensor], lower: Lower | None) -> dict[str, torch.Tensor]:
+    """A ladder's per-layer KL terms to log, kl_1 (bottom) ... kl_L (top), batch means (none for one layer)."""
+    return {} if lower is None else {f"kl_{i + 1}": kl.mean() for i, kl in enumerate(kls)}
+
+
+def trained_kl(kls: list[torch.Tensor], loss: LossConfig, warming: bool, sizes: list[int]) -> torch.Tensor:
+    """The KL per image (B,) that the regulariser weighs, from the layers' KLs (B,) each, with the training aids:
+
+    free bits (Kingma et al. 2016, §C.8): a layer whose batch-mean KL is below λ = ``loss.free_bits`` costs λ
+    and gets no gradient, max(λ, E_batch KL_l), so it is not pushed to collapse; each image carries λ there.
+    KL balancing (Vahdat & Kautz 2020, §3.2, their ``kl_balancer``), only while the KL warms up: layer l's KL is
+    weighted by γ_l ∝ (E_batch KL_l + 0.01) / α_l with α_l ∝ its size z_l, the weights (no gradient) averaging
+    1, so layers that carry much KL per unit are pushed down more and the others are not left to collapse.
+    """
+    if loss.free_bits > 0:
+        kls = [torch.where(kl.mean() < loss.free_bits, torch.full_like(kl, loss.free_bits), kl) for kl in kls]
+    if loss.kl_balance and warming:
+        per = torch.stack([kl.mean().abs() + 0.01 for kl in kls]).detach()
+        gamma = per / torch.tensor(sizes, device=per.device, dtype=per.dtype)
+        gamma = gamma / gamma.mean()
+        return sum(g * kl for g, kl in zip(gamma, kls))
+    return kls[0] if len(kls) == 1 else sum(kls)
 
 
 class Objective(ObjectiveRules):
@@ -94,16 +138,19 @@ class ELBO(ELBORules, Objective):
 
     def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        mu, logvar = vae.encode(x, y)                                # (B, z) each
+        mu, logvar, below = vae.encode_layers(x, y)                  # (B, z) each; a ladder's lower layers
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)      # reparameterisation
-        out = vae.decoder_out(z, y)                                  # (B, C·n_params, H, W)
+        out, lower = vae.decode_layers(z.unsqueeze(0), y, below)     # (B, C·n_params, H, W); z_L−1 .. z_1 drawn
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
             lik = vae.likelihood(x, out)                             # (B,) terms
-            kl = kl_divergence(vae, mu, logvar, z)                   # (B,)
-            penalty, extra = vae.regulariser(kl, PosteriorSample(z, mu, logvar), vae.prior, step)
+            kls = layer_kls(vae, mu, logvar, z, lower)               # (B,) per layer, bottom first
+            kl = sum(kls)                                            # (B,)
+            sizes = [m.shape[1] for m in (lower.means if lower else [])] + [z.shape[1]]
+            trained = trained_kl(kls, self.cfg, vae.kl_weight(step) < self.cfg.beta, sizes)
+            penalty, extra = vae.regulariser(trained, PosteriorSample(z, mu, logvar), vae.prior, step)
             terms = {"rec": lik.rec.mean(), "kl": kl.mean(), "nll": lik.nll.mean(),
-                     "elbo": -(lik.nll + kl).mean(), **extra}
+                     "elbo": -(lik.nll + kl).mean(), **kl_terms(kls, lower), **extra}
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
             terms["loss"] = lik.rec.mean() + penalty
@@ -123,18 +170,19 @@ class IWAE(IWAERules, Objective):
     def __call__(self, vae: Model, x: torch.Tensor, step: int | None,
                  y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         k = self.cfg.k
-        mu, logvar = vae.encode(x, y)                                           # (B, z) each
+        mu, logvar, below = vae.encode_layers(x, y)                             # (B, z) each
         z = mu + torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype) * torch.exp(0.5 * logvar)  # (k, B, z)
-        out = vae.decoder_out_k(z, y)                                           # (k·B, C·n_params, H, W)
+        out, lower = vae.decode_layers(z, y, below)                             # (k·B, C·n_params, H, W)
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu, logvar, z, out, x = mu.float(), logvar.float(), z.float(), out.float(), x.float()
-            log_px_z, log_ratio, lik = importance_parts(vae, x, z, mu, logvar, out)  # (k, B) each
+            log_px_z, log_ratio, lik = importance_parts(vae, x, z, mu, logvar, out, lower=lower)  # (k, B) each
             log_w = log_px_z + vae.kl_weight(step) * log_ratio
             bound = torch.logsumexp(log_w, 0) - math.log(k)                     # (B,)
-            kl = kl_divergence(vae, mu, logvar, z[0])
+            kls = layer_kls(vae, mu, logvar, z[0], lower)
+            kl = sum(kls)
             nll = -log_px_z.mean(0)
             terms = {"rec": nll.mean(), "kl": kl.mean(), "nll": nll.mean(), "elbo": -(nll + kl).mean(),
-                     "iwae": bound.mean(), "loss": -bound.mean()}
+                     **kl_terms(kls, lower), "iwae": bound.mean(), "loss": -bound.mean()}
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
         return terms

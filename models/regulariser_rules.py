@@ -20,7 +20,7 @@ class RegulariserRules(PartRules):
     """β_t · KL, and what a regulariser needs of the run, as class attributes and class methods, so no code
     outside it tests its name: ``plain_kl`` (it is β·KL and nothing more: the IWAE bound can take it),
     ``min_batch`` (it estimates over the batch), ``accumulates`` (its term can be split over micro-batches),
-    ``deterministic_ok``, ``matches_prior`` and ``trains_prior`` (below), ``check`` (its keys' rules) and
+    ``deterministic_ok``, ``matches_prior``, ``trains_prior`` and ``layers_ok`` (below), ``check`` (its keys' rules) and
     ``complete_config`` (values it takes from the training set, when the config is resolved)."""
 
     implementation = "models.regulariser_base:Regulariser"
@@ -30,6 +30,7 @@ class RegulariserRules(PartRules):
     deterministic_ok = False  # usable by a deterministic autoencoder (loss.objective=ae): no KL, no posterior σ
     matches_prior = False     # pulls the codes' distribution to the prior, so that prior draws decode to images
     trains_prior = False      # its term draws from the prior with gradients, which train a learned prior without a KL
+    layers_ok = False         # takes a ladder's KL summed over its stochastic layers (models/ladder.py)
 
     @classmethod
     def check(cls, loss: LossConfig) -> None:
@@ -48,6 +49,7 @@ class RegulariserRules(PartRules):
 class KLRules(RegulariserRules):
     implementation = "models.regularisers:KL"
     plain_kl = True
+    layers_ok = True
 
 
 class NoRegulariserRules(RegulariserRules):

@@ -12,7 +12,8 @@ chosen by name, each from its registry:
 (A prior's, an objective's and a regulariser's registry holds its rules class, torch-free, which the part's
 torch class subclasses: its ``load()`` gives that class.)
 
-With ``model.conditional`` it is a conditional VAE (Sohn et al. 2015): q(z|x, y)
+With ``model.latent_dims`` and a ladder network it is a hierarchical VAE (Ladder VAE, models/ladder.py) whose
+z is the top of L stochastic layers. With ``model.conditional`` it is a conditional VAE (Sohn et al. 2015): q(z|x, y)
 and p(x|z, y) also read the one-hot class label y, the prior stays p(z), and every
 method that takes images or codes takes their labels ``y`` too. An unconditional
 model ignores ``y``, so callers pass labels wherever a data set has them.
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from models.ladder import Lower, Params
 from models.likelihoods import build_likelihood
 from models.networks import build_networks
 from models.objectives import build_objective
@@ -109,9 +111,50 @@ class VAE(nn.Module):
         each image's label goes with each of its k codes."""
         return self.decoder_out(z.flatten(0, 1), None if y is None else y.repeat(len(z)))
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean."""
-        return self.likelihood.mean(self.decoder_out(z, y).float())
+    @property
+    def hierarchical(self) -> bool:
+        """Whether the networks are a ladder of stochastic layers (models/ladder.py), z being the top one."""
+        return getattr(self.encoder, "hierarchical", False)
+
+    def encode_layers(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[Params] | None]:
+        """The top layer's posterior (mu, logvar), each (B, z), and a ladder's bottom-up parameters of the layers
+        below it (bottom first; None for a one-layer model), which ``decode_layers`` takes."""
+        if not self.hierarchical:
+            return *self.encode(x, y), None
+        *below, (mu, logvar) = self.encoder.layers(x)
+        return mu, logvar, below
+
+    def decode_layers(self, z: torch.Tensor, y: torch.Tensor | None, below: list[Params] | None,
+                      draw: bool = True) -> tuple[torch.Tensor, Lower | None]:
+        """The decoder's parameters for k top codes per image, z (k, B, z) -> (k·B, C·n_params, H, W), sample-major,
+        drawing a ladder's lower layers from their posteriors given ``below`` (``encode_layers``; ``draw=False``:
+        at their means), with what they add to the KL and the importance weights (None for a one-layer model)."""
+        if below is None:
+            return self.decoder_out_k(z, y), None
+        k = len(z)
+        return self.decoder.posterior(z.flatten(0, 1), [(m.repeat(k, 1), v.repeat(k, 1)) for m, v in below], draw)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, temperature: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decoded images in [0, 1], (B, C, H, W): the likelihood's mean. A ladder's lower layers are taken at their
+        conditional prior means, or with ``temperature`` T > 0 drawn with their std × T from ``generator``."""
+        if not temperature:
+            return self.likelihood.mean(self.decoder_out(z, y).float())
+        if not self.hierarchical:
+            raise UserError(f"a temperature ({temperature:g}) scales the draws of a Ladder VAE's lower layers, and "
+                            f"this model has one stochastic layer: drop it")
+        return self.likelihood.mean(self.decoder(z, temperature, generator).float())
+
+    def reconstruction(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1] decoded from their posterior means, (B, C, H, W): a ladder's through every layer, each
+        at its posterior mean given the layer above (decoding the top code alone would take the lower layers
+        from the prior)."""
+        mu, _, below = self.encode_layers(x, y)
+        if below is None:
+            return self.decode(mu, y)
+        out, _ = self.decode_layers(mu.unsqueeze(0), y, below, draw=False)
+        return self.likelihood.mean(out.float())
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the VAE's optimizer trains: everything but a regulariser's own network (FactorVAE's critic)."""

@@ -55,6 +55,8 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     # docs/configuration.md and docs/models.md
     "python train_vae.py -c configs/mnist_beta_vae.yaml loss.beta=8": (SHORT, STEPS),
     "python train_vae.py -c configs/mnist_beta_vae.yaml --loss.beta 8 --train.lr 3e-4 -e runs/beta8": (SHORT, STEPS),
+    "python train_vae.py -c configs/binarized_mnist_hvae.yaml -e runs/hvae": (SHORT, STEPS),
+    "python evaluate.py --exp_dir runs/hvae --binarize --metrics elbo,nll,au --k 100": (SHORT, FEW),
     # docs/data.md
     "python -c \"from datasets import load_dataset; load_dataset('ylecun/mnist').save_to_disk('data/mnist-hf')\"":
         (NETWORK, "downloads MNIST from the Hugging Face Hub"),

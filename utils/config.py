@@ -39,7 +39,7 @@ __all__ = ["Config", "DataConfig", "LossConfig", "ModelConfig", "TrainConfig", "
 REGISTRIES: dict[str, Registry] = {
     "data.name": Registry("utils.data.registry", "DATASETS"),
     "model.net": Registry("models.networks", "NETWORKS"),
-    "model.activation": Registry("models.networks", "ACTIVATIONS"),
+    "model.activation": Registry("models.layers", "ACTIVATIONS"),
     "model.likelihood": Registry("models.likelihoods", "LIKELIHOODS"),
     "model.prior": Registry("models.prior_rules", "PRIORS"),
     "loss.objective": Registry("models.objective_rules", "OBJECTIVES"),
@@ -114,10 +114,35 @@ def _check_together(cfg: Config) -> None:
                         f"has no class label): use model.prior=normal, or model.conditional=false")
     if objective.deterministic:
         _check_autoencoder(cfg, prior, regulariser)
+    _check_layers(cfg, objective, regulariser)
     if not regulariser.accumulates and train.grad_accum_steps > 1:
         raise UserError(f"loss.regulariser={loss.regulariser} trains on each step's whole batch and does not "
                         f"accumulate: use train.grad_accum_steps=1")
     regulariser.check(loss)
+
+
+def _check_layers(cfg: Config, objective: type, regulariser: type) -> None:
+    """A ladder of stochastic layers (``model.latent_dims``): its sizes chain, and the parts can take it."""
+    m, loss, dims = cfg.model, cfg.loss, cfg.model.latent_dims
+    if loss.kl_balance and len(dims) < 2:
+        raise UserError("loss.kl_balance weighs the KL of two or more stochastic layers, and this model has one: "
+                        "set model.latent_dims (with a ladder model.net), or drop kl_balance")
+    if loss.kl_balance and not loss.kl_warmup_steps:
+        raise UserError("loss.kl_balance acts during the KL warm-up (Vahdat & Kautz 2020), and loss.kl_warmup_steps "
+                        "is 0: set a warm-up, or drop kl_balance")
+    if not dims:
+        return
+    if len(m.hidden) != len(dims) or dims[-1] != m.z_dim:
+        raise UserError(f"the ladder's layers do not chain: model.latent_dims={dims} needs one width per layer in "
+                        f"model.hidden (got {m.hidden}) and model.z_dim={dims[-1]}, its top layer (got {m.z_dim})")
+    for key, part in (("loss.objective", objective), ("loss.regulariser", regulariser)):
+        if not part.layers_ok:
+            ok = [k for k, r in REGISTRIES[key].load().items() if r.layers_ok]
+            raise UserError(f"{key}={getattr(loss, key.split('.')[1])} cannot take a ladder of stochastic layers "
+                            f"(model.latent_dims): use {key}={' or '.join(ok)}, or drop latent_dims")
+    if m.conditional:
+        raise UserError("a ladder of stochastic layers (model.latent_dims) has no conditional form: set "
+                        "model.conditional=false")
 
 
 def _check_autoencoder(cfg: Config, prior: type, regulariser: type) -> None:

@@ -100,9 +100,10 @@ def coerce(key: str, f: dataclasses.Field, value: Any, choices: Collection | Non
     else:  # list[int]; a single integer is a list of one (model.hidden: 400, as configs wrote it before lists)
         if is_whole(value):
             value = [value]
-        if not isinstance(value, list) or not value or not all(
-                is_whole(v) and v > 0 for v in value):
-            raise UserError(f"{key}: got {value!r}, expected a non-empty list of positive integers")
+        empty_ok = not default_of(f)  # a list whose default is empty (model.latent_dims) may be written empty
+        if not isinstance(value, list) or not (value or empty_ok) or not all(is_whole(v) and v > 0 for v in value):
+            what = "a list" if empty_ok else "a non-empty list"
+            raise UserError(f"{key}: got {value!r}, expected {what} of positive integers")
         return list(value)
     m = f.metadata
     if choices and value not in choices:

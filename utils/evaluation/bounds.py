@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from models.likelihoods import softclip_log_sigma
-from models.objectives import importance_parts, kl_divergence
+from models.objectives import importance_parts, layer_kls
 from models.vae import VAE
 from utils.data.batching import shard
 from utils.data.splits import ImageSplit
@@ -128,7 +128,7 @@ def fix_optimal_sigma(vae: VAE, data: ImageSplit, batch_size: int, accelerator: 
     sse, count = torch.zeros((), device=accelerator.device), 0
     for idx, x in _held_out(data, n, batch_size, accelerator):
         y = data.labels_at(idx)
-        sse += (vae.decode(vae.encode(x, y)[0], y) - x).pow(2).sum()
+        sse += (vae.reconstruction(x, y) - x).pow(2).sum()
         count += x.numel()
     total = accelerator.reduce(torch.stack([sse, torch.tensor(float(count), device=accelerator.device)]))
     log_sigma = 0.5 * torch.log(total[0] / total[1])
@@ -142,25 +142,26 @@ def image_bounds(vae: VAE, x: torch.Tensor, k: int, y: torch.Tensor | None = Non
     """Per image (B,): the IWAE bound log (1/k) Σ_i w_i, the reconstruction term −E log p(x|z) and the KL (as
     training computes it, from one code).
 
-    log w = log p(x|z) + log p(z) − log q(z|x) for z ~ q(z|x), with the model's own
-    prior; its mean over samples is the ELBO and log mean exp of it the IWAE bound. A
-    conditional model is given the labels ``y``: the bounds are then on log p(x|y).
-    The images are encoded once; the k samples are drawn ``chunk`` at a time (0: all
-    at once) and the log-sum-exp is accumulated, so memory stays bounded for any k.
+    log w = log p(x|z) + log p(z) − log q(z|x) for z ~ q(z|x), with the model's own prior (for a ladder,
+    through every layer: importance_parts); its mean over samples is the ELBO and log mean exp of it the IWAE
+    bound. A conditional model is given the labels ``y``: the bounds are then on log p(x|y).
+    The images are encoded once; the k samples are drawn ``chunk`` at a time (0: all at once) and the
+    log-sum-exp is accumulated, so memory stays bounded for any k.
     The one computation behind evaluate.py's bounds and ``TrainedVAE.log_likelihood``.
     """
     chunk = chunk or k
-    mu, logvar = (t.float() for t in vae.encode(x, y))
+    mu, logvar, below = vae.encode_layers(x, y)  # a ladder: k codes through every layer, each chunk in turn
+    mu, logvar = mu.float(), logvar.float()
     std, log_prior = torch.exp(0.5 * logvar), vae.prior.about(mu)
-    lse, rec, z = None, torch.zeros(len(x), device=x.device), None
+    lse, rec, z, lower = None, torch.zeros(len(x), device=x.device), None, None
     for start in range(0, k, chunk):
         z = mu + std * torch.randn(min(chunk, k - start), *mu.shape, device=mu.device)  # (chunk, B, z)
-        log_px_z, log_ratio, _ = importance_parts(vae, x, z, mu, logvar, vae.decoder_out_k(z, y).float(),
-                                                  log_prior)
+        out, lower = vae.decode_layers(z, y, below)
+        log_px_z, log_ratio, _ = importance_parts(vae, x, z, mu, logvar, out.float(), log_prior, lower)
         rec -= log_px_z.sum(0) / k
         part = torch.logsumexp(log_px_z + log_ratio, 0)
         lse = part if lse is None else torch.logaddexp(lse, part)
-    return lse - math.log(k), rec, kl_divergence(vae, mu, logvar, z[0])
+    return lse - math.log(k), rec, sum(layer_kls(vae, mu, logvar, z[0], lower))
 
 
 @torch.no_grad()
@@ -211,22 +212,34 @@ def kl_estimate(vae: VAE) -> str:
 @torch.no_grad()
 def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_size: int = 500, limit: int = 0,
                  threshold: float = 0.01) -> dict:
-    """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error."""
+    """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error.
+
+    For a ladder also each layer's active units, bottom first, from the posterior means of a top-down pass that
+    takes each layer at its mean (as Sønderby et al. 2016 count them), and the reconstruction is that pass's."""
     n = len(data) if limit <= 0 else min(limit, len(data))
     means, kls, sse, psnr = [], [], torch.zeros((), device=accelerator.device), []
+    lower_means: list[list[torch.Tensor]] = []
     for idx, x in _held_out(data, n, batch_size, accelerator):
         y = data.labels_at(idx)
         mu, kl = encode_with_kl(vae, x, y)
         means.append(mu)
         kls.append(kl)
-        err = (vae.decode(mu, y) - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
+        recon = vae.decode(mu, y)
+        if vae.hierarchical:  # (the same pass as vae.reconstruction, whose layers' means count too)
+            out, lower = vae.decode_layers(mu.unsqueeze(0), y, vae.encode_layers(x, y)[2], draw=False)
+            recon = vae.likelihood.mean(out.float())
+            lower_means.append(lower.means)
+        err = (recon - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
     means = accelerator.gather_for_metrics(torch.cat(means))
     kl = accelerator.gather_for_metrics(torch.cat(kls)).mean(0)
     psnr = accelerator.gather_for_metrics(torch.cat(psnr))
     variance = means.var(0)
+    layers = [accelerator.gather_for_metrics(torch.cat(m)).var(0) for m in zip(*lower_means)] + [variance]
+    per_layer = {"layers": [{"z_dim": len(v), "active_units": int((v > threshold).sum())} for v in layers]}
     return {"active_units": int((variance > threshold).sum()), "z_dim": vae.z_dim,
+            **(per_layer if vae.hierarchical else {}),
             "variance": variance.tolist(), "kl_per_dim": kl.tolist(), "kl": kl.sum().item(),
             "kl_to": "prior" if vae.prior.kl_per_dim(mu[:1], mu[:1]) is not None else "N(0, I)",
             "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item()}

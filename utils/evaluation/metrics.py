@@ -97,13 +97,19 @@ def _bound_rows(results: dict) -> Rows:
 
 def _au(ev: Evaluation) -> None:
     u = ev.usage()
-    ev.results["au"] = {key: u[key] for key in ("active_units", "z_dim", "variance", "kl_per_dim", "kl", "kl_to")}
+    keys = ("active_units", "z_dim", "variance", "kl_per_dim", "kl", "kl_to", "layers")
+    ev.results["au"] = {key: u[key] for key in keys if key in u}  # layers: a ladder's, bottom first
 
 
 def _au_rows(results: dict) -> Rows:
     u = results["au"]
     to = "" if u.get("kl_to", "prior") == "prior" else f" to {u['kl_to']}"
-    return [("active units", f"{u['active_units']} of {u['z_dim']} (Var_x E[z] > 0.01); KL{to} {u['kl']:.2f}")]
+    kl = "top layer's KL" if "layers" in u else "KL"  # (a ladder's z is its top layer)
+    rows = [("active units", f"{u['active_units']} of {u['z_dim']} (Var_x E[z] > 0.01); {kl}{to} {u['kl']:.2f}")]
+    if "layers" in u:
+        rows.append(("  per layer", ", ".join(f"z_{i + 1}: {v['active_units']} of {v['z_dim']}"
+                                              for i, v in enumerate(u["layers"]))))
+    return rows
 
 
 def _recon(ev: Evaluation) -> None:

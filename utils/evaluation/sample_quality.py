@@ -49,7 +49,7 @@ def sampled(vae: VAE, draw: Callable[[int, torch.Generator], torch.Tensor]) -> G
 
 def reconstructed(vae: VAE) -> Generate:
     """Reconstructions: each held-out image's posterior mean decoded to the decoder's mean (what rFID scores)."""
-    return lambda images, labels, g: vae.decode(vae.encode(images, labels)[0], labels)
+    return lambda images, labels, g: vae.reconstruction(images, labels)
 
 
 def image_pairs(test: ImageSplit, n: int, batch_size: int, device: torch.device | str, generate: Generate,

@@ -107,13 +107,16 @@ def modes_markdown() -> str:
 
 # ---- what the modes share: decoding, labels, the test set --------------------------------------------------------
 
-def decode(model: TrainedVAE, z: torch.Tensor, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Images in [0, 1] for codes (N, z) and, for a conditional model, their labels (N,), decoded in batches."""
+def decode(model: TrainedVAE, z: torch.Tensor, batch_size: int, y: torch.Tensor | None = None,
+           temperature: float = 0.0, g: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [0, 1] for codes (N, z) and, for a conditional model, their labels (N,), decoded in batches; a
+    Ladder VAE's lower layers drawn at ``temperature`` from ``g`` (0: at their means)."""
     import torch
 
     ys = [None] * len(z) if y is None else y.to(z.device).split(batch_size)
     with torch.no_grad():
-        return torch.cat([model.decode(chunk, c) for chunk, c in zip(z.split(batch_size), ys)]).float().cpu()
+        return torch.cat([model.decode(chunk, c, temperature, g)
+                          for chunk, c in zip(z.split(batch_size), ys)]).float().cpu()
 
 
 def labels_for(model: TrainedVAE, args: argparse.Namespace, n: int, g: torch.Generator,
@@ -147,7 +150,8 @@ def pick(n: int, total: int, g: torch.Generator) -> torch.Tensor:
 def mode_sample(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
                 out: Path) -> list[Path]:
     """Samples as one grid (--n_samples; --individual: one PNG each), codes from --sampler (the prior, or one
-    fitted to the training codes: samples_<sampler>.png); a conditional model: one row per class."""
+    fitted to the training codes: samples_<sampler>.png); a conditional model: one row per class; a Ladder VAE's
+    lower layers at their conditional prior means, or drawn at --temperature."""
     import math
 
     import torch
@@ -164,7 +168,7 @@ def mode_sample(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: tor
         return [path]
     path = out / f"samples{args.suffix}.png"
     labels = None if args.label is None else torch.full((args.n_samples,), args.label)
-    x = decode(model, args.draw(args.n_samples, g), args.batch_size, labels)
+    x = decode(model, args.draw(args.n_samples, g), args.batch_size, labels, args.temperature, g)
     save_grid(x, path, per_row=math.ceil(math.sqrt(len(x))))
     paths = [path]
     if args.individual:
@@ -239,12 +243,16 @@ def mode_traverse(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: t
 def mode_reconstruct(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
                      out: Path) -> list[Path]:
     """Test images above their posterior-mean reconstructions."""
+    import torch
+
     from utils.grids import save_pairs
 
     test = test_set(cfg)
     idx = pick(args.n_samples, len(test), g)
     x, y = test.batch(idx).to(args.device), labels_for(model, args, len(idx), g, test.labels_at(idx))
-    recon = decode(model, model.encode(x, y)[0], args.batch_size, y)
+    ys = [None] * len(x) if y is None else y.split(args.batch_size)
+    with torch.no_grad():  # (a ladder's through every layer)
+        recon = torch.cat([model.reconstruction(a, b) for a, b in zip(x.split(args.batch_size), ys)]).float().cpu()
     path = out / "reconstructions.png"
     save_pairs(x.cpu(), recon, path, per_row=min(8, len(x)))
     return [path]
@@ -313,9 +321,19 @@ def _traverse_dim_fits(value: str, model: TrainedVAE) -> str | None:
 KL_SAMPLES = flag("--kl_samples", type=int, default=10000, valid=at_least(1),
                   help="test images used to rank dimensions by KL")
 
+def _temperature_fits(value: float, model: TrainedVAE) -> str | None:
+    if value and not model.hierarchical:
+        return (f"--temperature {value:g} scales the draws of a Ladder VAE's lower layers, and this model has one "
+                f"stochastic layer: drop it")
+    return None
+
+
 MODES: dict[str, Mode] = {
     "sample": Mode(mode_sample, draws=lambda args: True, flags=(
         flag("--individual", action="store_true", help="sample: also one PNG per image"),
+        flag("--temperature", type=float, default=0.0, valid=(lambda v: v >= 0, "must be 0 or more"),
+             fits=_temperature_fits, help="sample: a Ladder VAE's lower layers drawn from their conditional priors "
+                                          "with the std times this (default 0: at their means)"),
     )),
     "interpolate": Mode(mode_interpolate, draws=lambda args: True, flags=(
         flag("--n_pairs", type=int, default=6, valid=at_least(1), help="interpolate: rows of each kind"),

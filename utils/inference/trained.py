@@ -123,10 +123,11 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     @torch.no_grad()  # a sampler's fit trains under its own enable_grad
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
                batch_size: int = 256, sampler: str = "prior", options: SamplerOptions | None = None,
-               refit: bool = False) -> torch.Tensor:
+               refit: bool = False, temperature: float = 0.0) -> torch.Tensor:
         """n images (n, C, H, W) in [0, 1], the decoder's means at codes drawn from ``sampler`` (the prior, or
         a sampler of ``SAMPLERS`` fitted to the training codes with ``options``, see ``ex_post_sampler``; with a CPU
-        ``generator``, the same codes on any device); a conditional model decodes ``labels`` (n,)."""
+        ``generator``, the same codes on any device); a conditional model decodes ``labels`` (n,); a Ladder VAE's
+        lower layers are drawn at ``temperature`` (0: at their conditional prior means)."""
         if not is_whole(n) or n < 1:
             raise UserError(f"sample(n): n is the number of images, a whole number of at least 1, got {n!r}")
         if not is_whole(batch_size) or batch_size < 1:
@@ -136,7 +137,7 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         z = (self.prior.sample(n, generator) if not SAMPLERS[sampler].fitted
              else self.ex_post_sampler(sampler, refit, options).sample(n, generator)).to(self.device)
         ys = [None] * math.ceil(n / batch_size) if labels is None else labels.split(batch_size)
-        return torch.cat([self.decode(part, y) for part, y in zip(z.split(batch_size), ys)])
+        return torch.cat([self.decode(part, y, temperature, generator) for part, y in zip(z.split(batch_size), ys)])
 
     def _checked_labels(self, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """The labels of n images on this model's device, or a one-line refusal of labels it cannot use."""
@@ -168,9 +169,9 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Images decoded from their posterior means."""
+        """Images decoded from their posterior means (a ladder's: through every layer)."""
         x, labels = self._to(x), self._to(labels)
-        return self.decode(self.encode(x, labels)[0], labels)
+        return self.reconstruction(x, labels)
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int = 1000, labels: torch.Tensor | None = None,

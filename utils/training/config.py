@@ -30,6 +30,9 @@ class TrainConfig:
                                 "0.999 is common): the test ELBO, grids and model.safetensors use the average",
                            min=0.0, max=0.999999)
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0: off)", min=0.0)
+    grad_skip: float = opt(0.0, "skip the update of a step whose global gradient norm (before clipping) exceeds "
+                                "this (Child 2021, for deep hierarchies; 0: off); it counts as a skipped step",
+                           min=0.0)
     seed: int = opt(0, "seed for initialisation, noise and data order", min=0)
     mixed_precision: str = opt("launcher", "no, fp16, bf16, or launcher: take accelerate's setting",
                                choices=("launcher", *PRECISIONS))

@@ -107,7 +107,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             terms = forward_backward(s, x, y, step)  # (in train.grad_accum_steps micro-batches)
             # Clip, and a step that the fused Adam kernel skips when anything is not finite.
             norm = clip_and_norm(acc, s.trained, t.grad_clip)
-            bad = guard.check(terms["loss"], norm, acc)  # decided on the device: no host sync
+            bad = guard.check(terms["loss"], norm, acc, t.grad_skip)  # decided on the device: no host sync
             guard.skip_if(s.optimizer, bad, acc.scaler)
             set_lr(s.optimizer, t.lr * s.schedule.factor(step))
             s.optimizer.step()
@@ -280,7 +280,10 @@ def log_train(s: Session, meter: Meter, guard: StepGuard, bar: tqdm, done: int) 
     memory = peak_memory_mb(s.accelerator.device)
     if memory is not None:
         stats["peak_mem_mb"] = memory
-    bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "rec", "kl", "mmd", "tc", "sigma") if k in stats})
+    # a ladder's KL per layer, kl_1 (bottom) ... kl_L, beside the total
+    layers = sorted((k for k in stats if k[:3] == "kl_" and k[3:].isdigit()), key=lambda k: int(k[3:]))
+    shown = ("loss", "rec", "kl", *layers, "mmd", "tc", "sigma")
+    bar.set_postfix({k: f"{stats[k]:.4g}" for k in shown if k in stats})
     s.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=done)
     if s.log:
         s.log.write({"step": done, "split": "train", **stats})
@@ -318,7 +321,7 @@ def save_grids(vae: VAE, seed: int, test_x: torch.Tensor, test_y: torch.Tensor |
         save_grid(vae.decode(z, y), paths["samples"], per_row=8)
     else:
         del paths["samples"]
-    save_pairs(test_x, vae.decode(vae.encode(test_x, test_y)[0], test_y), paths["reconstructions"])
+    save_pairs(test_x, vae.reconstruction(test_x, test_y), paths["reconstructions"])
     vae.train(was_training)
     return paths
 
@@ -334,7 +337,9 @@ def check_divergence(s: Session, guard: StepGuard, done: int) -> None:
         return
     last = checkpoints(s.run_dir)
     kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint had been saved yet"
-    raise UserError(f"training diverged at step {done}: {streak} steps in a row had a non-finite loss or gradient "
+    why = "a non-finite loss or gradient" + (f" or a gradient norm above train.grad_skip={t.grad_skip:g}"
+                                              if t.grad_skip else "")
+    raise UserError(f"training diverged at step {done}: {streak} steps in a row had {why} "
                     f"(each skipped); {kept}: lower train.lr (now {t.lr:g}), set train.grad_clip, or train in "
                     f"fp32 (train.mixed_precision=no)")
 

@@ -36,11 +36,16 @@ class StepGuard:
     def before_forward(self) -> None:
         self.saved = [b.detach().clone() for b in self.buffers]
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator) -> torch.Tensor:
-        """1.0 when this step must be skipped (the same on every process), else 0.0; no host sync."""
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator,
+              skip_above: float = 0.0) -> torch.Tensor:
+        """1.0 when this step must be skipped (the same on every process), else 0.0; no host sync. With
+        ``skip_above`` > 0 a gradient norm above it is skipped too (``train.grad_skip``: Child 2021 skips the rare
+        huge updates that make deep hierarchies diverge)."""
         bad = ~torch.isfinite(loss.detach())
         if grad_norm is not None:
             bad = bad | ~torch.isfinite(grad_norm)
+            if skip_above > 0:
+                bad = bad | (grad_norm > skip_above)
         bad = bad.float()
         if accelerator.num_processes > 1:  # a local NaN must stop every process's step, or the weights diverge
             bad = (accelerator.reduce(bad, "sum") > 0).float()
