@@ -2,8 +2,8 @@
 # Produces the sample-quality study of docs/results.md with the toolkit's own commands: a feature network per
 # data set, six families trained on MNIST, Fashion-MNIST and the 10,000 CelebA faces, and each family's samples
 # (prior, gmm, two_stage) and reconstructions scored in that network's features.
-# CPU is enough (about 2 hours on 2 cores). DATA_ROOT: the folder holding MNIST/raw, FashionMNIST/raw and
-# celeba-10k/ (default data). It overwrites assets/results/quality-*.json;
+# CPU is enough (about 2 hours on 2 cores). The ranking's flows: SAMPLERS="flow flow_matching" FAMILIES="sigma_vae ae".
+# DATA_ROOT: the folder holding MNIST/raw, FashionMNIST/raw and celeba-10k/ (default data). It overwrites assets/results/quality-*.json;
 # the docs show its commands without --out: pasted, they write into the run's own eval.json.
 # SECTIONS picks what to redo (default "features train eval grids"); DATASETS which data sets (default all three);
 # FAMILIES and SAMPLERS which rows (default all six families; prior, gmm and two_stage);
@@ -117,6 +117,10 @@ if [[ " $sections " == *" grids "* && " $datasets " == *" celeba "* ]]; then
     done
     python sample.py --exp_dir "$run" --mode reconstruct --n_samples 8 --save_dir "assets/results/quality-celeba-$fam" \
       > /dev/null
+  done
+  for sampler in flow flow_matching; do  # the ranking's gallery row: the sigma-VAE's codes from each flow
+    python sample.py --exp_dir runs/quality-celeba-sigma_vae --mode sample --n_samples 8 --sampler "$sampler" --seed 0 \
+      --save_dir assets/results/quality-celeba-sigma_vae > /dev/null
   done
   timed samplers-celeba python evaluate.py --exp_dir runs/quality-celeba-sigma_vae --metrics samplers --threads 2 \
     --out assets/results/quality-celeba-samplers.json

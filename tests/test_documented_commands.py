@@ -159,6 +159,16 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "--out FILE": (LONG, "minutes of SimCLR training on the CelebA faces"),
     "python evaluate.py --exp_dir runs/X --metrics quality --sampler gmm":
         (LONG, "needs the data set's feature network (a minute to train; tests/test_sample_quality.py runs it)"),
+    # docs/results.md, the sample-quality study
+    "python train_vae.py -c configs/mnist.yaml -e runs/quality-mnist-sigma_vae model.likelihood=optimal_sigma":
+        (SHORT, STEPS),
+    "python evaluate.py --exp_dir runs/quality-mnist-sigma_vae --metrics quality --sampler gmm":
+        (LONG, "needs the feature network and the run of the line above"),
+    "python evaluate.py --exp_dir runs/quality-mnist-sigma_vae --metrics recon_quality":
+        (LONG, "needs the feature network and the run of the line above"),
+    "python benchmarks/quality.py -c configs/mnist.yaml --features features/mnist.safetensors --n 10000":
+        (LONG, "needs the feature network; tests/test_sample_quality.py scores the floor"),
+    "python -m utils.inference.compare runs/quality-mnist-*": (LONG, "needs the study's evaluated runs"),
     "python -m utils.inference.compare runs/a runs/b runs/c/eval.json":
         (LONG, "needs three runs evaluated with --metrics quality (tests/test_compare.py runs it on made entries)"),
 }
