@@ -139,6 +139,18 @@ def _layer_count(state: dict[str, torch.Tensor], prefix: str) -> int:
     return len({k.split(".")[1] for k in state if k.startswith(prefix)})
 
 
+def _fitted(make: Callable[[], nn.Module], loss: Callable, codes: torch.Tensor, steps: int, lr: float,
+            seed: int) -> nn.Module:
+    """A network made under ``seed`` (the same initial weights whatever the global generator's state), its
+    standardisation set from the codes, then trained on them: the fit both flows share."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = make()
+    net.standardise.fit(codes)
+    _train(net, loss, codes, steps, lr, torch.Generator().manual_seed(seed))
+    return net
+
+
 class FlowSampler(FlowRules, Sampler):
     """A RealNVP flow fitted to the training codes by maximum likelihood (module docstring); ``sample`` draws
     u ~ N(0, I) and returns f⁻¹(u), ``log_prob`` is exact."""
@@ -148,12 +160,9 @@ class FlowSampler(FlowRules, Sampler):
 
     def fit(self, means: torch.Tensor, options: SamplerOptions, stds: torch.Tensor | None = None) -> FlowSampler:
         codes = means.float()
-        with torch.random.fork_rng():
-            torch.manual_seed(options.seed)
-            self.net = RealNVP(codes.shape[1], options.flow_layers, options.flow_hidden)
-        self.net.standardise.fit(codes)
-        _train(self.net, lambda net, x, g: -net.log_prob(x).mean(), codes, options.flow_steps, options.flow_lr,
-               torch.Generator().manual_seed(options.seed))
+        self.net = _fitted(lambda: RealNVP(codes.shape[1], options.flow_layers, options.flow_hidden),
+                           lambda net, x, g: -net.log_prob(x).mean(), codes, options.flow_steps, options.flow_lr,
+                           options.seed)
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -227,12 +236,8 @@ class FlowMatchingSampler(FlowMatchingRules, Sampler):
     def fit(self, means: torch.Tensor, options: SamplerOptions,
             stds: torch.Tensor | None = None) -> FlowMatchingSampler:
         codes = means.float()
-        with torch.random.fork_rng():
-            torch.manual_seed(options.seed)
-            self.net = Velocity(codes.shape[1], options.flow_matching_hidden)
-        self.net.standardise.fit(codes)
-        _train(self.net, flow_matching_loss, codes, options.flow_matching_steps, options.flow_matching_lr,
-               torch.Generator().manual_seed(options.seed))
+        self.net = _fitted(lambda: Velocity(codes.shape[1], options.flow_matching_hidden), flow_matching_loss, codes,
+                           options.flow_matching_steps, options.flow_matching_lr, options.seed)
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
