@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.gaussian import HALF_LOG_2PI
+from models.gaussian import standard_normal_log_density
 from models.sampler_rules import FlowMatchingRules, FlowRules, SamplerOptions
 from models.samplers import Sampler, _tensor_problems
 
@@ -113,7 +113,7 @@ class RealNVP(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) = log N(f(x); 0, I) + log |det ∂f/∂x| (n,)."""
         u, log_det = self(x)
-        return -0.5 * u.pow(2).sum(-1) - u.shape[-1] * HALF_LOG_2PI + log_det
+        return standard_normal_log_density(u) + log_det
 
 
 def _train(net: nn.Module, loss: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
@@ -288,6 +288,5 @@ class FlowMatchingSampler(FlowMatchingRules, Sampler):
                 mid = x - 0.5 * h * self.net(x, ts)
                 integral = integral + h * self._divergence(mid, t - 0.5 * h)
                 x = x - h * self.net(mid, ts - 0.5 * h)
-            log_p0 = -0.5 * x.pow(2).sum(-1) - x.shape[1] * HALF_LOG_2PI
-            out.append(log_p0 - integral - self.net.standardise.log_scale.sum())
+            out.append(standard_normal_log_density(x) - integral - self.net.standardise.log_scale.sum())
         return torch.cat(out)

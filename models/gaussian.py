@@ -25,6 +25,11 @@ def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
     return log_normal(z, mu, logvar).sum(-1)
 
 
+def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension (the prior's, and a flow's base density)."""
+    return (-0.5 * z.pow(2) - HALF_LOG_2PI).sum(-1)
+
+
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """Per-image Gaussian NLL (B,), summed over pixels, with the std's log ``log_sigma`` (broadcasts against x):
     −log N(x; x̂, σ²) = ½((x − x̂)/σ)² + log σ + ½ log 2π per pixel."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gaussian import HALF_LOG_2PI
+from models.gaussian import HALF_LOG_2PI, standard_normal_log_density
 from models.prior_rules import PRIORS, PriorRules, StandardNormalRules, VampPriorRules
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class StandardNormal(StandardNormalRules, Prior):
     """N(0, I), the prior of Kingma & Welling (2014)."""
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return (-0.5 * z.pow(2) - HALF_LOG_2PI).sum(-1)
+        return standard_normal_log_density(z)
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:

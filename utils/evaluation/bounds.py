@@ -224,11 +224,12 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
         mu, kl = encode_with_kl(vae, x, y)
         means.append(mu)
         kls.append(kl)
-        recon = vae.decode(mu, y)
         if vae.hierarchical:  # (the same pass as vae.reconstruction, whose layers' means count too)
             out, lower = vae.decode_layers(mu.unsqueeze(0), y, vae.encode_layers(x, y)[2], draw=False)
             recon = vae.likelihood.mean(out.float())
             lower_means.append(lower.means)
+        else:
+            recon = vae.decode(mu, y)
         err = (recon - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))

@@ -67,7 +67,7 @@ def quality_table(entries: list[tuple[str, dict]], first_column: str = "run") ->
 def label(path: str, scores: dict) -> str:
     """A run's row name: its folder (or file), and the sampler its samples came from."""
     p = Path(path)
-    name = p.name if p.is_dir() or p.name != "eval.json" else p.parent.name
+    name = p.parent.name if p.name == "eval.json" else p.name
     return f"{name} ({scores['sampler']})" if "sampler" in scores else name
 
 

@@ -169,6 +169,9 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     if acc.mixed_precision == "fp16" and not acc.native_amp:  # Accelerate would train in fp32 and say fp16
         raise UserError(f"train.mixed_precision=fp16 needs a GPU, and this process runs on the {acc.device.type}: "
                         f"use bf16 (autocast on a CPU too) or no")
+    if acc.mixed_precision == "fp16" and t.grad_skip:  # the GradScaler owns fp16's skips: no norm is taken
+        raise UserError(f"train.grad_skip={t.grad_skip:g} cannot act under fp16, whose gradient scaler skips steps "
+                        f"itself: use bf16 or no, or drop train.grad_skip")
     if t.batch_size % (acc.num_processes * t.grad_accum_steps):
         parts = acc.num_processes * t.grad_accum_steps
         raise UserError(f"train.batch_size={t.batch_size} does not split into {acc.num_processes} processes x "
