@@ -111,6 +111,10 @@ def test_quality_scores_the_samples_of_a_fitted_sampler(run, mnist_features, sam
     assert f"300 samples ({sampler})" in res.stdout and (run / "samplers" / f"{sampler}.safetensors").is_file()
     results = json.loads(out.read_text())
     assert results["quality"]["sampler"] == results["computed_with"]["quality"]["sampler"] == sampler
+    prior = tmp_path / "prior.json"  # the same call from the prior scores other codes: the sampler's were used
+    assert cli(evaluate.main, ["--exp_dir", str(run), *QUICK, "--features", str(mnist_features),
+                               "--out", str(prior)]).returncode == 0
+    assert json.loads(prior.read_text())["quality"]["fd"] != results["quality"]["fd"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(run, mnist_features, real_data, tmp_path):
