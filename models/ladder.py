@@ -149,6 +149,32 @@ class LadderDecoder(nn.Module):
         lower.log_ratio = log_ratio
         return self.out(z), lower
 
+    def layer_posteriors(self, z: torch.Tensor, bottom_up: list[Params]) -> list[tuple[Params, Params]]:
+        """Each lower layer's posterior q(z_l | z_l+1, x) and conditional prior p(z_l | z_l+1), bottom first, in fp32,
+        every layer above taken at its posterior mean (top codes z (N, z_L)): where a traversal of a lower layer
+        starts, and what ranks its dimensions by KL."""
+        out: list[tuple[Params, Params]] = []
+        for layer in reversed(range(len(self.top_down))):
+            p = self.prior_params(layer, z)
+            q = merge(tuple(t.float() for t in bottom_up[layer]), p)
+            out.insert(0, (q, p))
+            z = q[0]
+        return out
+
+    def prior_means(self, z: torch.Tensor, layer: int) -> Params:
+        """p(z_layer | z_layer+1) (0-based ``layer`` below the top) for top codes z (N, z_L), every layer between
+        at its conditional prior mean: where a traversal of a lower layer from a prior draw starts."""
+        for above in reversed(range(layer + 1, len(self.top_down))):
+            z = self.prior_params(above, z)[0].to(z.dtype)
+        return self.prior_params(layer, z)
+
+    def from_layer(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """Decode codes z (N, z_layer) of 0-based ``layer`` below the top, each layer under it at its conditional
+        prior mean: what a traversal of that layer shows."""
+        for below in reversed(range(layer)):
+            z = self.prior_params(below, z)[0].to(z.dtype)
+        return self.out(z)
+
     def forward(self, z: torch.Tensor, temperature: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode top codes (N, z_L), each lower layer at its conditional prior mean, or with ``temperature`` T > 0

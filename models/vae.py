@@ -146,6 +146,16 @@ class VAE(nn.Module):
                             f"this model has one stochastic layer: drop it")
         return self.likelihood.mean(self.decoder(z, temperature, generator).float())
 
+    @property
+    def latent_layers(self) -> int:
+        """The number of stochastic layers L: a ladder's, else 1."""
+        return len(self.decoder.top_down) + 1 if self.hierarchical else 1
+
+    def decode_layer(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """Images in [0, 1] decoded from codes z (N, z_layer) of a ladder's 0-based ``layer`` below the top, each
+        layer under it at its conditional prior mean."""
+        return self.likelihood.mean(self.decoder.from_layer(z, layer).float())
+
     def reconstruction(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [0, 1] decoded from their posterior means, (B, C, H, W): a ladder's through every layer, each
         at its posterior mean given the layer above (decoding the top code alone would take the lower layers

@@ -165,6 +165,30 @@ def test_gradient_skipping_skips_only_norms_above_the_threshold():
     assert guard.total.item() == 1.0
 
 
+def test_lower_layers_decode_from_their_own_codes():
+    """What a traversal of a lower layer uses: decoding from a layer, its conditional prior from a top code, and
+    each layer's posterior and prior at the posterior means, against the ladder's own passes."""
+    vae = _vae(["model.net=ladder", "model.latent_dims=[12,8,6]", "model.z_dim=6", "model.hidden=[48,32,24]"])
+    dec, z = vae.decoder, torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    assert vae.latent_layers == 3 and _vae(["model.z_dim=4"]).latent_layers == 1
+    with torch.no_grad():
+        assert torch.equal(dec.from_layer(z, 2), dec(z))  # the top layer decoded from itself is the top code
+        mu_2 = dec.prior_params(1, z)[0]                   # z_2 at its prior mean given z_3
+        assert torch.equal(dec.prior_means(z, 0)[0], dec.prior_params(0, mu_2)[0])
+        assert torch.allclose(dec.from_layer(dec.prior_means(z, 0)[0], 0), dec(z), atol=1e-6)
+        x = _images(5)
+        mu, _, below = vae.encode_layers(x)
+        pairs = dec.layer_posteriors(mu, below)
+        _, lower = dec.posterior(mu, below, draw=False)
+        for (q, p), mean, kl in zip(pairs, lower.means, lower.kl):
+            assert torch.allclose(q[0], mean) and torch.allclose(kl_divergence(Normal(q[0], (0.5 * q[1]).exp()),
+                                                                               Normal(p[0], (0.5 * p[1]).exp())).sum(1),
+                                                                 kl, atol=1e-5)
+        assert torch.equal(pairs[1][1][0], dec.prior_params(1, mu)[0])
+        assert torch.equal(pairs[0][1][0], dec.prior_params(0, pairs[1][0][0])[0])
+        assert torch.allclose(vae.decode_layer(pairs[0][0][0], 0), vae.reconstruction(x), atol=1e-6)
+
+
 @pytest.mark.slow  # trains end to end
 def test_ladder_resumes_bit_for_bit_with_its_training_aids(tmp_path, real_data):
     extra = [*SMALL, "train.save_every=4", "train.eval_every=4", "loss.free_bits=0.2", "loss.kl_balance=true",
@@ -218,6 +242,19 @@ def test_the_tools_work_on_a_ladder(ladder_run, tmp_path):
                                 "--n_samples", "8", "--n_pairs", "2", "--n_interpolate", "4", "--n_traverse", "3",
                                 "--kl_samples", "200"])
         assert res.returncode == 0 and any((tmp_path / mode).iterdir()), (mode, res.stderr[-2000:])
+    # a lower layer traversed: a row per dimension of z_1 (12), ranked by that layer's KL, the top z by default
+    res = cli(sample.main, ["--exp_dir", str(run), "--mode", "traverse", "--layer", "1", "--n_traverse", "3",
+                            "--kl_samples", "200", "--save_dir", str(tmp_path / "z1")])
+    assert res.returncode == 0 and (tmp_path / "z1" / "traverse.gif").is_file(), res.stderr[-2000:]
+    from PIL import Image
+    heights = [Image.open(tmp_path / d / "traverse.png").size[1] for d in ("traverse", "z1")]
+    assert heights == [6 * 30 + 2, 12 * 30 + 2]  # rows of 28-pixel tiles with 2-pixel gaps: z_2's 6, z_1's 12
+    for flags, says in ((["--layer", "3"], "--layer 3: the model has 2 stochastic layer(s)"),
+                        (["--layer", "1", "--traverse_dim", "12"], "the model has layers of [12, 6] dimensions"),
+                        (["--traverse_dim", "7"], "--traverse_dim 7: the top layer has 6 dimensions")):
+        res = cli(sample.main, ["--exp_dir", str(run), "--mode", "traverse", *flags, "--kl_samples", "50",
+                                "--save_dir", str(tmp_path / "no")])
+        assert res.returncode == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = cli(sample.main, ["--exp_dir", str(run), "--mode", "sample", "--n_samples", "4", "--temperature", "0.7",
                             "--save_dir", str(tmp_path / "warm")])
     assert res.returncode == 0 and (tmp_path / "warm" / "samples.png").is_file(), res.stderr[-2000:]

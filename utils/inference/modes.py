@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from utils.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -209,13 +211,15 @@ def mode_traverse(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: t
     ordered by KL; a PNG and an animated GIF."""
     import torch
 
-    from utils.evaluation.latents import dims_by_kl, posterior_stats, traversal_codes
-    from utils.grids import grid, labelled_rows, save_whole, to_pil
+    from utils.evaluation.latents import posterior_stats, traversal_codes
 
     test = test_set(cfg)
+    if 0 < args.layer < model.latent_layers:
+        x, names = lower_traversal(model, test, args, g)
+        return traversal_files(x, names, args, out)
     means, kl = posterior_stats(model, test, args.batch_size, args.kl_samples, args.device)
     score, what = (means.var(0), "var") if model.deterministic else (kl, "KL")  # an AE: no KL, its codes' variance
-    dims = dims_by_kl(score, args.n_dims) if args.traverse_dim == "all" else [int(args.traverse_dim)]
+    dims = traversed_dims(args, score, "the top layer" if model.hierarchical else "z")
     if args.from_ == "prior":
         base = args.draw(1, g)[0]
         y = labels_for(model, args, 1, g)
@@ -228,13 +232,49 @@ def mode_traverse(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: t
     codes = traversal_codes(base, dims, values)  # (rows, cols, z)
     x = decode(model, codes.flatten(0, 1), args.batch_size, None if y is None else y.repeat(codes.shape[0] *
                                                                                             codes.shape[1]))
+    return traversal_files(x, [f"z{d}  {what} {score[d]:.2f}" for d in dims], args, out)
+
+
+def lower_traversal(model: TrainedVAE, test: ImageSplit, args: argparse.Namespace,
+                    g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """A Ladder VAE's layer --layer (below the top) traversed: each dimension of z_l set to μ_p + v·σ_p for v in
+    ±--traverse_range, (μ_p, σ_p) its conditional prior given the layer above, from a test image's posterior means
+    (or a prior draw's conditional prior means); the layers below at their conditional prior means. Rows ordered
+    by the layer's KL per dimension. (The images (rows·cols, C, H, W), the rows' labels.)"""
+    import torch
+
+    from utils.evaluation.latents import layer_stats, traversal_codes
+
+    layer = args.layer - 1
+    _, kl = layer_stats(model, test, layer, args.batch_size, args.kl_samples, args.device)
+    dims = traversed_dims(args, kl, f"layer {args.layer}")
+    with torch.no_grad():
+        if args.from_ == "prior":
+            mu_p, logvar_p = model.decoder.prior_means(args.draw(1, g), layer)
+            base = mu_p[0]
+        else:
+            mu, _, below = model.encode_layers(test.batch(pick(1, len(test), g)).to(args.device))
+            (q_mu, _), (mu_p, logvar_p) = model.decoder.layer_posteriors(mu.float(), below)[layer]
+            base = q_mu[0]
+        values = torch.linspace(-args.traverse_range, args.traverse_range, args.n_traverse, device=args.device)
+        codes = traversal_codes(base, dims, values)  # (rows, cols, z_l)
+        for r, d in enumerate(dims):
+            codes[r, :, d] = mu_p[0, d] + values * torch.exp(0.5 * logvar_p[0, d])
+        x = torch.cat([model.decode_layer(c, layer) for c in codes.flatten(0, 1).split(args.batch_size)])
+    return x.float().cpu(), [f"z{args.layer}.{d}  KL {kl[d]:.2f}" for d in dims]
+
+
+def traversal_files(x: torch.Tensor, names: list[str], args: argparse.Namespace, out: Path) -> list[Path]:
+    """traverse.png (a row per name, --n_traverse images each) and traverse.gif from the images x."""
+    from utils.grids import grid, labelled_rows, save_whole, to_pil
+
     path = out / "traverse.png"
-    save_whole(labelled_rows(x, args.n_traverse, [f"z{d}  {what} {score[d]:.2f}" for d in dims]), path)
+    save_whole(labelled_rows(x, args.n_traverse, names), path)
     # animation: frame j shows every traversed dimension at values[j], there and back
     frames = []
     for j in list(range(args.n_traverse)) + list(range(args.n_traverse - 2, 0, -1)):
-        column = x.view(len(dims), args.n_traverse, *x.shape[1:])[:, j]
-        frames.append(to_pil(grid(column, per_row=min(len(dims), 8))))
+        column = x.view(len(names), args.n_traverse, *x.shape[1:])[:, j]
+        frames.append(to_pil(grid(column, per_row=min(len(names), 8))))
     gif = out / "traverse.gif"
     save_whole(frames[0], gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
     return [path, gif]
@@ -267,7 +307,6 @@ def mode_visualize_latent(model: TrainedVAE, cfg: Config, args: argparse.Namespa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.errors import UserError
     from utils.evaluation.latents import pca_2d, posterior_stats
     from utils.files import written_whole
 
@@ -313,13 +352,33 @@ def mode_visualize_latent(model: TrainedVAE, cfg: Config, args: argparse.Namespa
 # ---- the registry ------------------------------------------------------------------------------------------------
 
 def _traverse_dim_fits(value: str, model: TrainedVAE) -> str | None:
-    if value == "all" or (value.isdigit() and int(value) < model.z_dim):
+    """A dimension of some layer (a Ladder VAE's layer, --layer, is checked when the traversal starts)."""
+    size = max(model.config.model.latent_dims or [model.z_dim])
+    if value == "all" or (value.isdigit() and int(value) < size):
         return None
-    return f"--traverse_dim {value}: the model has z_dim={model.z_dim}; pass 0..{model.z_dim - 1} or all"
+    has = f"layers of {model.config.model.latent_dims} dimensions" if model.hierarchical else f"z_dim={model.z_dim}"
+    return f"--traverse_dim {value}: the model has {has}; pass 0..{size - 1} or all"
+
+
+def traversed_dims(args: argparse.Namespace, score: torch.Tensor, layer: str) -> list[int]:
+    """The dimensions to traverse, by ``score`` (one per dimension of ``layer``, the words for its refusal)."""
+    if args.traverse_dim == "all":
+        return score.argsort(descending=True).tolist()[:args.n_dims or None]  # (dims_by_kl's order)
+    if int(args.traverse_dim) >= len(score):
+        raise UserError(f"--traverse_dim {args.traverse_dim}: {layer} has {len(score)} dimensions; pass "
+                        f"0..{len(score) - 1} or all")
+    return [int(args.traverse_dim)]
 
 
 KL_SAMPLES = flag("--kl_samples", type=int, default=10000, valid=at_least(1),
                   help="test images used to rank dimensions by KL")
+
+def _layer_fits(value: int, model: TrainedVAE) -> str | None:
+    if value <= model.latent_layers:
+        return None
+    return (f"--layer {value}: the model has {model.latent_layers} stochastic layer(s); pass 1..{model.latent_layers}"
+            f" (1 the bottom, {model.latent_layers} the top z) or leave it out")
+
 
 def _temperature_fits(value: float, model: TrainedVAE) -> str | None:
     if value and not model.hierarchical:
@@ -351,6 +410,8 @@ MODES: dict[str, Mode] = {
              help="traverse all: only the N most informative dimensions (default 0: every one)"),
         flag("--from", dest="from_", default="posterior", choices=("posterior", "prior"),
              help="traverse: base code from a test image's posterior mean or a prior draw"),
+        flag("--layer", type=int, default=0, valid=(lambda v: v >= 0, "must be 0 (the top) or more"),
+             fits=_layer_fits, help="traverse: a Ladder VAE's stochastic layer, 1 the bottom (default: the top z)"),
         KL_SAMPLES,
     )),
     "reconstruct": Mode(mode_reconstruct),
