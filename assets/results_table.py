@@ -52,6 +52,8 @@ PUBLISHED = {
     "vamp_ema": ("as `vamp`, with a moving average of the weights (decay 0.999)",
                  "VAE + VampPrior, one stochastic layer", "Tomczak & Welling 2018, as quoted by pythae's reproduction",
                  85.57),
+    "hvae": ("Ladder VAE, 784-200-200-100 / 100-100-50 ReLU (two stochastic layers), ELBO with KL warm-up",
+             "VAE, two stochastic layers", "Burda et al. 2016, Table 1, k = 1", 85.33),
 }
 
 
