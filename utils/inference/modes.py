@@ -208,7 +208,7 @@ def mode_interpolate(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g
 def mode_traverse(model: TrainedVAE, cfg: Config, args: argparse.Namespace, g: torch.Generator,
                   out: Path) -> list[Path]:
     """Each latent dimension swept over ±--traverse_range around a test image's code (or a prior draw), rows
-    ordered by KL; a PNG and an animated GIF."""
+    ordered by KL; a PNG and an animated GIF; a Ladder VAE's lower layer with --layer."""
     import torch
 
     from utils.evaluation.latents import posterior_stats, traversal_codes
