@@ -1,5 +1,5 @@
 """What the networks share (networks.py, and the ladder's in ladder.py): the activations, registered by their
-YAML name (``model.activation``), and the geometry of the stride-2 convolutions."""
+YAML name (``model.activation``), the geometry of the stride-2 convolutions, and the decoders' ``last_layer``."""
 
 from __future__ import annotations
 
