@@ -2,10 +2,9 @@
 critic (Kim & Mnih 2018) and the adversarial autoencoder's discriminator (Makhzani et al. 2016).
 
 Both share ``CriticRegulariser``: the network is kept out of the VAE's optimizer
-(``auxiliary_parameters``), trained by its own Adam (β = (0.5, 0.9)) in ``after_step`` on the step's
-codes, detached, skipped on the device when the VAE's step was, its gradients averaged over processes
-(every process keeps the same network), and its optimizer's moments checkpointed (``state_tensors``), so
-a resume is exact.
+(``auxiliary_parameters``) and trained in ``after_step`` on the step's codes, detached, by a ``CriticTrainer``
+(critic.py, which the image discriminator uses too): its own Adam, skipped on the device when the VAE's step
+was, its gradients averaged over processes, its moments checkpointed, so a resume is exact.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.critic import CriticTrainer
 from models.priors import Prior
 from models.regulariser_base import PosteriorSample, Regulariser
 from models.regulariser_rules import AdversarialRules, CriticRules, FactorVAERules
@@ -46,13 +46,16 @@ class Critic(nn.Module):
 
 
 class CriticRegulariser(CriticRules, Regulariser):
-    """A regulariser with a network of its own (see the module's docstring). A subclass builds ``critic`` and
-    says how it is trained in ``critic_loss``; its ``forward`` calls ``remember`` with the step's codes."""
+    """A regulariser with a network of its own (see the module's docstring), trained by a ``CriticTrainer``. A
+    subclass builds ``critic`` and says how it is trained in ``critic_loss``; its ``forward`` calls ``remember``
+    with the step's codes."""
+
+    missing_state = "the run had another loss.regulariser; resume with that one"
 
     def __init__(self, loss: LossConfig, critic: nn.Module, lr: float):
         super().__init__(loss)
         self.critic = critic
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr, betas=(0.5, 0.9), fused=True)
+        self.trainer = CriticTrainer(critic, lr)
         self._codes: torch.Tensor | None = None
 
     @classmethod
@@ -73,28 +76,17 @@ class CriticRegulariser(CriticRules, Regulariser):
 
     def after_step(self, accelerator, bad: torch.Tensor) -> dict[str, torch.Tensor]:
         z, self._codes = self._codes, None
-        self.critic_optimizer.zero_grad(set_to_none=True)  # drops what the VAE's backward left on the network
-        with torch.autocast(device_type=z.device.type, enabled=False):
+
+        def loss_fn() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             loss, accuracy = self.critic_loss(z.float())
-        loss.backward()
-        if accelerator.num_processes > 1:
-            for p in self.critic.parameters():
-                p.grad = accelerator.reduce(p.grad, "mean")
-        # skipped on the device, as the VAE's step: when the VAE's step was, or the network's loss is not finite
-        self.critic_optimizer.found_inf = ((bad > 0) | ~torch.isfinite(loss)).float()
-        self.critic_optimizer.step()
-        return {"critic_loss": loss.detach(), "critic_accuracy": accuracy}
+            return loss, {"critic_loss": loss.detach(), "critic_accuracy": accuracy}
+        return self.trainer.step(accelerator, bad, loss_fn)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{i}.{k}": v for i, st in self.critic_optimizer.state_dict()["state"].items() for k, v in st.items()}
+        return self.trainer.state_tensors()
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.critic_optimizer.state_dict()
-        moments: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in state.items():
-            i, k = key.split(".", 1)
-            moments.setdefault(int(i), {})[k] = v
-        self.critic_optimizer.load_state_dict({"state": moments, "param_groups": own["param_groups"]})
+        self.trainer.load_state_tensors(state)
 
 
 class FactorVAE(FactorVAERules, CriticRegulariser):

@@ -77,3 +77,15 @@ class LossConfig:
                                               "2 x 1000)")
     aae_lr: float = opt(1e-4, "regulariser=aae: the discriminator's Adam learning rate", min=0.0,
                         min_exclusive=True)
+    disc_weight: float = opt(0.0, "objective=elbo, ae: weight of a PatchGAN discriminator's adversarial term on the "
+                                  "reconstructions (Esser et al. 2021), times the adaptive weight that balances its "
+                                  "gradient against the reconstruction term's (0: off; taming uses 0.8)", min=0.0)
+    disc_start: int = opt(0, "disc_weight > 0: the step from which the adversarial term is on and the discriminator "
+                             "trains (before it, neither)", min=0)
+    disc_loss: str = opt("hinge", "disc_weight > 0: the discriminator's loss, hinge or non_saturating (the GAN's "
+                                  "cross-entropy)", choices=("hinge", "non_saturating"))
+    disc_lr: float = opt(1e-4, "disc_weight > 0: the discriminator's Adam learning rate", min=0.0,
+                         min_exclusive=True)
+    disc_layers: int = opt(3, "disc_weight > 0: the discriminator's stride-2 layers (3: 70x70 px patches, 2: 34, "
+                              "1: 16; the patch must fit in the image)", min=1, max=6)
+    disc_channels: int = opt(64, "disc_weight > 0: channels of the discriminator's first layer", min=1, max=1024)

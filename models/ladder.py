@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gaussian import gaussian_kl, gaussian_log_density
-from models.layers import ACTIVATIONS, conv_geometry
+from models.layers import ACTIVATIONS, LastLayer, conv_geometry
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class LadderEncoder(nn.Module):
         return self.layers(x)[-1]
 
 
-class LadderDecoder(nn.Module):
+class LadderDecoder(LastLayer, nn.Module):
     """The top-down path: p(z_l | z_l+1) for l = L−1 ... 1 from two-layer MLPs of width ``hidden[l]``, and
     p(x | z_1) from the mirror of the first encoder block."""
 

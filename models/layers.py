@@ -1,5 +1,5 @@
 """What the networks share (networks.py, and the ladder's in ladder.py): the activations, registered by their
-YAML name (``model.activation``), and the geometry of the stride-2 convolutions."""
+YAML name (``model.activation``), the geometry of the stride-2 convolutions, and the decoders' ``last_layer``."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def conv_geometry(img_size: int, n_layers: int) -> tuple[int, int]:
     pad = (-img_size) % (2**n_layers)
     bottom = (img_size + pad) // 2**n_layers
     return pad, bottom
+
+
+class LastLayer:
+    """A decoder's ``last_layer``: the weight of its last linear or convolutional layer (in the order of its
+    modules, the one that makes the likelihood's parameters), on which an adversarial term's weight is balanced
+    against the reconstruction term's (models/discriminator.py)."""
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+        return [m for m in self.modules() if isinstance(m, kinds)][-1].weight

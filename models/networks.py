@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ladder import LadderConvDecoder, LadderConvEncoder, LadderDecoder, LadderEncoder
-from models.layers import ACTIVATIONS, conv_geometry
+from models.layers import ACTIVATIONS, LastLayer, conv_geometry
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class MLPEncoder(nn.Module):
         return mu, logvar
 
 
-class MLPDecoder(nn.Module):
+class MLPDecoder(LastLayer, nn.Module):
     """The encoder's mirror: ``model.hidden`` reversed."""
 
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, m: ModelConfig):
@@ -110,7 +110,7 @@ class ConvEncoder(nn.Module):
         return mu, logvar
 
 
-class ConvDecoder(nn.Module):
+class ConvDecoder(LastLayer, nn.Module):
     """Mirror of ``ConvEncoder`` with transposed convolutions; crops the padding back off."""
 
     def __init__(self, img_shape: tuple[int, int, int], z_dim: int, n_params: int, m: ModelConfig):
@@ -178,7 +178,7 @@ class ResConvEncoder(nn.Module):
         return mu, logvar
 
 
-class ResConvDecoder(nn.Module):
+class ResConvDecoder(LastLayer, nn.Module):
     """Mirror of ``ResConvEncoder``: 4x4 stride-2 transposed convolutions, each followed by residual blocks, then
     a 3x3 convolution to the likelihood's parameters; crops the padding back off."""
 
@@ -225,7 +225,7 @@ class DislibEncoder(nn.Module):
         return mu, logvar
 
 
-class DislibDecoder(nn.Module):
+class DislibDecoder(LastLayer, nn.Module):
     """Its decoder (disentanglement_lib's ``deconv_decoder``): 256 and 1024 units, then 64-32-32 4x4 stride-2
     transposed convolutions with ReLU and a last one to the likelihood's parameters."""
 

@@ -50,6 +50,10 @@ class IWAERules(ObjectiveRules):
         if not REGULARISERS[loss.regulariser].plain_kl:
             raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
                             f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")
+        if loss.disc_weight > 0:
+            raise UserError(f"loss.objective=iwae trains a bound on log p(x), which has no place for an adversarial "
+                            f"term (loss.disc_weight={loss.disc_weight:g}): use loss.objective=elbo, or drop "
+                            f"disc_weight")
 
 
 class AERules(ObjectiveRules):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from models.discriminator import adversarial_terms
 from models.gaussian import gaussian_log_density
 from models.ladder import Lower, Params
 from models.likelihoods import Likelihood, LikelihoodTerms
@@ -154,6 +155,7 @@ class ELBO(ELBORules, Objective):
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
             terms["loss"] = lik.rec.mean() + penalty
+            terms |= adversarial_terms(vae, x, out, lik.rec.mean(), terms["loss"], step)
         return terms
 
 
@@ -203,6 +205,7 @@ class AE(AERules, Objective):
             penalty, extra = vae.regulariser(torch.zeros(len(x), device=x.device), PosteriorSample(mu, mu, logvar),
                                              vae.prior, step)
             terms = {"rec": lik.rec.mean(), "nll": lik.nll.mean(), **extra, "loss": lik.rec.mean() + penalty}
+            terms |= adversarial_terms(vae, x, out, lik.rec.mean(), terms["loss"], step)
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
         return terms

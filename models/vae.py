@@ -9,6 +9,9 @@ chosen by name, each from its registry:
     loss.objective     objective_rules.OBJECTIVES      how the loss is estimated (ELBO)
     loss.regulariser   regulariser_rules.REGULARISERS  the latent term (β·KL, + MMD)
 
+and, with ``loss.disc_weight`` > 0, an image discriminator whose adversarial term the objective adds to the loss
+(models/discriminator.py).
+
 (A prior's, an objective's and a regulariser's registry holds its rules class, torch-free, which the part's
 torch class subclasses: its ``load()`` gives that class.)
 
@@ -26,12 +29,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from models.discriminator import ImageDiscriminator, build_discriminator
 from models.ladder import Lower, Params
 from models.likelihoods import build_likelihood
 from models.networks import build_networks
 from models.objectives import build_objective
 from models.priors import build_prior
-from models.regularisers import build_regulariser
+from models.regularisers import Regulariser, build_regulariser
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -58,6 +62,7 @@ class VAE(nn.Module):
         self.prior.bind(self.encoder)
         self.regulariser = build_regulariser(loss, model.z_dim)
         self.objective = build_objective(loss)
+        self.discriminator = build_discriminator(loss, self.img_shape, self.decoder)
 
     @property
     def deterministic(self) -> bool:
@@ -168,8 +173,21 @@ class VAE(nn.Module):
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the VAE's optimizer trains: everything but a regulariser's own network (FactorVAE's critic)."""
-        aux = {id(p) for p in self.regulariser.auxiliary_parameters()}
+        aux = {id(p) for c in self.critics().values() for p in c.auxiliary_parameters()}
         return [p for p in self.parameters() if id(p) not in aux]
+
+    def critics(self) -> dict[str, Regulariser | ImageDiscriminator]:
+        """The parts with a network of their own, trained by ``after_step`` (a regulariser's critic, the image
+        discriminator), by the checkpoint file of their state."""
+        reg = {"regulariser.safetensors": self.regulariser} if self.regulariser.auxiliary_parameters() else {}
+        return reg | ({"discriminator.safetensors": self.discriminator} if self.discriminator is not None else {})
+
+    def after_step(self, accelerator, bad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train the critics after the VAE's step (each skipped with it when ``bad``); their terms to log."""
+        terms: dict[str, torch.Tensor] = {}
+        for critic in self.critics().values():
+            terms |= critic.after_step(accelerator, bad)
+        return terms
 
     def kl_weight(self, step: int | None) -> float:
         return self.regulariser.kl_weight(step)

@@ -56,7 +56,7 @@ class Session:
     accelerator: Accelerator
     vae: VAE                        # the plain module (sampling, saving)
     model: torch.nn.Module          # the same, prepared by Accelerate (DDP, autocast), for training steps
-    trained: list[torch.nn.Parameter]  # what the optimizer trains (not a regulariser's own network)
+    trained: list[torch.nn.Parameter]  # what the optimizer trains (not a critic's own network)
     optimizer: torch.optim.Optimizer
     train_set: ImageSplit
     test_set: ImageSplit
@@ -70,10 +70,9 @@ class Session:
     threads: AdaptiveThreads | None = None  # the CPU thread count kept to the free cores, or None when fixed
 
     def extras(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Checkpointed state beyond Accelerate's: the weights' moving average, a regulariser's optimizer."""
+        """Checkpointed state beyond Accelerate's: the weights' moving average, the critics' optimizers."""
         out = {"ema.safetensors": self.ema.state_dict()} if self.ema is not None else {}
-        reg = self.vae.regulariser
-        return out | ({"regulariser.safetensors": reg.state_tensors()} if reg.auxiliary_parameters() else {})
+        return out | {name: c.state_tensors() for name, c in self.vae.critics().items()}
 
     @property
     def final(self) -> VAE:
@@ -112,7 +111,7 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None, overwrite: boo
             set_lr(s.optimizer, t.lr * s.schedule.factor(step))
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
-            terms |= s.vae.regulariser.after_step(acc, bad)  # a regulariser's own network (FactorVAE's critic)
+            terms |= s.vae.after_step(acc, bad)  # the networks of their own (FactorVAE's critic, a discriminator)
             if s.ema is not None:
                 s.ema.update_parameters(s.vae)
             meter.add(terms, bad)
@@ -224,9 +223,8 @@ def resume_extras(vae: VAE, ema: AveragedModel | None) -> dict:
     if ema is not None:
         extras["ema.safetensors"] = (ema.load_state_dict, "the run kept no moving average of the weights; resume "
                                                           "with train.ema_decay=0, as it was started")
-    if vae.regulariser.auxiliary_parameters():
-        extras["regulariser.safetensors"] = (vae.regulariser.load_state_tensors, "the run had another "
-                                             "loss.regulariser; resume with that one")
+    for name, critic in vae.critics().items():
+        extras[name] = (critic.load_state_tensors, critic.missing_state)
     return extras
 
 
