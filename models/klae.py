@@ -28,7 +28,9 @@ from utils.errors import UserError
 if TYPE_CHECKING:
     from models.config import ModelConfig
 
-EPS = 1e-6  # the clamp's margin inside (0, 1): sigmoid(logit(EPS)) = EPS is within 1e-5 of diffusers' 0
+# the clamp's margin inside (0, 1): within 1e-5 of diffusers' 0 and 1, and a power of 2, so that 1 - EPS is exact
+# in float32 and sigmoid's gradient there, s(1 - s), is within 2% (float32's spacing near 1 is 2^-24)
+EPS = 2.0 ** -18
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' weights file in a model folder
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to it
 
@@ -71,12 +73,14 @@ def to_logits(d: torch.Tensor) -> torch.Tensor:
     A plain clamp would give no gradient to a pixel outside [0, 1] (d beyond ±1), so a decoder that overshoots
     could never be pulled back. Here the clamp is straight-through: its value is the clamp's, its gradient the
     identity's. With logit's derivative 1 / (p(1 - p)) and sigmoid's p(1 - p) cancelling, the decoded image's
-    gradient with respect to d is 1/2 everywhere, so a Gaussian likelihood (σ-VAE, optimal σ) pulls an
+    gradient with respect to d is 1/2 everywhere (p and 1 - p are each computed from d, so that neither is
+    rounded near the other end), so a Gaussian likelihood (σ-VAE, optimal σ) pulls an
     overshooting pixel back at the same rate as any other. (A Bernoulli likelihood's gradient, in the logits,
     grows as 1 / p near the clamp's ends, as that likelihood's does at any p.)"""
-    p = (d.float() + 1) / 2
-    p = p + (p.clamp(EPS, 1 - EPS) - p).detach()
-    return torch.log(p) - torch.log1p(-p)
+    d = d.float()
+    p, q = (1 + d) / 2, (1 - d) / 2  # the image and 1 - it, each from d: no rounding of 1 - p near p = 1
+    p, q = (t + (t.clamp(EPS, 1 - EPS) - t).detach() for t in (p, q))
+    return torch.log(p) - torch.log(q)
 
 
 class KLAEncoder(nn.Module):
