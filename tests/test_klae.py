@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,10 +19,10 @@ from models.klae import EPS, to_logits
 from models.vae import VAE
 from utils.config import load_config
 from utils.data.registry import load_data
+from utils.errors import UserError
 from utils.inference import export as exporter
 from utils.inference.trained import TrainedVAE
 
-diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.slow  # each test trains a few steps end to end
 
 TINY = ["data.name=image_folder", "data.img_size=32", "data.channels=3", "data.cache=false", "data.hflip=false",
@@ -136,6 +137,12 @@ def test_resume_equals_unbroken_run(faces, tmp_path):
     assert res.returncode == 0 and "at step 2" in res.stdout, res.stderr[-2000:]
     full, part = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
     assert full.keys() == part.keys() and all(torch.equal(full[k], part[k]) for k in full)
+
+
+def test_shift_factor_of_a_run_without_a_diffusers_form_is_refused_and_writes_nothing(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="--shift_factor is a diffusers AutoencoderKL's, and .* is model.net=mlp"):
+        exporter.export(tiny_run, tmp_path / "out", shift_factor=True)
+    assert not (tmp_path / "out").exists()
 
 
 def saved_folder(folder: Path, **changes) -> Path:
