@@ -39,8 +39,9 @@ def latent_shape(m: ModelConfig, img_shape: tuple[int, int, int]) -> tuple[int, 
     """(C, h, w) of the latent map of ``img_shape`` (C, H, W) images, after every check that diffusers' blocks
     pose: channels divisible by the norm's groups, the image by the down-sampling factor, z_dim = C·h·w."""
     blocks = m.block_channels
-    if not blocks or min(blocks) < 1:
-        raise UserError(f"model.block_channels={blocks} needs one positive width per block, e.g. [128, 256, 512]")
+    if not blocks or min(blocks) < 1 or max(blocks) > 4096 or len(blocks) > 8:
+        raise UserError(f"model.block_channels={blocks} needs one width of 1 to 4096 per block, at most 8 blocks, "
+                        f"e.g. [128, 256, 512]")
     odd = [b for b in blocks if b % m.norm_groups]
     if odd:
         raise UserError(f"model.block_channels={blocks}: {odd} not divisible by model.norm_groups={m.norm_groups} "
