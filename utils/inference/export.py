@@ -80,7 +80,13 @@ def export(run: Path, out: Path, push_to_hub: str | None = None, shift_factor: b
         raise
     if push_to_hub:
         try:
-            vae.push_to_hub(push_to_hub)
+            # the folder as written: the library's push_to_hub would upload a fresh save_pretrained, without
+            # samples.png, the fitted samplers and a KL autoencoder's vae/
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=push_to_hub, folder_path=out, commit_message="vae-toolkit export")
         except Exception as e:  # network, authentication and repository errors all end here
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise UserError(f"the upload to {push_to_hub} failed ({e.__class__.__name__}: {first[:200]}): the "
