@@ -34,6 +34,18 @@ class ModelConfig:
                                    "class label, one-hot; needs a data set with labels")
     n_classes: int = opt(0, "conditional: number of classes (0: from the data set's labels, filled in when the "
                             "config is resolved)", min=0)
+    latent_channels: int = opt(4, "klae: channels C of the latent map C x H/f x W/f (Stable Diffusion's 4); "
+                                  "model.z_dim must be C·(H/f)·(W/f)", min=1, max=256)
+    block_channels: list[int] = opt([32, 64, 64], "klae: width of each down block, encoder order (Stable Diffusion's "
+                                              "[128, 256, 512, 512]); every block but the last halves the image, so "
+                                              "f = 2^(blocks - 1)")
+    layers_per_block: int = opt(1, "klae: ResNet blocks in each down block (the decoder has one more; SD's 2)",
+                                min=1, max=16)
+    norm_groups: int = opt(32, "klae: groups of the group norms; every entry of block_channels divides by it",
+                           min=1, max=4096)
+    init_from: str = opt("", "klae: a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model."
+                             "safetensors) whose weights a fresh run starts from; its config must match the "
+                             "model's ('': random initialisation)")
 
 
 @dataclass

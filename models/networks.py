@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.klae import KLADecoder, KLAEncoder
 from models.ladder import LadderConvDecoder, LadderConvEncoder, LadderDecoder, LadderEncoder
 from models.layers import ACTIVATIONS, LastLayer, conv_geometry
 from utils.errors import UserError
@@ -248,6 +249,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "dislib": (DislibEncoder, DislibDecoder),
     "ladder": (LadderEncoder, LadderDecoder),              # L stochastic layers: models/ladder.py
     "ladder_conv": (LadderConvEncoder, LadderConvDecoder),
+    "klae": (KLAEncoder, KLADecoder),                      # Stable Diffusion's AutoencoderKL: models/klae.py
 }
 
 
@@ -259,4 +261,8 @@ def build_networks(m: ModelConfig, img_shape: tuple[int, int, int], n_params: in
         ladders = ", ".join(k for k, (e, _) in NETWORKS.items() if getattr(e, "hierarchical", False))
         raise UserError(f"model.latent_dims={m.latent_dims} asks for stochastic layers, which model.net={m.net} "
                         f"does not have: use model.net={ladders.replace(', ', ' or ')}, or drop latent_dims")
+    if m.init_from and not hasattr(decoder, "init_from"):
+        able = " or ".join(k for k, (_, d) in NETWORKS.items() if hasattr(d, "init_from"))
+        raise UserError(f"model.init_from reads a diffusers AutoencoderKL folder, which model.net={m.net} cannot "
+                        f"take: use model.net={able}, or drop init_from")
     return encoder(img_shape, m.z_dim, m, n_cond), decoder(img_shape, m.z_dim + n_cond, n_params, m)

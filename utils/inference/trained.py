@@ -223,6 +223,14 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
             lines += ["## Held-out numbers (evaluate.py)", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {key} | {value} |" for key, value in rows]
             lines.append("")
+        if info.get("latents"):  # a KL autoencoder's diffusers folder (utils/inference/diffusers_export.py)
+            lat = info["latents"]
+            lines += ["## diffusers", "", "`vae/` is a diffusers `AutoencoderKL` folder "
+                      "(`AutoencoderKL.from_pretrained(\"this/folder\", subfolder=\"vae\")`) with "
+                      f"scaling_factor = {lat['scaling_factor']:.6g}: 1 / the std of the latents sampled from the "
+                      f"posterior over all {lat['images']:,} training images"
+                      + (f"; shift_factor = {lat['shift_factor']:.6g}, their mean" if lat["shift_factor"] is not None
+                         else "") + ".", ""]
         if info.get("samples"):
             lines += ["## Samples", "", f"![64 prior samples]({info['samples']})", ""]
         lines += ["## Use", "", "```python", "from utils.inference import TrainedVAE",

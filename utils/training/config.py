@@ -26,6 +26,10 @@ class TrainConfig:
                           min_exclusive=True)
     lr_decay_steps: int = opt(1000, "exponential, step: steps per factor of train.lr_decay", min=1)
     weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
+    trainable: str = opt("all", "what the optimiser trains: all, or decoder (the decoder and the likelihood's "
+                                "own parameters; the encoder stays as it started, the common way to adapt a "
+                                "pretrained autoencoder's decoder to new data, model.init_from)",
+                         choices=("all", "decoder"))
     ema_decay: float = opt(0.0, "exponential moving average of the weights with this decay per step (0: off; "
                                 "0.999 is common): the test ELBO, grids and model.safetensors use the average",
                            min=0.0, max=0.999999)

@@ -181,9 +181,13 @@ def start_session(cfg: Config, run_dir: Path, resume: Path | None, overwrite: bo
     if cfg.model.conditional:  # the labels agree with model.n_classes, every class has training images
         class_count(train_set, test_set, cfg.model.n_classes)
     vae = VAE(cfg.model, cfg.loss, train_set.shape, cfg.train.batch_size)
+    if resume is None and cfg.model.init_from:  # a fresh run starts from the pretrained networks
+        vae.decoder.init_from(vae.encoder, cfg.model.init_from, cfg.model, vae.img_shape)
+    if t.trainable == "decoder":  # the encoder is frozen: no gradient, no optimiser state
+        vae.encoder.requires_grad_(False)
     fmt = torch.channels_last if t.channels_last and vae.convolutional else torch.contiguous_format
     vae = vae.to(memory_format=fmt)
-    trained = vae.trained_parameters()
+    trained = [p for p in vae.trained_parameters() if p.requires_grad]
     optimizer = make_optimizer(trained, t)
     model, optimizer = acc.prepare(torch.compile(vae) if t.compile else vae, optimizer)
     ema = None
