@@ -135,6 +135,12 @@ class KLADecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return to_logits(self.decoder(self.post_quant_conv(z.view(-1, *self.shape))))
 
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The weight of diffusers' ``conv_out``, which makes the image: where the discriminator's adaptive weight
+        is balanced (as latent-diffusion's ``get_last_layer``)."""
+        return self.decoder.conv_out.weight
+
     def init_from(self, encoder: nn.Module, folder: str, m: ModelConfig, img_shape: tuple[int, int, int]) -> None:
         """Load an ``AutoencoderKL`` folder's weights into ``encoder`` and this decoder, after checking its
         config.json against the config's shape keys (a mismatch names both)."""
