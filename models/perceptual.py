@@ -148,7 +148,7 @@ class WatsonDFT(Term):
     keeps the gradient finite at d = 0."""
 
     log_name = "watson"
-    ALPHA, R, P, EPS = 0.649, 0.7, 4.0, 1e-12
+    ALPHA, R, P, EPS = 0.649, 0.7, 4.0, 1e-24
 
     def __init__(self, img_shape: tuple[int, int, int], loss: LossConfig):
         super().__init__(img_shape, loss)
