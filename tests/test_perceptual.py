@@ -4,6 +4,8 @@ and the refusals."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,15 +124,39 @@ def test_the_terms_are_not_trained_nor_saved():
     assert not any(n.startswith("perceptual") for n, _ in vae.named_parameters())
 
 
-def test_a_short_run_trains_with_a_term(tmp_path):
-    train(tmp_path / "run", "configs/mnist_sigma_vae.yaml", ["train.steps=3", "loss.focal_frequency=1",
-                                                             "loss.ms_ssim=1"])
-    import json
+@pytest.fixture(scope="module")
+def sharp_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sharp") / "run"
+    train(run, "configs/mnist_sigma_vae.yaml", ["train.steps=3", "loss.focal_frequency=1", "loss.ms_ssim=1"])
+    return run
 
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+def test_a_short_run_trains_with_a_term(sharp_run):
+    rows = [json.loads(line) for line in (sharp_run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r.get("split") == "train"]
     assert train_rows and all(r["ffl"] > 0 and 0 < r["ms_ssim"] < 1 for r in train_rows)
-    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert (sharp_run / "model.safetensors").is_file()
+
+
+def test_evaluate_reports_ssim_and_ms_ssim_of_reconstructions(sharp_run):
+    import evaluate
+    from conftest import cli
+
+    res = cli(evaluate.main, ["--exp_dir", str(sharp_run), "--n_test", "100", "--metrics", "recon"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    recon = json.loads((sharp_run / "eval.json").read_text())["recon"]
+    assert set(recon) == {"mse", "psnr", "ssim", "ms_ssim", "ms_ssim_scales"}
+    assert recon["ms_ssim_scales"] == 2 and 0 < recon["ssim"] < 1 and 0 < recon["ms_ssim"] < 1  # 28 px: 2 scales
+    assert f"SSIM {recon['ssim']:.4f}, MS-SSIM {recon['ms_ssim']:.4f} (2 scales)" in res.stdout
+
+
+def test_an_inference_model_builds_no_terms_so_needs_no_lpips_file():
+    from utils.config import config_to_dict, load_config
+    from utils.inference.trained import TrainedVAE
+
+    cfg = load_config(None, ["loss.lpips=1", "loss.lpips_weights=/gone/vgg16-397923af.pth", "model.hidden=8"])
+    vae = TrainedVAE(config_to_dict(cfg), [1, 28, 28])
+    assert not vae.perceptual.terms and vae.perceptual(torch.zeros(1, 1, 28, 28), None)[1] == {}
 
 
 @pytest.mark.parametrize("args, needle", [
