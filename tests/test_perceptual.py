@@ -12,7 +12,7 @@ import torch
 
 from conftest import FAST, REPO, train, train_cli
 from models.config import LossConfig, ModelConfig
-from models.perceptual import MSSSIM, TERMS, FocalFrequency, Perceptual, WatsonDFT, ms_ssim_scales
+from models.perceptual import MSSSIM, TERMS, WATSON_DCT, FocalFrequency, Perceptual, WatsonDFT, ms_ssim_scales
 
 
 def rand_pair(shape, seed=0, noise=0.1):
@@ -48,7 +48,7 @@ def test_ms_ssim_fits_its_scales_to_the_image_and_matches_torchmetrics():
 
 def watson_by_hand(x: np.ndarray, x_hat: np.ndarray) -> float:
     """Watson-DFT of one grey 8x8 block, float64: the paper's masking and pooling written out."""
-    t = np.array(WatsonDFT.__init__.__globals__["WATSON_DCT"])
+    t = np.array(WATSON_DCT)
     idx = [0, 2, 4, 6, 7, 6, 4, 2]  # DFT index u has min(u, 8 − u) cycles, as DCT index 2·that
     t = t[idx][:, idx]
     f, f_hat = np.fft.fft2(255 * x, norm="ortho"), np.fft.fft2(255 * x_hat, norm="ortho")
