@@ -34,9 +34,12 @@ NETS = {"vgg": ("vgg16", "vgg16-397923af.pth"), "alex": ("alexnet", "alexnet-owt
 def verified_weights(path: str, key: str, expected: str) -> dict[str, torch.Tensor]:
     """A torch weights file's tensors, read with ``weights_only=True`` (anything that could run code refused),
     or a one-line error naming the config ``key`` and the ``expected`` file."""
-    if not Path(path).is_file():
+    try:
+        data = Path(path).read_bytes() if Path(path).is_file() else None
+    except (OSError, ValueError) as e:  # a name too long, a NUL character, no permission
+        raise UserError(f"{key} {path!r} cannot be read ({e.__class__.__name__}): pass the file {expected}") from None
+    if data is None:
         raise UserError(f"{key} {path} not found: pass the file {expected}")
-    data = Path(path).read_bytes()
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

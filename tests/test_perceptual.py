@@ -243,6 +243,9 @@ def test_lpips_refuses_wrong_or_unsafe_weights(alex_file, tmp_path):
     torch.save({"features.0.weight": torch.zeros(1), "code": object()}, tmp_path / "pickle.pth")
     with pytest.raises(UserError, match="holds more than tensors"):
         TERMS["lpips"]((3, 64, 64), LossConfig(lpips=1, lpips_net="alex", lpips_weights=str(tmp_path / "pickle.pth")))
+    for bad, said in (("a" * 300, "cannot be read"), ("nul\0char", "not found")):
+        with pytest.raises(UserError, match=said):
+            TERMS["lpips"]((3, 64, 64), LossConfig(lpips=1, lpips_net="alex", lpips_weights=bad))
     with pytest.raises(UserError, match="cannot take 28x28"):
         TERMS["lpips"]((1, 28, 28), LossConfig(lpips=1, lpips_net="alex", lpips_weights=str(path)))
 
