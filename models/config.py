@@ -101,3 +101,15 @@ class LossConfig:
     disc_layers: int = opt(3, "disc_weight > 0: the discriminator's stride-2 layers (3: 70x70 px patches, 2: 34, "
                               "1: 16; the patch must fit in the image)", min=1, max=6)
     disc_channels: int = opt(64, "disc_weight > 0: channels of the discriminator's first layer", min=1, max=1024)
+    focal_frequency: float = opt(0.0, "weight of the focal frequency loss (Jiang et al. 2021), a sharpening term "
+                                      "beside the likelihood: the loss adds weight x pixels x term "
+                                      "(models/perceptual.py; 0: off)", min=0.0)
+    ms_ssim: float = opt(0.0, "weight of 1 - MS-SSIM (scales fitted to the image size), added as focal_frequency",
+                         min=0.0)
+    watson_dft: float = opt(0.0, "weight of Watson's DFT perceptual distance (Czolbe et al. 2020), added as "
+                                 "focal_frequency", min=0.0)
+    lpips: float = opt(0.0, "weight of LPIPS (Zhang et al. 2018), added as focal_frequency; needs "
+                            "loss.lpips_weights", min=0.0)
+    lpips_net: str = opt("vgg", "lpips: the backbone, torchvision's vgg16 or alexnet")
+    lpips_weights: str = opt("", "lpips: the backbone's ImageNet weights file (vgg16-397923af.pth or "
+                                 "alexnet-owt-7be5be79.pth; never downloaded)")

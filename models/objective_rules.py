@@ -8,10 +8,19 @@ from typing import TYPE_CHECKING
 
 from models.regulariser_rules import REGULARISERS
 from utils.errors import UserError
-from utils.fields import PartRules
+from utils.fields import PartRules, Registry
 
 if TYPE_CHECKING:
     from models.config import LossConfig
+
+
+# the reconstruction terms that sharpen (models/perceptual.py), each weighted by ``loss.<name>``
+PERCEPTUAL = Registry("models.perceptual", "TERMS")
+
+
+def perceptual_on(loss: LossConfig) -> list[str]:
+    """The sharpening terms a config switches on (weight > 0)."""
+    return [name for name in PERCEPTUAL.names() if getattr(loss, name) > 0]
 
 
 class ObjectiveRules(PartRules):
@@ -28,6 +37,9 @@ class ObjectiveRules(PartRules):
         """Refuse, in one line, ``loss`` keys this objective cannot honour (called when a config is validated)."""
         if loss.k > 1:
             raise UserError(f"loss.k={loss.k} is used only by loss.objective=iwae: set loss.objective=iwae, or drop k")
+        if loss.lpips > 0 and not loss.lpips_weights:
+            raise UserError(f"loss.lpips={loss.lpips:g} needs the backbone's weights, which are never downloaded: "
+                            f"pass loss.lpips_weights=PATH (torchvision's file for loss.lpips_net={loss.lpips_net})")
 
 
 class ELBORules(ObjectiveRules):
@@ -47,6 +59,9 @@ class IWAERules(ObjectiveRules):
     @classmethod
     def check(cls, loss: LossConfig) -> None:
         _no_kl_aids(loss)
+        if perceptual_on(loss):
+            raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x), which has no place for "
+                            f"loss.{perceptual_on(loss)[0]}: set it to 0, or use loss.objective=elbo")
         if not REGULARISERS[loss.regulariser].plain_kl:
             raise UserError(f"loss.objective=iwae weights samples by p(x|z)p(z)/q(z|x) and has no place for "
                             f"loss.regulariser={loss.regulariser}: use loss.regulariser=kl or loss.objective=elbo")

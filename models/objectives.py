@@ -6,11 +6,12 @@ dimensions and averaged over the batch** (nats per image), and computed in fp32
 even under mixed precision: the networks may run in bf16/fp16, the likelihood,
 KL and regulariser do not.
 
-    elbo   loss = rec(x, x̂) + regulariser,  z ~ q(z|x) once per image (reparameterised)
+    elbo   loss = rec(x, x̂) + regulariser (+ the sharpening terms, models/perceptual.py),  z ~ q(z|x) once
+           per image (reparameterised)
     iwae   loss = −log (1/k) Σ_j w_j,  w_j = p(x|z_j) · (p(z_j) / q(z_j|x))^β_t,  z_1..z_k ~ q(z|x)
            (Burda et al. 2016; ``loss.k`` samples; k = 1 is the ELBO with a one-sample KL estimate)
-    ae     loss = rec(x, x̂) + regulariser, z = E[z|x]: the deterministic autoencoder (AE, and with a
-           regulariser that matches the prior, the AAE or WAE)
+    ae     loss = rec(x, x̂) + regulariser (+ sharpening terms), z = E[z|x]: the deterministic autoencoder (AE,
+           and with a regulariser that matches the prior, the AAE or WAE)
 
 The reported ELBO is always −(−log p(x|z) + KL(q(z|x) || p(z))), whatever the
 regulariser's weights, so runs with different β compare on the same scale.
@@ -34,6 +35,7 @@ from models.regularisers import PosteriorSample, Regulariser
 
 if TYPE_CHECKING:
     from models.config import LossConfig
+    from models.perceptual import Perceptual
 
 class Model(Protocol):
     """What an objective uses of the VAE (models/vae.py, which composes the objectives: a protocol here, so the
@@ -42,6 +44,7 @@ class Model(Protocol):
     likelihood: Likelihood
     prior: Prior
     regulariser: Regulariser
+    perceptual: Perceptual
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -150,12 +153,13 @@ class ELBO(ELBORules, Objective):
             sizes = [m.shape[1] for m in (lower.means if lower else [])] + [z.shape[1]]
             trained = trained_kl(kls, self.cfg, vae.kl_weight(step) < self.cfg.beta, sizes)
             penalty, extra = vae.regulariser(trained, PosteriorSample(z, mu, logvar), vae.prior, step)
+            sharp, shown = vae.perceptual(x, lambda: vae.likelihood.mean(out))  # sharpening terms, not in the bound
             terms = {"rec": lik.rec.mean(), "kl": kl.mean(), "nll": lik.nll.mean(),
-                     "elbo": -(lik.nll + kl).mean(), **kl_terms(kls, lower), **extra}
+                     "elbo": -(lik.nll + kl).mean(), **kl_terms(kls, lower), **extra, **shown}
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
-            terms["loss"] = lik.rec.mean() + penalty
-            terms |= adversarial_terms(vae, x, out, lik.rec.mean(), terms["loss"], step)
+            terms["loss"] = lik.rec.mean() + penalty + sharp
+            terms |= adversarial_terms(vae, x, out, lik.rec.mean() + sharp, terms["loss"], step)
         return terms
 
 
@@ -204,8 +208,10 @@ class AE(AERules, Objective):
             lik = vae.likelihood(x, out)
             penalty, extra = vae.regulariser(torch.zeros(len(x), device=x.device), PosteriorSample(mu, mu, logvar),
                                              vae.prior, step)
-            terms = {"rec": lik.rec.mean(), "nll": lik.nll.mean(), **extra, "loss": lik.rec.mean() + penalty}
-            terms |= adversarial_terms(vae, x, out, lik.rec.mean(), terms["loss"], step)
+            sharp, shown = vae.perceptual(x, lambda: vae.likelihood.mean(out))  # sharpening terms, not in the bound
+            terms = {"rec": lik.rec.mean(), "nll": lik.nll.mean(), **extra, **shown,
+                     "loss": lik.rec.mean() + penalty + sharp}
+            terms |= adversarial_terms(vae, x, out, lik.rec.mean() + sharp, terms["loss"], step)
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
         return terms

@@ -34,6 +34,7 @@ from models.ladder import Lower, Params
 from models.likelihoods import build_likelihood
 from models.networks import build_networks
 from models.objectives import build_objective
+from models.perceptual import Perceptual
 from models.priors import build_prior
 from models.regularisers import Regulariser, build_regulariser
 from utils.errors import UserError
@@ -45,7 +46,10 @@ if TYPE_CHECKING:
 class VAE(nn.Module):
     """Built from the ``model`` and ``loss`` config sections, the images' shape (C, H, W) and the global
     training batch size (which the batch-averaged MSE baseline's implied σ depends on); nothing else of the
-    run's config."""
+    run's config. ``perceptual_terms``: build the sharpening terms (models/perceptual.py), which only training
+    uses (an inference model leaves them out, and so needs no LPIPS weights file)."""
+
+    perceptual_terms = True
 
     def __init__(self, model: ModelConfig, loss: LossConfig, img_shape: tuple[int, int, int], batch_size: int = 1):
         super().__init__()
@@ -61,6 +65,7 @@ class VAE(nn.Module):
         self.prior = build_prior(model, self.img_shape)
         self.prior.bind(self.encoder)
         self.regulariser = build_regulariser(loss, model.z_dim)
+        self.perceptual = Perceptual(loss if self.perceptual_terms else None, self.img_shape)
         self.objective = build_objective(loss)
         self.discriminator = build_discriminator(loss, self.img_shape, self.decoder)
 

@@ -208,7 +208,7 @@ def test_config_choices_are_the_registries():
                 del registry["no_such_part"]
     assert set(REGISTRIES) == {"data.name", "model.net", "model.activation", "model.likelihood", "model.prior",
                                "loss.objective", "loss.regulariser", "loss.mmd_kernel", "loss.tc_estimator",
-                               "train.lr_schedule"}
+                               "loss.lpips_net", "train.lr_schedule"}
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -46,6 +46,7 @@ REGISTRIES: dict[str, Registry] = {
     "loss.regulariser": Registry("models.regulariser_rules", "REGULARISERS"),
     "loss.mmd_kernel": Registry("models.regularisers", "KERNELS"),
     "loss.tc_estimator": Registry("models.total_correlation", "TC_ESTIMATORS"),
+    "loss.lpips_net": Registry("models.lpips", "NETS"),
     "train.lr_schedule": Registry("utils.training.schedules", "SCHEDULES"),
 }
 

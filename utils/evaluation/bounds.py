@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from models.likelihoods import softclip_log_sigma
 from models.objectives import importance_parts, layer_kls
+from models.perceptual import ms_ssim, ms_ssim_scales
 from models.vae import VAE
 from utils.data.batching import shard
 from utils.data.splits import ImageSplit
@@ -212,12 +213,17 @@ def kl_estimate(vae: VAE) -> str:
 @torch.no_grad()
 def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_size: int = 500, limit: int = 0,
                  threshold: float = 0.01) -> dict:
-    """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error.
+    """Active units (Burda et al. 2016: Var_x E_q[z_j] > threshold), per-dimension KL and reconstruction error:
+    MSE, PSNR, SSIM and MS-SSIM (data range 1, the scales fitted to the image size: ``ms_ssim_scales``; both
+    None for images smaller than SSIM's 11-px window), each a mean over images.
 
     For a ladder also each layer's active units, bottom first, from the posterior means of a top-down pass that
     takes each layer at its mean (as Sønderby et al. 2016 count them), and the reconstruction is that pass's."""
     n = len(data) if limit <= 0 else min(limit, len(data))
-    means, kls, sse, psnr = [], [], torch.zeros((), device=accelerator.device), []
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    means, kls, sse, psnr, ssims, ms_ssims = [], [], torch.zeros((), device=accelerator.device), [], [], []
+    scales = ms_ssim_scales(*data.shape[1:])
     lower_means: list[list[torch.Tensor]] = []
     for idx, x in _held_out(data, n, batch_size, accelerator):
         y = data.labels_at(idx)
@@ -233,9 +239,16 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
         err = (recon - x).pow(2).flatten(1).mean(1)  # per-image MSE on [0, 1]
         sse += err.sum()
         psnr.append(10 * torch.log10(1.0 / err.clamp_min(1e-10)))
+        if scales:
+            ssims.append(ssim(recon.float(), x.float(), data_range=1.0, reduction="none"))
+            ms_ssims.append(ms_ssim(x.float(), recon.float(), scales))
     means = accelerator.gather_for_metrics(torch.cat(means))
     kl = accelerator.gather_for_metrics(torch.cat(kls)).mean(0)
     psnr = accelerator.gather_for_metrics(torch.cat(psnr))
+    structure = {"ssim": None, "ms_ssim": None, "ms_ssim_scales": scales}
+    if scales:
+        structure |= {"ssim": accelerator.gather_for_metrics(torch.cat(ssims)).mean().item(),
+                      "ms_ssim": accelerator.gather_for_metrics(torch.cat(ms_ssims)).mean().item()}
     variance = means.var(0)
     layers = [accelerator.gather_for_metrics(torch.cat(m)).var(0) for m in zip(*lower_means)] + [variance]
     per_layer = {"layers": [{"z_dim": len(v), "active_units": int((v > threshold).sum())} for v in layers]}
@@ -243,4 +256,4 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
             **(per_layer if vae.hierarchical else {}),
             "variance": variance.tolist(), "kl_per_dim": kl.tolist(), "kl": kl.sum().item(),
             "kl_to": "prior" if vae.prior.kl_per_dim(mu[:1], mu[:1]) is not None else "N(0, I)",
-            "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item()}
+            "mse": (accelerator.reduce(sse) / len(means)).item(), "psnr": psnr.mean().item(), **structure}

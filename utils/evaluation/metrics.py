@@ -114,7 +114,15 @@ def _au_rows(results: dict) -> Rows:
 
 def _recon(ev: Evaluation) -> None:
     u = ev.usage()
-    ev.results["recon"] = {"mse": u["mse"], "psnr": u["psnr"]}
+    ev.results["recon"] = {k: u[k] for k in ("mse", "psnr", "ssim", "ms_ssim", "ms_ssim_scales")}
+
+
+def _recon_rows(results: dict) -> list[tuple[str, str]]:
+    r = results["recon"]
+    text = f"MSE {r['mse']:.5f}, PSNR {r['psnr']:.2f} dB"
+    if r.get("ssim") is not None:  # (None: images smaller than SSIM's window; absent: an older eval.json)
+        text += f", SSIM {r['ssim']:.4f}, MS-SSIM {r['ms_ssim']:.4f} ({r['ms_ssim_scales']} scales)"
+    return [("reconstruction", text)]
 
 
 def _fid(ev: Evaluation) -> None:
@@ -250,9 +258,8 @@ METRICS: dict[str, Metric] = {
     "au": Metric("active units (Var_x E[z_j] > 0.01) and the KL per latent dimension", _au, rows=_au_rows,
                  default=True, needs_posterior=True,
                  headline=lambda r: [("active units", f"{r['au']['active_units']} of {r['au']['z_dim']}")]),
-    "recon": Metric("reconstruction error of the posterior means: MSE and PSNR", _recon, default=True,
-                    rows=lambda r: [("reconstruction", f"MSE {r['recon']['mse']:.5f}, PSNR "
-                                                       f"{r['recon']['psnr']:.2f} dB")]),
+    "recon": Metric("reconstruction error of the posterior means: MSE, PSNR, SSIM and MS-SSIM (its scales fitted "
+                    "to the image size)", _recon, default=True, rows=_recon_rows),
     "fid": Metric("FID of --fid_samples prior samples against held-out images (Inception-v3, --fid_weights)", _fid,
                   flags=(Option("fid_samples", 10_000, "samples and held-out images for FID", min=1),
                          Option("fid_weights", None, "local copy of the standard Inception weights "

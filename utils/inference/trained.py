@@ -51,6 +51,8 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
     """A VAE for inference, in eval mode. ``vae_config`` is the resolved config as a nested dict (a run's
     config.yaml), ``img_shape`` (C, H, W) the data's, read from the config when omitted."""
 
+    perceptual_terms = False  # training's sharpening terms are not built for inference
+
     def __init__(self, vae_config: dict, img_shape: list[int] | None = None):
         cfg = build_config(vae_config)  # validated, as a YAML file would be
         super().__init__(cfg.model, cfg.loss, tuple(img_shape) if img_shape else image_shape(cfg.data),
