@@ -182,3 +182,17 @@ def test_a_decoder_without_a_last_layer_is_refused():
     with pytest.raises(UserError, match="the Identity does not name one"):
         d.build_discriminator(loss, (1, 28, 28), nn.Identity())
     assert d.build_discriminator(load_config(None, []).loss, (1, 28, 28), nn.Identity()) is None
+
+
+def test_the_model_card_names_the_terms_that_trained_the_decoder():
+    from utils.config import config_to_dict, load_config
+    from utils.inference import TrainedVAE
+
+    def card(overrides: list[str]) -> str:
+        cfg = config_to_dict(load_config(None, overrides))
+        return str(TrainedVAE(cfg, [1, 28, 28]).generate_model_card())
+
+    terms = card(["loss.focal_frequency=10", "loss.disc_weight=0.5", "loss.disc_start=7", "loss.disc_layers=1"])
+    assert ("trained on focal_frequency (weight 10), a PatchGAN discriminator (hinge loss, weight 0.5 times the "
+            "adaptive weight, from step 7)") in terms and "no part of log p(x)" in terms
+    assert "also trained on" not in card([])

@@ -33,6 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from models.objective_rules import perceptual_on
 from models.sampler_rules import SAMPLERS, SamplerOptions
 from models.samplers import Sampler
 from models.vae import VAE
@@ -218,6 +219,9 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
         lines = [f"# A {kind} on {cfg.data.name}", "",
                  f"Trained with vae-toolkit: `{info.get('command', 'python train_vae.py -c config.yaml')}`, "
                  f"the config below; {cfg.train.steps:,} steps at batch {cfg.train.batch_size}.", ""]
+        if decoder_terms(cfg.loss):
+            lines += [f"The decoder was also trained on {', '.join(decoder_terms(cfg.loss))}. These terms shape the "
+                      f"decoder and are no part of log p(x): the bounds below are the likelihood's.", ""]
         from utils.evaluation.metrics import headline  # (here: the metrics load scikit-learn)
 
         rows = headline(info["eval"]) if info.get("eval") else []
@@ -242,6 +246,16 @@ class TrainedVAE(VAE, ModelHubMixin, library_name="vae-toolkit", tags=["vae", "p
                   yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
         data = ModelCardData(library_name="vae-toolkit", tags=["vae", "pytorch", "generative", cfg.data.name])
         return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def decoder_terms(loss) -> list[str]:
+    """The terms beside the likelihood that trained the decoder (sharpening terms, an image discriminator), in
+    words for the model card; none for a run without them."""
+    used = [f"{name} (weight {getattr(loss, name):g})" for name in perceptual_on(loss)]
+    if loss.disc_weight > 0:
+        used.append(f"a PatchGAN discriminator ({loss.disc_loss} loss, weight {loss.disc_weight:g} times the adaptive "
+                    f"weight, from step {loss.disc_start:,})")
+    return used
 
 
 def hub_reachable() -> bool:
