@@ -142,6 +142,10 @@ class WatsonDFT(Term):
         contrast masking    s(u, v, k) = max(t_L, |F_k(u, v)|^r · t_L^(1 − r)),                 r = 0.7
         pooling             d = (mean_{c,k,u,v} |(F̂_k − F_k)(u, v) / s(u, v, k)|^p)^(1/p),      p = 4
 
+    The constants are Watson's own (his DCT thresholds mapped to DFT frequencies, α and r of his 1993 model), not
+    the paper's: the paper learns t, α, r and the pooling exponent on 2AFC judgements and adds a separate phase
+    term (weighted angular differences) beside the amplitude term; neither its trained values nor that split are
+    reproduced, so this is Watson-DFT's structure at Watson's constants and agrees with no reference number.
     Masking is computed from the reference x, as in Watson's model. The difference of complex coefficients
     carries the amplitude and the phase error at once; the mean in place of the paper's sum makes d independent
     of the image size (a per-block Minkowski mean, in units of detection thresholds). ``EPS`` under the root
