@@ -14,15 +14,12 @@ follows the images to their device on first use. Grey images are repeated to thr
 
 from __future__ import annotations
 
-import io
-import pickle
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import UserError, torch_weights
 
 if TYPE_CHECKING:
     from models.config import LossConfig
@@ -32,23 +29,9 @@ NETS = {"vgg": ("vgg16", "vgg16-397923af.pth"), "alex": ("alexnet", "alexnet-owt
 
 
 def verified_weights(path: str, key: str, expected: str) -> dict[str, torch.Tensor]:
-    """A torch weights file's tensors, read with ``weights_only=True`` (anything that could run code refused),
-    or a one-line error naming the config ``key`` and the ``expected`` file."""
-    try:
-        data = Path(path).read_bytes() if Path(path).is_file() else None
-    except (OSError, ValueError) as e:  # a name too long, a NUL character, no permission
-        raise UserError(f"{key} {path!r} cannot be read ({e.__class__.__name__}): pass the file {expected}") from None
-    if data is None:
-        raise UserError(f"{key} {path} not found: pass the file {expected}")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "not plain tensors")
-        raise UserError(f"refused to load {key} {path}: it holds more than tensors ({detail}), so it could run "
-                        f"code; use the official {expected}") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"{key} {path} is not a torch weights file ({str(e).splitlines()[0]}): pass "
-                        f"{expected}") from None
+    """A torch weights file's tensors (``utils.files.torch_weights``), or a one-line error naming the config ``key``
+    and the ``expected`` file."""
+    _, state = torch_weights(path, key, expected)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{key} {path} is not a state dict of tensors: pass {expected}")
     return state

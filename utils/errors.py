@@ -6,6 +6,8 @@ import argparse
 import errno
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -84,3 +86,29 @@ def leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def torch_weights(path: str, key: str, expected: str) -> tuple[bytes, Any]:
+    """A torch weights file's bytes and what ``torch.load(weights_only=True)`` reads from them (anything that could
+    run code is refused), or a one-line error naming the flag or config ``key`` and the ``expected`` file: the one
+    check behind every weights file a user supplies (the FID's Inception, the LPIPS backbone)."""
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        data = Path(path).read_bytes() if Path(path).is_file() else None
+    except (OSError, ValueError) as e:  # a name too long, a NUL character, no permission
+        raise UserError(f"{key} {path!r} cannot be read ({e.__class__.__name__}): pass the file {expected}") from None
+    if data is None:
+        raise UserError(f"{key} {path} not found: pass the file {expected}")
+    try:
+        return data, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "not plain tensors")
+        raise UserError(f"refused to load {key} {path}: it holds more than tensors ({detail}), so it could run "
+                        f"code; use the official {expected}") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"{key} {path} is not a torch weights file ({str(e).splitlines()[0]}): pass "
+                        f"{expected}") from None

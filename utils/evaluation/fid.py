@@ -12,8 +12,6 @@ are code (TorchScript, torch.export) are not loaded. Grey images are repeated to
 
 from __future__ import annotations
 
-import io
-import pickle
 import tempfile
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 
 from models.vae import VAE
 from utils.data.splits import ImageSplit
-from utils.errors import UserError
+from utils.errors import UserError, torch_weights
 from utils.evaluation.sample_quality import image_pairs, sampled
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -29,19 +27,7 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 def verified_weights(path: str) -> bytes:
     """The bytes of a torch weights file, once ``torch.load(weights_only=True)`` has accepted them."""
-    if not Path(path).is_file():
-        raise UserError(f"--fid_weights {path} not found: pass the file {INCEPTION_FILE}")
-    data = Path(path).read_bytes()
-    try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "not plain tensors")
-        raise UserError(f"refused to load --fid_weights {path}: it holds more than tensors ({detail}), so it "
-                        f"could run code; use the official {INCEPTION_FILE}") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"--fid_weights {path} is not a torch weights file ({str(e).splitlines()[0]}): pass "
-                        f"{INCEPTION_FILE}") from None
-    return data
+    return torch_weights(path, "--fid_weights", INCEPTION_FILE)[0]
 
 
 def build_fid(weights: str | None = None, features: torch.nn.Module | None = None,
