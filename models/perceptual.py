@@ -146,13 +146,16 @@ class WatsonDFT(Term):
     the paper's: the paper learns t, α, r and the pooling exponent on 2AFC judgements and adds a separate phase
     term (weighted angular differences) beside the amplitude term; neither its trained values nor that split are
     reproduced, so this is Watson-DFT's structure at Watson's constants and agrees with no reference number.
-    Masking is computed from the reference x, as in Watson's model. The difference of complex coefficients
+    A block's DC enters the luminance masking no lower than that of grey level 1 (``DARKEST``): a black block's
+    thresholds would otherwise be 0 and its error infinite. Masking is computed from the reference x, as in
+    Watson's model. The difference of complex coefficients
     carries the amplitude and the phase error at once; the mean in place of the paper's sum makes d independent
     of the image size (a per-block Minkowski mean, in units of detection thresholds). ``EPS`` under the root
     keeps the gradient finite at d = 0."""
 
     log_name = "watson"
     ALPHA, R, P, EPS = 0.649, 0.7, 4.0, 1e-24
+    DARKEST = 8.0  # the DC of a block of grey level 1: a black block's thresholds stay above 0 (else s = 0, Δ/0)
 
     def __init__(self, img_shape: tuple[int, int, int], loss: LossConfig):
         super().__init__(img_shape, loss)
@@ -165,10 +168,11 @@ class WatsonDFT(Term):
     def blocks(x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, K, 8, 8), the image's whole 8x8 blocks on 0-255, YCbCr for colour."""
         x = 255.0 * x
-        if x.shape[1] == 3:
+        if x.shape[1] == 3:  # JPEG's full-range YCbCr: Cb and Cr about 128, so a grey block's DC is not 0
             m = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
                              dtype=x.dtype, device=x.device)
-            x = torch.einsum("ij,bjhw->bihw", m, x)
+            offset = torch.tensor([0.0, 128.0, 128.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            x = torch.einsum("ij,bjhw->bihw", m, x) + offset
         b, c, h, w = x.shape
         x = x[:, :, : h // 8 * 8, : w // 8 * 8]
         return x.unfold(2, 8, 8).unfold(3, 8, 8).reshape(b, c, -1, 8, 8)
@@ -176,7 +180,7 @@ class WatsonDFT(Term):
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         f = torch.fft.fft2(self.blocks(x), norm="ortho")
         f_hat = torch.fft.fft2(self.blocks(x_hat), norm="ortho")
-        dc = f[..., 0, 0].abs()                                           # (B, C, K)
+        dc = f[..., 0, 0].abs().clamp_min(self.DARKEST)                   # (B, C, K)
         lum = (dc / dc.mean(-1, keepdim=True).clamp_min(1e-8)) ** self.ALPHA
         t_l = self.t * lum[..., None, None]                               # (B, C, K, 8, 8)
         s = torch.maximum(t_l, f.abs() ** self.R * t_l ** (1 - self.R))

@@ -76,6 +76,16 @@ def test_watson_luminance_masking_raises_thresholds_of_brighter_blocks():
     assert only_bright < only_dark
 
 
+def test_watson_is_finite_on_black_and_grey_colour_blocks():
+    """A black block (DC 0) and a grey colour block (chroma 0 before JPEG's offset of 128) would give thresholds
+    of 0 and an infinite or undefined error, which stopped training at its first steps."""
+    x = torch.cat([torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.5)], 3).requires_grad_(False)
+    x_hat = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).requires_grad_(True)
+    d = WatsonDFT((3, 8, 16), LossConfig())(x, x_hat)
+    d.sum().backward()
+    assert torch.isfinite(d).all() and d.item() > 0 and torch.isfinite(x_hat.grad).all()
+
+
 @pytest.mark.parametrize("name", ["focal_frequency", "ms_ssim", "watson_dft"])
 def test_each_term_is_zero_for_identical_images_and_has_a_gradient(name):
     x, x_hat = rand_pair((2, 3, 32, 32))
