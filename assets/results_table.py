@@ -131,6 +131,35 @@ def recon_quality_table(data: str) -> str:
     return compare.quality_table(entries, "against the held-out images")
 
 
+# the rows of assets/make_sharp.sh: one budget (1,000 steps at batch 32) on the shared faces
+SHARP = {"sigma": "σ-VAE as shipped (`celeba_sigma_vae.yaml`: conv, z = 128, learned σ)",
+         "focal": "+ focal frequency, weight 10 (`celeba_sigma_vae_perceptual.yaml`)",
+         "watson": "+ Watson-DFT, weight 0.001",
+         "patchgan": "+ PatchGAN (hinge, weight 0.5 × the adaptive weight, from step 500, 34-px patches)",
+         "klae": "KL autoencoder (`celeba_klae.yaml`: 4×16×16 latents, β = 1e-6, focal frequency 10, PatchGAN "
+                 "from step 500)"}
+
+
+def sharp_table() -> str:
+    """Each row's bound, its reconstructions' PSNR, SSIM and MS-SSIM and their scores in the faces' feature
+    network, and its gmm samples' scores where the latent is flat; the floor last."""
+    rows = ["| row | −ELBO (nats) | PSNR (dB) | SSIM | MS-SSIM | reconstructions: FD ↓ | precision | recall | "
+            "coverage | gmm samples: FD ↓ | coverage |", "| --- | " + "--- | " * 10]
+    for row, name in SHARP.items():
+        if not (HERE / f"sharp-{row}.json").is_file():
+            continue
+        r = load(f"sharp-{row}")
+        e, q = r["recon"], r["recon_quality"]
+        g = load(f"sharp-{row}-gmm")["quality"] if (HERE / f"sharp-{row}-gmm.json").is_file() else None
+        samples = f"{g['fd']:.3f} | {g['coverage']:.2f}" if g else "(spatial latents) | "
+        rows.append(f"| {name} | {-r['elbo']['elbo']:,.0f} | {e['psnr']:.2f} | {e['ssim']:.3f} | {e['ms_ssim']:.3f} | "
+                    f"{q['fd']:.3f} | {q['precision']:.2f} | {q['recall']:.2f} | {q['coverage']:.2f} | {samples} |")
+    f = load("quality-celeba-floor")["quality"]
+    rows.append(f"| real training faces (the floor) | | | | | {f['fd']:.3f} | {f['precision']:.2f} | "
+                f"{f['recall']:.2f} | {f['coverage']:.2f} | {f['fd']:.3f} | {f['coverage']:.2f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     for data in ("mnist", "fashion_mnist", "celeba"):
         if (HERE / f"quality-{data}-floor.json").is_file():
@@ -138,4 +167,5 @@ if __name__ == "__main__":
                   f"{quality_table(data, RANKED, SAMPLERS + FLOWS)}")
     for data in ("mnist", "fashion_mnist"):
         print(f"\n{data}\n\n{sigma_table(data)}")
+    print(f"\n{sharp_table()}")
     print(f"\n{beta_table()}\n\n{binarized()}\n\n{study_table()}\n\n{study_trajectory()}")

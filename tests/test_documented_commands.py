@@ -171,6 +171,15 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "python -m utils.inference.compare runs/quality-mnist-*": (LONG, "needs the study's evaluated runs"),
     "python -m utils.inference.compare runs/a runs/b runs/c/eval.json":
         (LONG, "needs three runs evaluated with --metrics quality (tests/test_compare.py runs it on made entries)"),
+    # docs/results.md, the sharper-decoder study on the faces
+    "python train_vae.py -c configs/celeba_sigma_vae_perceptual.yaml -e runs/sharp-focal "
+    "data.root=../shared/data/celeba-10k data.cache=true train.steps=1000 train.batch_size=32 train.threads=1":
+        (LONG, "minutes of training; decoding the 10,000 faces alone takes longer than this whole test"),
+    "python evaluate.py --exp_dir runs/sharp-focal --metrics elbo,recon,recon_quality "
+    "--features features/celeba.safetensors": (LONG, "needs the faces' feature network and the run above"),
+    "python evaluate.py --exp_dir runs/sharp-focal --metrics quality --sampler gmm "
+    "--features features/celeba.safetensors": (LONG, "needs the faces' feature network and the run above"),
+    "python sample.py --exp_dir runs/sharp-focal --mode reconstruct": (LONG, "needs the CelebA run above"),
 }
 
 
