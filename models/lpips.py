@@ -29,7 +29,7 @@ NETS = {"vgg": ("vgg16", "vgg16-397923af.pth"), "alex": ("alexnet", "alexnet-owt
 
 
 def verified_weights(path: str, key: str, expected: str) -> dict[str, torch.Tensor]:
-    """A torch weights file's tensors (``utils.files.torch_weights``), or a one-line error naming the config ``key``
+    """A torch weights file's tensors (``utils.errors.torch_weights``), or a one-line error naming the config ``key``
     and the ``expected`` file."""
     _, state = torch_weights(path, key, expected)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -154,12 +154,13 @@ class ELBO(ELBORules, Objective):
             trained = trained_kl(kls, self.cfg, vae.kl_weight(step) < self.cfg.beta, sizes)
             penalty, extra = vae.regulariser(trained, PosteriorSample(z, mu, logvar), vae.prior, step)
             sharp, shown = vae.perceptual(x, lambda: vae.likelihood.mean(out))  # sharpening terms, not in the bound
-            terms = {"rec": lik.rec.mean(), "kl": kl.mean(), "nll": lik.nll.mean(),
+            rec = lik.rec.mean()
+            terms = {"rec": rec, "kl": kl.mean(), "nll": lik.nll.mean(),
                      "elbo": -(lik.nll + kl).mean(), **kl_terms(kls, lower), **extra, **shown}
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
-            terms["loss"] = lik.rec.mean() + penalty + sharp
-            terms |= adversarial_terms(vae, x, out, lik.rec.mean() + sharp, terms["loss"], step)
+            terms["loss"] = rec + penalty + sharp
+            terms |= adversarial_terms(vae, x, out, rec + sharp, terms["loss"], step)
         return terms
 
 
@@ -209,9 +210,9 @@ class AE(AERules, Objective):
             penalty, extra = vae.regulariser(torch.zeros(len(x), device=x.device), PosteriorSample(mu, mu, logvar),
                                              vae.prior, step)
             sharp, shown = vae.perceptual(x, lambda: vae.likelihood.mean(out))  # sharpening terms, not in the bound
-            terms = {"rec": lik.rec.mean(), "nll": lik.nll.mean(), **extra, **shown,
-                     "loss": lik.rec.mean() + penalty + sharp}
-            terms |= adversarial_terms(vae, x, out, lik.rec.mean() + sharp, terms["loss"], step)
+            rec = lik.rec.mean()
+            terms = {"rec": rec, "nll": lik.nll.mean(), **extra, **shown, "loss": rec + penalty + sharp}
+            terms |= adversarial_terms(vae, x, out, rec + sharp, terms["loss"], step)
             if lik.log_sigma is not None:
                 terms["sigma"] = lik.log_sigma.detach().exp()
         return terms

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models.lpips import LPIPS
+from models.objective_rules import perceptual_on
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -204,15 +205,15 @@ class Perceptual(nn.Module):
 
     def __init__(self, loss: LossConfig | None, img_shape: tuple[int, int, int]):
         super().__init__()
-        on = [] if loss is None else [name for name in TERMS if getattr(loss, name) > 0]
-        self.weights = {name: float(getattr(loss, name)) for name in on}
+        self.weights = {name: float(getattr(loss, name)) for name in ([] if loss is None else perceptual_on(loss))}
         self.terms = nn.ModuleDict({name: TERMS[name](img_shape, loss) for name in self.weights})
         self.d = img_shape[0] * img_shape[1] * img_shape[2]
 
-    def forward(self, x: torch.Tensor, mean: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """``mean``: the decoder's mean x̂ in [0, 1] (called only when a term is on), x the images, both fp32."""
+    def forward(self, x: torch.Tensor, mean: Callable[[], torch.Tensor]) -> tuple[torch.Tensor | float, dict]:
+        """``mean``: the decoder's mean x̂ in [0, 1] (called only when a term is on), x the images, both fp32.
+        Without a term: 0.0, no tensor (the training step of every other run pays nothing)."""
         if not self.weights:
-            return torch.zeros((), device=x.device), {}
+            return 0.0, {}
         x_hat = mean()
         total, logged = torch.zeros((), device=x.device), {}
         for name, term in self.terms.items():

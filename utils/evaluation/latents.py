@@ -53,18 +53,17 @@ def encode_with_kl(model: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -
 
 
 @torch.no_grad()
-def layer_stats(model: VAE, data: ImageSplit, layer: int, batch_size: int = 500, limit: int = 0,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """``posterior_stats`` for a Ladder VAE's 0-based ``layer`` below the top: (posterior means (N, z_l), mean KL
-    per dimension (z_l,) of q(z_l | z_l+1, x) to p(z_l | z_l+1)), the layers above at their posterior means."""
+def layer_kl(model: VAE, data: ImageSplit, layer: int, batch_size: int = 500, limit: int = 0,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """The mean KL per dimension (z_l,) of q(z_l | z_l+1, x) to p(z_l | z_l+1) for a Ladder VAE's 0-based ``layer``
+    below the top, over the first ``limit`` images (0: all), the layers above at their posterior means."""
     n = len(data) if limit <= 0 else min(limit, len(data))
-    means, kl_sum = [], 0.0
+    kl_sum = 0.0
     for start in range(0, n, batch_size):
         mu, _, below = model.encode_layers(data.batch(torch.arange(start, min(start + batch_size, n))).to(device))
         q, p = model.decoder.layer_posteriors(mu.float(), below)[layer]
-        means.append(q[0])
         kl_sum = kl_sum + gaussian_kl(*q, *p).sum(0)
-    return torch.cat(means), kl_sum / n
+    return kl_sum / n
 
 
 @torch.no_grad()

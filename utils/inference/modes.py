@@ -243,10 +243,10 @@ def lower_traversal(model: TrainedVAE, test: ImageSplit, args: argparse.Namespac
     by the layer's KL per dimension. (The images (rows·cols, C, H, W), the rows' labels.)"""
     import torch
 
-    from utils.evaluation.latents import layer_stats, traversal_codes
+    from utils.evaluation.latents import layer_kl, traversal_codes
 
     layer = args.layer - 1
-    _, kl = layer_stats(model, test, layer, args.batch_size, args.kl_samples, args.device)
+    kl = layer_kl(model, test, layer, args.batch_size, args.kl_samples, args.device)
     dims = traversed_dims(args, kl, f"layer {args.layer}")
     with torch.no_grad():
         if args.from_ == "prior":
@@ -363,7 +363,8 @@ def _traverse_dim_fits(value: str, model: TrainedVAE) -> str | None:
 def traversed_dims(args: argparse.Namespace, score: torch.Tensor, layer: str) -> list[int]:
     """The dimensions to traverse, by ``score`` (one per dimension of ``layer``, the words for its refusal)."""
     if args.traverse_dim == "all":
-        return score.argsort(descending=True).tolist()[:args.n_dims or None]  # (dims_by_kl's order)
+        from utils.evaluation.latents import dims_by_kl
+        return dims_by_kl(score, args.n_dims)
     if int(args.traverse_dim) >= len(score):
         raise UserError(f"--traverse_dim {args.traverse_dim}: {layer} has {len(score)} dimensions; pass "
                         f"0..{len(score) - 1} or all")
