@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gaussian import gaussian_kl, gaussian_log_density
 from models.layers import ACTIVATIONS, LastLayer, conv_geometry
 from utils.errors import UserError
 
@@ -63,6 +62,28 @@ def merge(bottom_up: Params, top_down: Params) -> Params:
     (mu_b, lv_b), (mu_p, lv_p) = bottom_up, top_down
     w = torch.sigmoid(lv_p - lv_b)
     return mu_b * w + mu_p * (1 - w), -torch.logaddexp(-lv_b, -lv_p)
+
+
+def merged_terms(bottom_up: Params, top_down: Params, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor, torch.Tensor]:
+    """For the merged posterior q of ``merge`` and the conditional prior p: the code z = μ_q + σ_q·ε, μ_q, the
+    KL(q || p) and log p(z) − log q(z) per element, written in ε and d = log σ_p² − log σ̂² so no step divides by
+    σ_p².
+
+    Why: where a layer is unused its conditional prior can be very tight (log σ_p² ≈ −64 was seen on a trained
+    ladder) and q is as tight; then (z − μ_p)² / σ_p² in float32 is rounding error over a denormal, and the IWAE
+    weight turned inf − inf. In these terms, with s = log σ_p² − log σ_q² = softplus(d) and
+    (μ_q − μ_p) / σ_p = (μ̂ − μ_p) · sigmoid(d) / σ_p, the standardised residual is r = (z − μ_p) / σ_p =
+    (μ_q − μ_p) / σ_p + ε · e^(−s/2), so log p(z) − log q(z) = ½(ε² − r²) − ½ s and
+    KL = ½ (s + e^(−s) − 1 + ((μ_q − μ_p) / σ_p)²), exactly the Gaussians' closed forms."""
+    (mu_b, lv_b), (mu_p, lv_p) = bottom_up, top_down
+    d = lv_p - lv_b
+    mu, logvar = merge(bottom_up, top_down)
+    s = F.softplus(d)
+    m = (mu_b - mu_p) * torch.exp(F.logsigmoid(d) - 0.5 * lv_p)
+    r = m + eps * torch.exp(-0.5 * s)
+    kl = 0.5 * (s + torch.expm1(-s) + m.pow(2))
+    return mu + eps * torch.exp(0.5 * logvar), mu, kl, 0.5 * (eps.pow(2) - r.pow(2)) - 0.5 * s
 
 
 def _check(img_shape: tuple[int, int, int], m: ModelConfig, n_cond: int) -> list[int]:
@@ -141,11 +162,12 @@ class LadderDecoder(LastLayer, nn.Module):
         log_ratio = torch.zeros(len(z), device=z.device)
         for layer in reversed(range(len(self.top_down))):
             p = self.prior_params(layer, z)
-            mu, logvar = merge(tuple(t.float() for t in bottom_up[layer]), p)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if draw else mu
-            lower.kl.insert(0, gaussian_kl(mu, logvar, *p).sum(1))
+            b = tuple(t.float() for t in bottom_up[layer])
+            eps = torch.randn_like(p[0]) if draw else torch.zeros_like(p[0])
+            z, mu, kl, ratio = merged_terms(b, p, eps)
+            lower.kl.insert(0, kl.sum(1))
             lower.means.insert(0, mu)
-            log_ratio = log_ratio + gaussian_log_density(z, *p) - gaussian_log_density(z, mu, logvar)
+            log_ratio = log_ratio + ratio.sum(1)
         lower.log_ratio = log_ratio
         return self.out(z), lower
 

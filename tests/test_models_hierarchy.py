@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal, getcontext
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 import evaluate
 import sample
 from conftest import CPU, FAST, REPO, accel_2, cli, run_script, train, train_cli
+from models.ladder import merged_terms
 from models.objectives import trained_kl
 from models.samplers import SamplerOptions
 from models.vae import VAE
@@ -125,6 +127,40 @@ def test_iwae_bound_goes_through_every_layer():
     expected = torch.logsumexp(log_w, 0) - math.log(k)
     assert torch.allclose(bound, expected, rtol=1e-5, atol=1e-3)
     assert (bound > -rec - kl - 1e-3).all()  # k = 9 samples bound log p(x) no worse than the ELBO, on average
+
+
+def _exact_terms(mu_b: float, lv_b: float, mu_p: float, lv_p: float, eps: float) -> tuple[Decimal, Decimal]:
+    """KL(q || p) and log p(z) − log q(z) at z = μ_q + σ_q·ε for the precision-weighted merge, in 60-digit decimals
+    straight from the Gaussians' densities (no float can hold σ_p⁻² = e^120)."""
+    getcontext().prec = 60
+    mu_b, lv_b, mu_p, lv_p, eps = (Decimal(float(v)) for v in (mu_b, lv_b, mu_p, lv_p, eps))
+    var_b, var_p = lv_b.exp(), lv_p.exp()
+    var_q = 1 / (1 / var_b + 1 / var_p)
+    mu_q = (mu_b / var_b + mu_p / var_p) * var_q
+    z = mu_q + var_q.sqrt() * eps
+    log_p = -(z - mu_p) ** 2 / (2 * var_p) - var_p.ln() / 2
+    log_q = -(z - mu_q) ** 2 / (2 * var_q) - var_q.ln() / 2
+    kl = ((var_p / var_q).ln() + (var_q + (mu_q - mu_p) ** 2) / var_p - 1) / 2
+    return kl, log_p - log_q
+
+
+def test_a_very_tight_conditional_prior_keeps_the_lower_terms_exact_and_the_bound_finite():
+    # An unused lower layer of a trained ladder had log σ_p² ≈ −64 and its k = 5000 bound turned NaN in float32.
+    g = torch.Generator().manual_seed(0)
+    lv_p = torch.tensor([-120.0, -100.0, -90.0, -64.0, -30.0, -3.0, 0.0, 2.0])
+    mu_b, lv_b, mu_p, eps = (torch.randn(len(lv_p), generator=g) for _ in range(4))
+    _, _, kl, ratio = merged_terms((mu_b, lv_b), (mu_p, lv_p), eps)
+    for i in range(len(lv_p)):
+        kl_i, ratio_i = _exact_terms(mu_b[i], lv_b[i], mu_p[i], lv_p[i], eps[i])
+        assert kl[i].item() == pytest.approx(float(kl_i), rel=1e-4, abs=1e-6)
+        assert ratio[i].item() == pytest.approx(float(ratio_i), rel=1e-4, abs=1e-5)
+    vae, x = _vae(LADDER), _images(4)
+    with torch.no_grad():
+        vae.decoder.top_down[0][-1].bias[12:] -= 100.0  # log σ_p² of every z_1 dimension near −100
+    torch.manual_seed(3)
+    bound, rec, kl_sum = image_bounds(vae, x, 50)
+    assert torch.isfinite(bound).all() and torch.isfinite(kl_sum).all()
+    assert (bound > -rec - kl_sum - 1e-3).all()
 
 
 def test_the_vamp_prior_sits_on_the_top_layer():
