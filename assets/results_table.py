@@ -64,10 +64,11 @@ def binarized() -> str:
         if not (HERE / f"binarized-mnist-{row}.json").is_file():
             continue
         r = load(f"binarized-mnist-{row}")
-        nll = r["nll"]["nll"]
-        shown = f"**{nll:.2f}**" if nll == nll else "not measured: the bound came out NaN"
-        rows.append(f"| `{row}` | {model} | {shown} | {-r['elbo']['elbo']:.2f} | "
-                    f"{r['au']['active_units']}/{r['au']['z_dim']} | {nats} ({what}; {where}) | "
+        au = r["au"].get("layers") or [r["au"]]  # a ladder's per layer, bottom first
+        units = ", ".join(f"{a['active_units']}/{a['z_dim']}" + (f" in z_{i + 1}" if len(au) > 1 else "")
+                          for i, a in enumerate(au))
+        rows.append(f"| `{row}` | {model} | **{r['nll']['nll']:.2f}** | {-r['elbo']['elbo']:.2f} | "
+                    f"{units} | {nats} ({what}; {where}) | "
                     f"![](assets/results/binarized-mnist-{row}/samples.png) |")
     b = load("binarized-mnist")["nll"]
     rows.append(f"| default | `configs/mnist.yaml` + `data.binarize=true` (MLP 784-400-16, 10,000 steps, k = 1000) | "

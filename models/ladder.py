@@ -171,15 +171,17 @@ class LadderDecoder(LastLayer, nn.Module):
         lower.log_ratio = log_ratio
         return self.out(z), lower
 
-    def layer_posteriors(self, z: torch.Tensor, bottom_up: list[Params]) -> list[tuple[Params, Params]]:
-        """Each lower layer's posterior q(z_l | z_l+1, x) and conditional prior p(z_l | z_l+1), bottom first, in fp32,
-        every layer above taken at its posterior mean (top codes z (N, z_L)): where a traversal of a lower layer
-        starts, and what ranks its dimensions by KL."""
-        out: list[tuple[Params, Params]] = []
+    def layer_posteriors(self, z: torch.Tensor,
+                         bottom_up: list[Params]) -> list[tuple[Params, Params, torch.Tensor]]:
+        """Each lower layer's posterior q(z_l | z_l+1, x), conditional prior p(z_l | z_l+1) and KL(q || p) per
+        element (N, z_l), bottom first, in fp32, every layer above taken at its posterior mean (top codes z (N, z_L)):
+        where a traversal of a lower layer starts, and what ranks its dimensions by KL."""
+        out: list[tuple[Params, Params, torch.Tensor]] = []
         for layer in reversed(range(len(self.top_down))):
             p = self.prior_params(layer, z)
-            q = merge(tuple(t.float() for t in bottom_up[layer]), p)
-            out.insert(0, (q, p))
+            b = tuple(t.float() for t in bottom_up[layer])
+            q = merge(b, p)
+            out.insert(0, (q, p, merged_terms(b, p, torch.zeros_like(p[0]))[2]))
             z = q[0]
         return out
 

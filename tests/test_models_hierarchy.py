@@ -216,10 +216,11 @@ def test_lower_layers_decode_from_their_own_codes():
         mu, _, below = vae.encode_layers(x)
         pairs = dec.layer_posteriors(mu, below)
         _, lower = dec.posterior(mu, below, draw=False)
-        for (q, p), mean, kl in zip(pairs, lower.means, lower.kl):
+        for (q, p, kl_each), mean, kl in zip(pairs, lower.means, lower.kl):
             assert torch.allclose(q[0], mean) and torch.allclose(kl_divergence(Normal(q[0], (0.5 * q[1]).exp()),
                                                                                Normal(p[0], (0.5 * p[1]).exp())).sum(1),
                                                                  kl, atol=1e-5)
+            assert torch.allclose(kl_each.sum(1), kl)
         assert torch.equal(pairs[1][1][0], dec.prior_params(1, mu)[0])
         assert torch.equal(pairs[0][1][0], dec.prior_params(0, pairs[1][0][0])[0])
         assert torch.allclose(vae.decode_layer(pairs[0][0][0], 0), vae.reconstruction(x), atol=1e-6)

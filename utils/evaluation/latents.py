@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from models.gaussian import gaussian_kl
 from models.vae import VAE
 from utils.data.splits import ImageSplit
 
@@ -61,8 +60,7 @@ def layer_kl(model: VAE, data: ImageSplit, layer: int, batch_size: int = 500, li
     kl_sum = 0.0
     for start in range(0, n, batch_size):
         mu, _, below = model.encode_layers(data.batch(torch.arange(start, min(start + batch_size, n))).to(device))
-        q, p = model.decoder.layer_posteriors(mu.float(), below)[layer]
-        kl_sum = kl_sum + gaussian_kl(*q, *p).sum(0)
+        kl_sum = kl_sum + model.decoder.layer_posteriors(mu.float(), below)[layer][2].sum(0)
     return kl_sum / n
 
 

@@ -254,7 +254,7 @@ def lower_traversal(model: TrainedVAE, test: ImageSplit, args: argparse.Namespac
             base = mu_p[0]
         else:
             mu, _, below = model.encode_layers(test.batch(pick(1, len(test), g)).to(args.device))
-            (q_mu, _), (mu_p, logvar_p) = model.decoder.layer_posteriors(mu.float(), below)[layer]
+            (q_mu, _), (mu_p, logvar_p), _ = model.decoder.layer_posteriors(mu.float(), below)[layer]
             base = q_mu[0]
         values = torch.linspace(-args.traverse_range, args.traverse_range, args.n_traverse, device=args.device)
         codes = traversal_codes(base, dims, values)  # (rows, cols, z_l)
