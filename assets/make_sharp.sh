@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Reruns the sharper-decoder study of docs/results.md with the toolkit's own commands: five rows on the shared
+# Reruns the sharper-decoder study of docs/results.md with the toolkit's own commands: six rows on the shared
 # CelebA faces at one budget (STEPS steps at batch 32, default 1000: celeba_klae.yaml's own), each trained on one
 # thread, one at a time:
 # the sigma-VAE as shipped; + focal frequency; + Watson-DFT; + a PatchGAN from half-way; the KL autoencoder
-# (diffusers' AutoencoderKL networks, spatial latents). Then on the 500 held-out faces: the likelihood's bound,
+# (diffusers' AutoencoderKL networks, spatial latents), and the same without its PatchGAN. Then on the 500
+# held-out faces: the likelihood's bound,
 # the reconstructions' PSNR, SSIM and MS-SSIM, their quality scores in the faces' own feature network, the scores
 # of gmm samples where the latent is flat, and a grid of the same test faces reconstructed by each row.
 # DATA_ROOT: the folder holding celeba-10k/. ROWS: which rows (default all). A stopped run resumes where it was.
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DATA_ROOT:-data}"
 steps="${STEPS:-1000}"
-rows="${ROWS:-sigma focal watson patchgan klae}"
+rows="${ROWS:-sigma focal watson patchgan klae klae_nogan}"
 features=features/celeba.safetensors
 row_args() {
   case $1 in
@@ -22,6 +23,7 @@ row_args() {
     watson) echo "-c configs/celeba_sigma_vae.yaml loss.watson_dft=0.001" ;;
     patchgan) echo "-c configs/celeba_sigma_vae.yaml loss.disc_weight=0.5 loss.disc_layers=2 loss.disc_start=$((steps / 2))" ;;
     klae) echo "-c configs/celeba_klae.yaml loss.disc_start=$((steps / 2))" ;;
+    klae_nogan) echo "-c configs/celeba_klae.yaml loss.disc_weight=0" ;;
   esac
 }
 for row in $rows; do
@@ -40,7 +42,7 @@ for row in $rows; do
   t0=$SECONDS
   python evaluate.py --exp_dir "$run" --metrics elbo,recon,recon_quality --features "$features" --threads 1 \
     --out "assets/results/sharp-$row.json"
-  [[ $row == klae ]] || python evaluate.py --exp_dir "$run" --metrics quality --sampler gmm --features "$features" \
+  [[ $row == klae* ]] || python evaluate.py --exp_dir "$run" --metrics quality --sampler gmm --features "$features" \
     --threads 1 --out "assets/results/sharp-$row-gmm.json"
   echo "$row: evaluated in $((SECONDS - t0)) s"
   python sample.py --exp_dir "$run" --mode reconstruct --save_dir "assets/results/sharp-$row"

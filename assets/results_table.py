@@ -140,7 +140,8 @@ SHARP = {"sigma": "σ-VAE as shipped (`celeba_sigma_vae.yaml`: conv, z = 128, le
          "watson": "+ Watson-DFT, weight 0.001",
          "patchgan": "+ PatchGAN (hinge, weight 0.5 × the adaptive weight, from step 500, 34-px patches)",
          "klae": "KL autoencoder (`celeba_klae.yaml`: 4×16×16 latents, β = 1e-6, focal frequency 10, PatchGAN "
-                 "from step 500)"}
+                 "from step 500)",
+         "klae_nogan": "the same KL autoencoder without its PatchGAN (`loss.disc_weight=0`)"}
 
 
 def sharp_table() -> str:

@@ -99,6 +99,10 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
     "python evaluate.py --exp_dir runs/binarized-mnist-vae --binarize --metrics elbo,nll,au --k 5000":
         (SHORT, ["--n_test", "20"]),
     "python sample.py --exp_dir runs/binarized-mnist-vae --mode sample --n_samples 64": (RUN, []),
+    "OMP_NUM_THREADS=2 python train_vae.py -c configs/binarized_mnist_hvae.yaml -e runs/binarized-mnist-hvae":
+        (SHORT, STEPS),
+    "python evaluate.py --exp_dir runs/binarized-mnist-hvae --binarize --metrics elbo,nll,au --k 5000":
+        (SHORT, ["--n_test", "20"]),
     "bash assets/make_dsprites_study.sh": (LONG, "five dSprites runs of minutes each, and it rewrites assets/"),
     "python train_vae.py -c configs/mnist.yaml -e runs/gallery-mnist": (SHORT, STEPS),
     "python sample.py --exp_dir runs/gallery-mnist --mode sample": (RUN, []),
