@@ -83,8 +83,9 @@ class LossConfig:
                                min=0.0)
     dip_lambda_d: float = opt(100.0, "regulariser=dip_i, dip_ii: weight of the diagonal penalty (Kumar et al.: "
                                      "10 x dip_lambda_od for dip_i, 1 x for dip_ii)", min=0.0)
-    aae_weight: float = opt(1.0, "regulariser=aae: weight of the encoder's adversarial loss (nats per image "
-                                 "sit beside it: MNIST's configs use 100)", min=0.0, min_exclusive=True)
+    aae_weight: float = opt(1.0, "regulariser=aae: weight of the encoder's adversarial loss (about 70 nats of "
+                                 "reconstruction sit beside it on MNIST; 10 and up make the codes oscillate)",
+                            min=0.0, min_exclusive=True)
     aae_hidden: list[int] = opt([1000, 1000], "regulariser=aae: the discriminator's hidden layers (the paper's "
                                               "2 x 1000)")
     aae_lr: float = opt(1e-4, "regulariser=aae: the discriminator's Adam learning rate", min=0.0,
