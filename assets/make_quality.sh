@@ -24,24 +24,25 @@ families="${FAMILIES:-vae beta_vae mmd_vae sigma_vae ae aae}"
 samplers_asked="${SAMPLERS:-prior gmm two_stage}"  # also flow, flow_matching
 base_rows=$([[ " $samplers_asked " == *" prior "* ]] && echo 1 || true)  # the floor and reconstructions with prior
 # what each family changes in the data set's base config (below); the others keep the Bernoulli decoder
-family() {  # $1 family, $2 the regulariser weight of mmd and aae, $3 the KL warm-up of beta-VAE
+family() {  # $1 family, $2 mmd's weight, $3 the KL warm-up of beta-VAE, $4 aae's weight
   case $1 in
     vae) echo "" ;;
     beta_vae) echo "loss.beta=4 loss.kl_warmup_steps=$3" ;;
     mmd_vae) echo "loss.regulariser=mmd loss.beta=0 loss.mmd_weight=$2" ;;
     sigma_vae) echo "model.likelihood=optimal_sigma" ;;
     ae) echo "loss.objective=ae loss.regulariser=none" ;;
-    aae) echo "loss.objective=ae loss.regulariser=aae loss.aae_weight=$2" ;;
+    aae) echo "loss.objective=ae loss.regulariser=aae loss.aae_weight=$4" ;;
   esac
 }
 # the base of each data set: MNIST's MLP 784-400-16 for the digits (10,000 steps at batch 128); celeba.yaml's conv
 # net (z = 128) with a Bernoulli decoder for the faces, 1,000 steps at batch 64 (about 7 epochs of 9,500 faces).
-# The regulariser weights of mmd and aae are the shipped MNIST configs' 100, scaled by the pixel count for faces.
+# The regulariser weights of mmd and aae are the shipped MNIST configs' (100, and 1: the AAE's default), scaled by
+# the pixel count for faces.
 base() {
   case $1 in
-    mnist | fashion_mnist) echo "-c configs/mnist.yaml data.name=$1 data.root=$root|100|2000" ;;
+    mnist | fashion_mnist) echo "-c configs/mnist.yaml data.name=$1 data.root=$root|100|2000|1" ;;
     celeba) echo "-c configs/celeba.yaml data.root=$root/celeba-10k data.cache=true model.likelihood=bernoulli \
-train.batch_size=64 train.steps=1000|1500|200" ;;
+train.batch_size=64 train.steps=1000|1500|200|15" ;;
   esac
 }
 features() { echo "features/$1.safetensors"; }
@@ -62,11 +63,11 @@ fi
 
 if [[ " $sections " == *" train "* ]]; then
   for data in $datasets; do
-    IFS='|' read -r args weight warmup <<< "$(base "$data")"
+    IFS='|' read -r args weight warmup aae_weight <<< "$(base "$data")"
     for fam in $families; do
       throttle
       # shellcheck disable=SC2046,SC2086
-      timed "train-$data-$fam" python train_vae.py $args -e "runs/quality-$data-$fam" $(family "$fam" "$weight" "$warmup") \
+      timed "train-$data-$fam" python train_vae.py $args -e "runs/quality-$data-$fam" $(family "$fam" "$weight" "$warmup" "$aae_weight") \
         train.threads=1 train.log_with=none train.sample_every=0 train.eval_every=0 train.save_every=0 &
     done
   done
