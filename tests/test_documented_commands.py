@@ -103,6 +103,11 @@ COMMANDS: dict[str, tuple[str, list[str] | str]] = {
         (SHORT, STEPS),
     "python evaluate.py --exp_dir runs/binarized-mnist-hvae --binarize --metrics elbo,nll,au --k 5000":
         (SHORT, ["--n_test", "20"]),
+    "cp -r runs/binarized-mnist-hvae runs/binarized-mnist-hvae_iw": (LONG, "needs the hvae run above, 82 minutes"),
+    "python train_vae.py -r latest -e runs/binarized-mnist-hvae_iw loss.objective=iwae loss.k=10 train.steps=430000":
+        (LONG, "needs the hvae run above"),
+    "python evaluate.py --exp_dir runs/binarized-mnist-hvae_iw --binarize --metrics elbo,nll,au --k 5000":
+        (LONG, "needs the hvae run above"),
     "bash assets/make_dsprites_study.sh": (LONG, "five dSprites runs of minutes each, and it rewrites assets/"),
     "python train_vae.py -c configs/mnist.yaml -e runs/gallery-mnist": (SHORT, STEPS),
     "python sample.py --exp_dir runs/gallery-mnist --mode sample": (RUN, []),
