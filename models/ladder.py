@@ -64,11 +64,11 @@ def merge(bottom_up: Params, top_down: Params) -> Params:
     return mu_b * w + mu_p * (1 - w), -torch.logaddexp(-lv_b, -lv_p)
 
 
-def merged_terms(bottom_up: Params, top_down: Params, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor, torch.Tensor]:
-    """For the merged posterior q of ``merge`` and the conditional prior p: the code z = μ_q + σ_q·ε, μ_q, the
-    KL(q || p) and log p(z) − log q(z) per element, written in ε and d = log σ_p² − log σ̂² so no step divides by
-    σ_p².
+def merged_terms(bottom_up: Params, top_down: Params,
+                 eps: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the merged posterior q of ``merge`` and the conditional prior p: q's (μ_q, log σ_q²), the code
+    z = μ_q + σ_q·ε, the KL(q || p) and log p(z) − log q(z) per element, written in ε and d = log σ_p² − log σ̂² so
+    no step divides by σ_p².
 
     Why: where a layer is unused its conditional prior can be very tight (log σ_p² ≈ −64 was seen on a trained
     ladder) and q is as tight; then (z − μ_p)² / σ_p² in float32 is rounding error over a denormal, and the IWAE
@@ -83,7 +83,7 @@ def merged_terms(bottom_up: Params, top_down: Params, eps: torch.Tensor) -> tupl
     m = (mu_b - mu_p) * torch.exp(F.logsigmoid(d) - 0.5 * lv_p)
     r = m + eps * torch.exp(-0.5 * s)
     kl = 0.5 * (s + torch.expm1(-s) + m.pow(2))
-    return mu + eps * torch.exp(0.5 * logvar), mu, kl, 0.5 * (eps.pow(2) - r.pow(2)) - 0.5 * s
+    return (mu, logvar), mu + eps * torch.exp(0.5 * logvar), kl, 0.5 * (eps.pow(2) - r.pow(2)) - 0.5 * s
 
 
 def _check(img_shape: tuple[int, int, int], m: ModelConfig, n_cond: int) -> list[int]:
@@ -164,7 +164,7 @@ class LadderDecoder(LastLayer, nn.Module):
             p = self.prior_params(layer, z)
             b = tuple(t.float() for t in bottom_up[layer])
             eps = torch.randn_like(p[0]) if draw else torch.zeros_like(p[0])
-            z, mu, kl, ratio = merged_terms(b, p, eps)
+            (mu, _), z, kl, ratio = merged_terms(b, p, eps)
             lower.kl.insert(0, kl.sum(1))
             lower.means.insert(0, mu)
             log_ratio = log_ratio + ratio.sum(1)
@@ -179,9 +179,8 @@ class LadderDecoder(LastLayer, nn.Module):
         out: list[tuple[Params, Params, torch.Tensor]] = []
         for layer in reversed(range(len(self.top_down))):
             p = self.prior_params(layer, z)
-            b = tuple(t.float() for t in bottom_up[layer])
-            q = merge(b, p)
-            out.insert(0, (q, p, merged_terms(b, p, torch.zeros_like(p[0]))[2]))
+            q, _, kl, _ = merged_terms(tuple(t.float() for t in bottom_up[layer]), p, torch.zeros_like(p[0]))
+            out.insert(0, (q, p, kl))
             z = q[0]
         return out
 

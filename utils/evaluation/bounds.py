@@ -24,6 +24,7 @@ from models.perceptual import ms_ssim, ms_ssim_scales
 from models.vae import VAE
 from utils.data.batching import shard
 from utils.data.splits import ImageSplit
+from utils.evaluation.latents import encode_with_kl
 
 LOG_256 = math.log(256.0)
 
@@ -226,10 +227,9 @@ def latent_usage(vae: VAE, data: ImageSplit, accelerator: Accelerator, batch_siz
     lower_means: list[list[torch.Tensor]] = []
     for idx, x in _held_out(data, n, batch_size, accelerator):
         y = data.labels_at(idx)
-        mu, logvar, below = vae.encode_layers(x, y)  # (encode_with_kl's terms, and a ladder's lower layers)
-        mu, logvar = mu.float(), logvar.float()
+        mu, kl, below = encode_with_kl(vae, x, y)
         means.append(mu)
-        kls.append(vae.prior.dimension_kl(mu, logvar))
+        kls.append(kl)
         if below is not None:  # (the same pass as vae.reconstruction, whose layers' means count too)
             out, lower = vae.decode_layers(mu.unsqueeze(0), y, below, draw=False)
             recon = vae.likelihood.mean(out.float())

@@ -43,12 +43,14 @@ def traversal_codes(base: torch.Tensor, dims: list[int], values: torch.Tensor) -
 
 
 @torch.no_grad()
-def encode_with_kl(model: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(posterior means (B, z), KL per image and latent dimension (B, z)), in fp32: what ranks, counts and plots
-    the dimensions (the prior's own KL per dimension where it has one, else each dimension's to N(0, 1))."""
-    mu, logvar = model.encode(x, y)
+def encode_with_kl(model: VAE, x: torch.Tensor,
+                   y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+    """(posterior means (B, z), KL per image and latent dimension (B, z), in fp32, and a ladder's bottom-up terms of
+    its lower layers, which ``decode_layers`` takes (None for one layer)): what ranks, counts and plots the
+    dimensions (the prior's own KL per dimension where it has one, else each dimension's to N(0, 1))."""
+    mu, logvar, below = model.encode_layers(x, y)
     mu, logvar = mu.float(), logvar.float()
-    return mu, model.prior.dimension_kl(mu, logvar)
+    return mu, model.prior.dimension_kl(mu, logvar), below
 
 
 @torch.no_grad()
@@ -72,7 +74,7 @@ def posterior_stats(model: VAE, data: ImageSplit, batch_size: int = 500, limit: 
     means, kl_sum = [], torch.zeros(model.z_dim, device=device)
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        mu, kl = encode_with_kl(model, data.batch(idx).to(device), data.labels_at(idx.to(device)))
+        mu, kl, _ = encode_with_kl(model, data.batch(idx).to(device), data.labels_at(idx.to(device)))
         means.append(mu)
         kl_sum += kl.sum(0)
     return torch.cat(means), kl_sum / n
