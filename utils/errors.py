@@ -43,6 +43,7 @@ def guarded_main(main: Callable[[list[str]], None], argv: list[str] | None = Non
     try:
         try:
             main(argv)
+            leave_process_group()
         except (OSError, ValueError) as e:
             unusable = unusable_path(e)
             if unusable is None:
@@ -63,7 +64,7 @@ def guarded_main(main: Callable[[list[str]], None], argv: list[str] | None = Non
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        leave_process_group()
+        leave_process_group(meet=False)
 
 
 def unusable_path(e: BaseException) -> str | None:
@@ -78,13 +79,17 @@ def unusable_path(e: BaseException) -> str | None:
     return None
 
 
-def leave_process_group() -> None:
+def leave_process_group(meet: bool = True) -> None:
     """Destroy the torch.distributed group if this process joined one (``accelerate launch``): left to the
     interpreter's exit, gloo's threads can abort a process that finished well ("terminate called without an
-    active exception", exit -6). A process that never loaded torch.distributed joined none, and is not made to
-    load torch on its way out (--help, a bad option)."""
+    active exception", exit -6). ``meet``: every process finished, so they first meet at a barrier: a process
+    that tears gloo down while its peer is still finishing the last collective aborts the same way on a loaded
+    CPU. (Not on an error's way out, where a peer may never come.) A process that never loaded
+    torch.distributed joined none, and is not made to load torch on its way out (--help, a bad option)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if meet:
+            dist.barrier()
         dist.destroy_process_group()
 
 
